@@ -1,0 +1,323 @@
+//! The embedded event log: the router's log in one SQLite file.
+//!
+//! Appends go through the shared group-commit writer of `sagamesh-sqlite`,
+//! so concurrent publishes share one fsync. The `events` table's
+//! AUTOINCREMENT key is the offset (never reused, even after truncation), and
+//! the unique `event_id` column dedupes publishes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use sagamesh_log::{Appended, BoxFuture, DeadLetter, EventLog, LogError, Offset, StoredEvent};
+use sagamesh_proto::v1::Envelope;
+use sagamesh_sqlite::{Durability, Store, StoreError};
+
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE events (
+        offset INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        body BLOB NOT NULL
+    );
+    CREATE TABLE cursors (
+        grp TEXT PRIMARY KEY,
+        next_offset INTEGER NOT NULL
+    );
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        grp TEXT NOT NULL,
+        body BLOB NOT NULL,
+        attempts INTEGER NOT NULL,
+        last_error TEXT NOT NULL,
+        dead_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX dead_letters_by_group ON dead_letters (grp, id);
+"];
+
+/// The event log in `<dir>/router.db`.
+#[derive(Clone)]
+pub struct SqliteLog {
+    store: Store,
+}
+
+impl SqliteLog {
+    pub fn open(path: &Path, durability: Durability) -> Result<SqliteLog, LogError> {
+        let store = Store::open(path, durability, MIGRATIONS).map_err(storage)?;
+        Ok(SqliteLog { store })
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> LogError {
+    LogError::Storage(e.to_string())
+}
+
+/// The errors inside a store closure: SQL errors and corrupt records.
+struct Failure(LogError);
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure(storage(e))
+    }
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Self {
+        Failure(storage(e))
+    }
+}
+
+fn decode(offset: Offset, body: &[u8]) -> Result<Arc<Envelope>, Failure> {
+    Envelope::decode(body).map(Arc::new).map_err(|e| {
+        Failure(LogError::Corrupt {
+            offset,
+            reason: e.to_string(),
+        })
+    })
+}
+
+fn millis(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+fn dead_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, String, Vec<u8>, u32, String, i64)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+}
+
+fn to_dead_letter(
+    (id, group, body, attempts, last_error, dead_at_ms): (u64, String, Vec<u8>, u32, String, i64),
+) -> Result<DeadLetter, Failure> {
+    Ok(DeadLetter {
+        id,
+        group,
+        envelope: decode(0, &body)?,
+        attempts,
+        last_error,
+        dead_at: UNIX_EPOCH + Duration::from_millis(dead_at_ms.max(0) as u64),
+    })
+}
+
+fn list_dead(
+    conn: &Connection,
+    group: Option<&str>,
+    before_id: u64,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, Failure> {
+    let before = if before_id == 0 { i64::MAX } else { before_id as i64 };
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, grp, body, attempts, last_error, dead_at_ms FROM dead_letters
+         WHERE id < ?1 AND (?2 IS NULL OR grp = ?2) ORDER BY id DESC LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![before, group, limit as i64], dead_letter)?;
+    rows.map(|row| to_dead_letter(row?)).collect()
+}
+
+impl EventLog for SqliteLog {
+    fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>> {
+        Box::pin(async move {
+            self.store
+                .write(move |conn| {
+                    let mut insert = conn.prepare_cached(
+                        "INSERT INTO events (event_id, body) VALUES (?1, ?2)
+                         ON CONFLICT (event_id) DO NOTHING",
+                    )?;
+                    let mut appended = Vec::with_capacity(events.len());
+                    for event in &events {
+                        let changed = insert.execute(params![event.event_id, event.encode_to_vec()])?;
+                        appended.push(if changed == 1 {
+                            Appended::New(conn.last_insert_rowid() as Offset)
+                        } else {
+                            Appended::Duplicate
+                        });
+                    }
+                    Ok::<_, Failure>(appended)
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn read(&self, from: Offset, limit: usize) -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>> {
+        Box::pin(async move {
+            self.store
+                .read(move |conn| {
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT offset, body FROM events WHERE offset >= ?1 ORDER BY offset LIMIT ?2",
+                    )?;
+                    let rows = stmt.query_map(params![from as i64, limit as i64], |row| {
+                        Ok((row.get::<_, u64>(0)?, row.get::<_, Vec<u8>>(1)?))
+                    })?;
+                    rows.map(|row| {
+                        let (offset, body) = row?;
+                        Ok(StoredEvent {
+                            offset,
+                            envelope: decode(offset, &body)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, Failure>>()
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn save_cursors(&self, cursors: Vec<(String, Offset)>) -> BoxFuture<'_, Result<(), LogError>> {
+        Box::pin(async move {
+            self.store
+                .write(move |conn| {
+                    let mut upsert = conn.prepare_cached(
+                        "INSERT INTO cursors (grp, next_offset) VALUES (?1, ?2)
+                         ON CONFLICT (grp) DO UPDATE SET next_offset = excluded.next_offset",
+                    )?;
+                    for (group, offset) in &cursors {
+                        upsert.execute(params![group, *offset as i64])?;
+                    }
+                    Ok::<_, Failure>(())
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn load_cursors(&self) -> BoxFuture<'_, Result<Vec<(String, Offset)>, LogError>> {
+        Box::pin(async move {
+            self.store
+                .read(|conn| {
+                    let mut stmt = conn.prepare("SELECT grp, next_offset FROM cursors")?;
+                    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(Failure::from)
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn truncate(&self, offset: Offset) -> BoxFuture<'_, Result<(), LogError>> {
+        Box::pin(async move {
+            self.store
+                .write(move |conn| {
+                    conn.execute("DELETE FROM events WHERE offset < ?1", [offset as i64])?;
+                    Ok::<_, Failure>(())
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn put_dead_letter(
+        &self,
+        group: String,
+        envelope: Arc<Envelope>,
+        attempts: u32,
+        last_error: String,
+    ) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(async move {
+            self.store
+                .write(move |conn| {
+                    conn.execute(
+                        "INSERT INTO dead_letters (grp, body, attempts, last_error, dead_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![
+                            group,
+                            envelope.encode_to_vec(),
+                            attempts,
+                            last_error,
+                            millis(SystemTime::now())
+                        ],
+                    )?;
+                    Ok::<_, Failure>(conn.last_insert_rowid() as u64)
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn list_dead_letters(
+        &self,
+        group: Option<String>,
+        before_id: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<DeadLetter>, LogError>> {
+        Box::pin(async move {
+            self.store
+                .read(move |conn| list_dead(conn, group.as_deref(), before_id, limit))
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn get_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<Option<DeadLetter>, LogError>> {
+        Box::pin(async move {
+            self.store
+                .read(move |conn| {
+                    let row = conn
+                        .query_row(
+                            "SELECT id, grp, body, attempts, last_error, dead_at_ms
+                             FROM dead_letters WHERE id = ?1",
+                            [id as i64],
+                            dead_letter,
+                        )
+                        .optional()?;
+                    row.map(to_dead_letter).transpose()
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn delete_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<bool, LogError>> {
+        Box::pin(async move {
+            self.store
+                .write(move |conn| {
+                    let deleted = conn.execute("DELETE FROM dead_letters WHERE id = ?1", [id as i64])?;
+                    Ok::<_, Failure>(deleted == 1)
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sagamesh_log::conformance;
+
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, SqliteLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(&dir.path().join("router.db"), Durability::Machine).unwrap();
+        (dir, log)
+    }
+
+    #[tokio::test]
+    async fn append_read_dedupe() {
+        let (_dir, log) = open();
+        conformance::append_read_dedupe(&log).await;
+    }
+
+    #[tokio::test]
+    async fn cursors_and_truncate() {
+        let (_dir, log) = open();
+        conformance::cursors_and_truncate(&log).await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters() {
+        let (_dir, log) = open();
+        conformance::dead_letters(&log).await;
+    }
+
+    #[tokio::test]
+    async fn survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.db");
+        {
+            let log = SqliteLog::open(&path, Durability::Machine).unwrap();
+            conformance::append_read_dedupe(&log).await;
+        }
+        let log = SqliteLog::open(&path, Durability::Machine).unwrap();
+        assert_eq!(log.read(0, 10).await.unwrap().len(), 3);
+    }
+}

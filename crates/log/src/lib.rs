@@ -1,0 +1,99 @@
+//! The router's durable event log, as a trait, so the embedded SQLite log and
+//! (later) NATS JetStream can stand behind the same router.
+//!
+//! The contract every backend keeps, checked by [`conformance`]:
+//! - an `append` that returned is durable, in order, and deduplicated by event
+//!   id (an event already in the log is reported as a duplicate, not stored
+//!   twice);
+//! - offsets grow with every append and are never reused;
+//! - a cursor saved for a group is the offset below which that group has
+//!   acked everything; it survives a restart;
+//! - a dead letter stays until it is deleted.
+
+pub mod conformance;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use sagamesh_proto::v1::Envelope;
+
+/// A position in the log.
+pub type Offset = u64;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("event log storage failed: {0}")]
+    Storage(String),
+    #[error("event log holds a corrupt record at offset {offset}: {reason}")]
+    Corrupt { offset: Offset, reason: String },
+}
+
+/// What happened to one appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    New(Offset),
+    Duplicate,
+}
+
+/// An event read back from the log.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub offset: Offset,
+    pub envelope: Arc<Envelope>,
+}
+
+/// An event that one group could not process.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub group: String,
+    pub envelope: Arc<Envelope>,
+    pub attempts: u32,
+    pub last_error: String,
+    pub dead_at: SystemTime,
+}
+
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends the events in order; returns once they are durable.
+    fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>>;
+
+    /// Up to `limit` events with offsets at or above `from`, in order.
+    fn read(&self, from: Offset, limit: usize)
+    -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>>;
+
+    /// Saves, for each group, the offset below which it acked everything.
+    fn save_cursors(&self, cursors: Vec<(String, Offset)>) -> BoxFuture<'_, Result<(), LogError>>;
+
+    /// The saved cursors.
+    fn load_cursors(&self) -> BoxFuture<'_, Result<Vec<(String, Offset)>, LogError>>;
+
+    /// Forgets the events below `offset` (every group has acked them).
+    fn truncate(&self, offset: Offset) -> BoxFuture<'_, Result<(), LogError>>;
+
+    /// Stores a dead letter; returns its id.
+    fn put_dead_letter(
+        &self,
+        group: String,
+        envelope: Arc<Envelope>,
+        attempts: u32,
+        last_error: String,
+    ) -> BoxFuture<'_, Result<u64, LogError>>;
+
+    /// Dead letters, newest first, of one group or all, with ids below
+    /// `before_id` (0 for no bound).
+    fn list_dead_letters(
+        &self,
+        group: Option<String>,
+        before_id: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<DeadLetter>, LogError>>;
+
+    fn get_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<Option<DeadLetter>, LogError>>;
+
+    /// Deletes a dead letter; false when there was none with that id.
+    fn delete_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<bool, LogError>>;
+}

@@ -1,0 +1,138 @@
+//! The `sagamesh.v1` protocol: generated messages, clients and servers.
+//!
+//! Everything that crosses a process boundary is defined in `proto/`; this
+//! crate adds the few conversions every service needs (event types of a
+//! payload, timestamps) so they are written once.
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sagamesh.v1");
+}
+
+/// The encoded descriptors of every sagamesh proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sagamesh_descriptor.bin"));
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use v1::envelope::Payload;
+use v1::{Envelope, EventType, PurchaseDetails, Step};
+
+impl Payload {
+    /// The subscription type of this payload.
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Payload::PurchaseInitiated(_) => EventType::PurchaseInitiated,
+            Payload::UserValidated(_) => EventType::UserValidated,
+            Payload::UserValidationFailed(_) => EventType::UserValidationFailed,
+            Payload::ItemGranted(_) => EventType::ItemGranted,
+            Payload::ItemGrantFailed(_) => EventType::ItemGrantFailed,
+            Payload::LogRecorded(_) => EventType::LogRecorded,
+            Payload::LogFailed(_) => EventType::LogFailed,
+            Payload::PurchaseCompleted(_) => EventType::PurchaseCompleted,
+            Payload::NotificationFailed(_) => EventType::NotificationFailed,
+            Payload::CompensateUserValidation(_) => EventType::CompensateUserValidation,
+            Payload::CompensateItemGrant(_) => EventType::CompensateItemGrant,
+            Payload::CompensateLogRecord(_) => EventType::CompensateLogRecord,
+            Payload::CompensateNotification(_) => EventType::CompensateNotification,
+            Payload::StepCompensated(_) => EventType::StepCompensated,
+            Payload::StepCompensationFailed(_) => EventType::StepCompensationFailed,
+            Payload::CompensationCompleted(_) => EventType::CompensationCompleted,
+            Payload::PurchaseFailed(_) => EventType::PurchaseFailed,
+        }
+    }
+
+    /// The purchase every saga event carries.
+    pub fn purchase(&self) -> Option<&PurchaseDetails> {
+        match self {
+            Payload::PurchaseInitiated(e) => e.purchase.as_ref(),
+            Payload::UserValidated(e) => e.purchase.as_ref(),
+            Payload::UserValidationFailed(e) => e.purchase.as_ref(),
+            Payload::ItemGranted(e) => e.purchase.as_ref(),
+            Payload::ItemGrantFailed(e) => e.purchase.as_ref(),
+            Payload::LogRecorded(e) => e.purchase.as_ref(),
+            Payload::LogFailed(e) => e.purchase.as_ref(),
+            Payload::PurchaseCompleted(e) => e.purchase.as_ref(),
+            Payload::NotificationFailed(e) => e.purchase.as_ref(),
+            Payload::CompensateUserValidation(e)
+            | Payload::CompensateItemGrant(e)
+            | Payload::CompensateLogRecord(e)
+            | Payload::CompensateNotification(e) => e.purchase.as_ref(),
+            Payload::StepCompensated(e) => e.purchase.as_ref(),
+            Payload::StepCompensationFailed(e) => e.purchase.as_ref(),
+            Payload::CompensationCompleted(e) => e.purchase.as_ref(),
+            Payload::PurchaseFailed(e) => e.purchase.as_ref(),
+        }
+    }
+}
+
+impl Envelope {
+    /// The event type of the payload, `Unspecified` when there is none.
+    pub fn event_type(&self) -> EventType {
+        self.payload
+            .as_ref()
+            .map_or(EventType::Unspecified, Payload::event_type)
+    }
+
+    /// A new envelope with a fresh UUIDv7 id, stamped now.
+    pub fn new(
+        transaction_id: &str,
+        causation_id: &str,
+        producer: &str,
+        payload: Payload,
+    ) -> Envelope {
+        Envelope {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            transaction_id: transaction_id.to_owned(),
+            causation_id: causation_id.to_owned(),
+            producer: producer.to_owned(),
+            occurred_at: Some(timestamp(SystemTime::now())),
+            trace: None,
+            payload: Some(payload),
+        }
+    }
+}
+
+impl Step {
+    /// The snake_case name used in logs and in `SAGAMESH_FAULTS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Unspecified => "unspecified",
+            Step::UserValidation => "user_validation",
+            Step::ItemGrant => "item_grant",
+            Step::LogRecord => "log_record",
+            Step::Notification => "notification",
+        }
+    }
+}
+
+/// A protobuf timestamp for a system time.
+pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+/// A system time for a protobuf timestamp (the epoch for a malformed one).
+pub fn system_time(ts: &prost_types::Timestamp) -> SystemTime {
+    let nanos = u32::try_from(ts.nanos).unwrap_or(0);
+    let secs = u64::try_from(ts.seconds).unwrap_or(0);
+    UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// A protobuf duration for a std duration.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// A std duration for a protobuf duration (zero for a negative one).
+pub fn std_duration(d: &prost_types::Duration) -> Duration {
+    let secs = u64::try_from(d.seconds).unwrap_or(0);
+    let nanos = u32::try_from(d.nanos).unwrap_or(0);
+    Duration::new(secs, nanos)
+}
