@@ -1,1 +1,305 @@
-//! placeholder
+//! The coordinator: where a purchase starts and where its progress is seen.
+//!
+//! `Purchase` prices the order from the catalog, records the saga and its
+//! `PurchaseInitiated` event in one local transaction (the outbox relays the
+//! event to the router), and answers at once. The coordinator also
+//! subscribes to every saga event and folds them into the transaction view
+//! (`view`), which `GetTransaction`, `ListTransactions`, `StreamTransaction`
+//! and `GetStats` serve.
+
+mod grpc;
+mod stats;
+mod store;
+mod view;
+mod watchers;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use sagamesh_proto::v1::envelope::Payload;
+use sagamesh_proto::v1::inventory_client::InventoryClient;
+use sagamesh_proto::v1::{
+    Envelope, GetItemRequest, PurchaseDetails, PurchaseInitiated, SagaMode, Transaction, TransactionStatus,
+    TransactionUpdate,
+};
+use sagamesh_router_client::{BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient};
+use sagamesh_sqlite::{Durability, Store, StoreError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+
+pub use grpc::CoordinatorService;
+pub use view::is_terminal;
+
+const GROUP: &str = "coordinator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Input(#[from] sagamesh_saga::InputError),
+    #[error("transaction '{0}' does not exist")]
+    NoSuchTransaction(String),
+    #[error("idempotency key '{key}' was used for a different purchase ({existing})")]
+    KeyReused { key: String, existing: String },
+    #[error("the total price of {quantity} x {unit_price} is too large")]
+    PriceOverflow { quantity: u32, unit_price: u64 },
+    #[error("cannot price the purchase: the inventory service answered {0}")]
+    Pricing(String),
+    #[error("a stored transaction could not be decoded: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for CoordinatorError {
+    fn from(e: rusqlite::Error) -> Self {
+        CoordinatorError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// A purchase as asked for, before it is checked.
+#[derive(Debug, Clone)]
+pub struct PurchaseOrder {
+    pub user_id: String,
+    pub item_id: String,
+    pub quantity: u32,
+    pub idempotency_key: String,
+}
+
+/// How the coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub mode: SagaMode,
+    /// Deliveries of saga events this instance takes at once.
+    pub max_in_flight: u32,
+}
+
+/// The coordinator's state; cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    relay: OutboxRelay,
+    inventory: InventoryClient<Channel>,
+    mode: SagaMode,
+    watchers: watchers::Watchers,
+    steps: stats::StepStats,
+    compensation_failures: AtomicU64,
+}
+
+impl Coordinator {
+    /// Opens the coordinator's store in `data_dir`.
+    pub fn open(
+        data_dir: &Path,
+        durability: Durability,
+        inventory: Channel,
+        mode: SagaMode,
+    ) -> Result<Coordinator, StoreError> {
+        let store = Store::open(&data_dir.join("coordinator.db"), durability, store::MIGRATIONS)?;
+        Ok(Coordinator {
+            inner: Arc::new(Inner {
+                store,
+                relay: OutboxRelay::new(),
+                inventory: InventoryClient::new(inventory),
+                mode,
+                watchers: watchers::Watchers::default(),
+                steps: stats::StepStats::new(),
+                compensation_failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Subscribes to every saga event and starts relaying the outbox.
+    pub async fn start(
+        &self,
+        router: Channel,
+        config: CoordinatorConfig,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<(), ClientError> {
+        let subscription = sagamesh_saga::choreography()
+            .into_iter()
+            .find(|s| s.group == GROUP)
+            .expect("the coordinator group is in the topology");
+        let client = RouterClient::start(
+            router,
+            HandlerConfig {
+                service: GROUP.to_owned(),
+                group: GROUP.to_owned(),
+                event_types: subscription.event_types,
+                max_in_flight: config.max_in_flight,
+                mode: config.mode,
+            },
+            Arc::new(self.clone()),
+            tasks,
+            shutdown.clone(),
+        )
+        .await?;
+        self.inner
+            .relay
+            .start(self.inner.store.clone(), client.publisher(), tasks, shutdown);
+        Ok(())
+    }
+
+    /// Starts a purchase saga; returns its transaction (an existing one when
+    /// the idempotency key was used before).
+    pub async fn purchase(&self, order: PurchaseOrder) -> Result<Transaction, CoordinatorError> {
+        sagamesh_saga::validate_id("user_id", &order.user_id)?;
+        sagamesh_saga::validate_id("item_id", &order.item_id)?;
+        sagamesh_saga::validate_quantity(order.quantity)?;
+        if !order.idempotency_key.is_empty() {
+            sagamesh_saga::validate_id("idempotency_key", &order.idempotency_key)?;
+            let (user, key) = (order.user_id.clone(), order.idempotency_key.clone());
+            let existing = self
+                .inner
+                .store
+                .read(move |conn| store::by_key(conn, &user, &key))
+                .await?;
+            if let Some(existing) = existing {
+                return same_order(existing, &order);
+            }
+        }
+        let unit_price = self.price(&order.item_id).await?;
+        let total_price = unit_price
+            .checked_mul(u64::from(order.quantity))
+            .filter(|t| *t <= i64::MAX as u64)
+            .ok_or(CoordinatorError::PriceOverflow {
+                quantity: order.quantity,
+                unit_price,
+            })?;
+        let transaction_id = uuid::Uuid::now_v7().to_string();
+        let now = Some(sagamesh_proto::timestamp(SystemTime::now()));
+        let transaction = Transaction {
+            transaction_id: transaction_id.clone(),
+            user_id: order.user_id.clone(),
+            item_id: order.item_id.clone(),
+            quantity: order.quantity,
+            unit_price,
+            total_price,
+            status: TransactionStatus::Initiated as i32,
+            mode: self.inner.mode as i32,
+            created_at: now,
+            updated_at: now,
+            idempotency_key: order.idempotency_key.clone(),
+            ..Default::default()
+        };
+        let first_event = Envelope::new(
+            &transaction_id,
+            "",
+            GROUP,
+            Payload::PurchaseInitiated(PurchaseInitiated {
+                purchase: Some(PurchaseDetails {
+                    user_id: order.user_id.clone(),
+                    item_id: order.item_id.clone(),
+                    quantity: order.quantity,
+                    unit_price,
+                    total_price,
+                }),
+            }),
+        );
+        let record = transaction.clone();
+        let existing = self
+            .inner
+            .store
+            .write(move |conn| store::insert(conn, &record, &first_event))
+            .await?;
+        if let Some(existing) = existing {
+            return same_order(existing, &order);
+        }
+        self.inner.relay.nudge();
+        tracing::info!(
+            tx_id = %transaction_id,
+            user = %order.user_id,
+            item = %order.item_id,
+            quantity = order.quantity,
+            total_price,
+            "purchase initiated"
+        );
+        Ok(transaction)
+    }
+
+    /// The catalog price of an item; 0 for an item the catalog does not have,
+    /// so the saga runs and fails at the item-grant step, which owns the
+    /// catalog and says why.
+    async fn price(&self, item_id: &str) -> Result<u64, CoordinatorError> {
+        let request = GetItemRequest {
+            item_id: item_id.to_owned(),
+        };
+        match self.inner.inventory.clone().get_item(request).await {
+            Ok(item) => Ok(item.into_inner().price),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(0),
+            Err(status) => Err(CoordinatorError::Pricing(format!(
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            ))),
+        }
+    }
+
+    pub async fn transaction(&self, transaction_id: String) -> Result<Transaction, CoordinatorError> {
+        self.inner
+            .store
+            .read(move |conn| {
+                store::get(conn, &transaction_id)?.ok_or(CoordinatorError::NoSuchTransaction(transaction_id))
+            })
+            .await
+    }
+
+    async fn apply(&self, event: Envelope) -> Result<(), CoordinatorError> {
+        let event_type = event.event_type();
+        let timing = event
+            .payload
+            .as_ref()
+            .and_then(|p| p.timing())
+            .and_then(|t| t.duration)
+            .map(|d| sagamesh_proto::std_duration(&d));
+        let compensation_failures = match &event.payload {
+            Some(Payload::CompensationCompleted(done)) => done.failed.len() as u64,
+            _ => 0,
+        };
+        let Some(transaction) = self
+            .inner
+            .store
+            .write(move |conn| store::apply(conn, &event))
+            .await?
+        else {
+            return Ok(());
+        };
+        if let (Some((step, _)), Some(duration)) = (sagamesh_saga::step_outcome(event_type), timing) {
+            self.inner.steps.record(step, duration);
+        }
+        self.inner
+            .compensation_failures
+            .fetch_add(compensation_failures, Ordering::Relaxed);
+        self.inner.watchers.publish(TransactionUpdate {
+            transaction: Some(transaction),
+            event: event_type as i32,
+        });
+        Ok(())
+    }
+}
+
+/// The existing saga for an idempotency key, if it is the same purchase.
+fn same_order(existing: Transaction, order: &PurchaseOrder) -> Result<Transaction, CoordinatorError> {
+    if existing.item_id != order.item_id || existing.quantity != order.quantity {
+        return Err(CoordinatorError::KeyReused {
+            key: order.idempotency_key.clone(),
+            existing: format!(
+                "transaction {} bought {} x{}",
+                existing.transaction_id, existing.item_id, existing.quantity
+            ),
+        });
+    }
+    Ok(existing)
+}
+
+impl Handler for Coordinator {
+    fn handle(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.apply(event).await.map_err(|e| e.to_string()) })
+    }
+}

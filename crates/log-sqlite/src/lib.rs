@@ -82,7 +82,14 @@ fn millis(time: SystemTime) -> i64 {
 }
 
 fn dead_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, String, Vec<u8>, u32, String, i64)> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
 }
 
 fn to_dead_letter(
@@ -104,7 +111,11 @@ fn list_dead(
     before_id: u64,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, Failure> {
-    let before = if before_id == 0 { i64::MAX } else { before_id as i64 };
+    let before = if before_id == 0 {
+        i64::MAX
+    } else {
+        before_id as i64
+    };
     let mut stmt = conn.prepare_cached(
         "SELECT id, grp, body, attempts, last_error, dead_at_ms FROM dead_letters
          WHERE id < ?1 AND (?2 IS NULL OR grp = ?2) ORDER BY id DESC LIMIT ?3",

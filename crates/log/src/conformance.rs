@@ -75,7 +75,12 @@ pub async fn dead_letters(log: &dyn EventLog) {
     let page = log.list_dead_letters(None, second, 10).await.unwrap();
     assert_eq!(page.iter().map(|d| d.id).collect::<Vec<_>>(), vec![first]);
     assert_eq!(
-        log.get_dead_letter(first).await.unwrap().unwrap().envelope.transaction_id,
+        log.get_dead_letter(first)
+            .await
+            .unwrap()
+            .unwrap()
+            .envelope
+            .transaction_id,
         "d1"
     );
     assert!(log.delete_dead_letter(first).await.unwrap());

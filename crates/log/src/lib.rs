@@ -62,8 +62,7 @@ pub trait EventLog: Send + Sync + 'static {
     fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>>;
 
     /// Up to `limit` events with offsets at or above `from`, in order.
-    fn read(&self, from: Offset, limit: usize)
-    -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>>;
+    fn read(&self, from: Offset, limit: usize) -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>>;
 
     /// Saves, for each group, the offset below which it acked everything.
     fn save_cursors(&self, cursors: Vec<(String, Offset)>) -> BoxFuture<'_, Result<(), LogError>>;

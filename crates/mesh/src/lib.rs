@@ -1,1 +1,423 @@
-//! placeholder
+//! Builds sagamesh's services and serves them: the whole mesh on one
+//! listener (`sagamesh up`, the tests), or one service per process
+//! (`sagamesh router`, `coordinator`, `handler <name>`).
+//!
+//! Every server gets the same stack (see [`server`]): load shedding, a
+//! concurrency limit, a timeout on the response head, health and reflection.
+
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagamesh_coordinator::{Coordinator, CoordinatorConfig, CoordinatorService};
+use sagamesh_inventory::{Inventory, InventoryService};
+use sagamesh_log_sqlite::SqliteLog;
+use sagamesh_notifications::{Notifications, NotificationsService};
+use sagamesh_proto::v1::{Item, SagaMode};
+use sagamesh_purchase_log::{PurchaseLog, PurchaseLogsService};
+use sagamesh_router::{Router, RouterConfig};
+use sagamesh_saga::Faults;
+use sagamesh_sqlite::Durability;
+use sagamesh_step::StepConfig;
+use sagamesh_wallets::{Wallets, WalletsService};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+
+pub use server::Services;
+
+/// A service that runs in its own process with `sagamesh handler <name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerService {
+    Wallets,
+    Inventory,
+    PurchaseLog,
+    Notifications,
+    Compensation,
+}
+
+impl HandlerService {
+    pub const ALL: [HandlerService; 5] = [
+        HandlerService::Wallets,
+        HandlerService::Inventory,
+        HandlerService::PurchaseLog,
+        HandlerService::Notifications,
+        HandlerService::Compensation,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HandlerService::Wallets => "wallets",
+            HandlerService::Inventory => "inventory",
+            HandlerService::PurchaseLog => "purchase-log",
+            HandlerService::Notifications => "notifications",
+            HandlerService::Compensation => "compensation",
+        }
+    }
+}
+
+/// What one process runs.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Every service and the router on one listener.
+    All,
+    Router,
+    Coordinator {
+        router: String,
+        inventory: String,
+    },
+    Handler {
+        service: HandlerService,
+        router: String,
+    },
+}
+
+/// Settings shared by every role.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub mode: SagaMode,
+    pub faults: Faults,
+    /// Creates the demo user and item on start (only with `Role::All`).
+    pub demo_data: bool,
+    pub ack_deadline: Duration,
+    pub max_attempts: u32,
+    /// Deliveries each handler instance takes at once.
+    pub max_in_flight: u32,
+    /// How long a stop waits for work in progress.
+    pub grace: Duration,
+}
+
+impl MeshConfig {
+    pub fn new(data_dir: PathBuf) -> MeshConfig {
+        MeshConfig {
+            data_dir,
+            durability: Durability::Machine,
+            mode: SagaMode::Choreography,
+            faults: Faults::default(),
+            demo_data: true,
+            ack_deadline: Duration::from_secs(30),
+            max_attempts: 5,
+            max_in_flight: 256,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] sagamesh_sqlite::StoreError),
+    #[error(transparent)]
+    Log(#[from] sagamesh_log::LogError),
+    #[error(transparent)]
+    Router(#[from] sagamesh_router_client::ClientError),
+    #[error("{0} is not a valid address: {1}")]
+    Address(String, String),
+    #[error("could not create the demo data: {0}")]
+    DemoData(String),
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// The demo user and item of the spec.
+pub const DEMO_USER: (&str, u64) = ("user-123", 10_000);
+pub const DEMO_ITEM: (&str, &str, u64, u64) = ("item-sword", "Sword", 100, 1_000);
+
+fn channel(address: &str) -> Result<Channel, MeshError> {
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| MeshError::Address(address.to_owned(), e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect_lazy())
+}
+
+fn step_config(config: &MeshConfig) -> StepConfig {
+    StepConfig {
+        mode: config.mode,
+        faults: config.faults.clone(),
+        max_in_flight: config.max_in_flight,
+    }
+}
+
+/// Runs `role` on `listener` until `shutdown` is cancelled, then drains.
+pub async fn run(
+    role: Role,
+    config: MeshConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), MeshError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| MeshError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| MeshError::Serve(e.to_string()))?;
+    let tasks = TaskTracker::new();
+    // Background tasks (relays, router streams) stop with the servers: an
+    // open Attach stream would otherwise hold the server's drain open.
+    let drain = shutdown.child_token();
+    let mut services = Services::default();
+    let own = channel(&address.to_string())?;
+    let dir = &config.data_dir;
+    let durability = config.durability;
+
+    let runs_router = matches!(role, Role::All | Role::Router);
+    if runs_router {
+        let log = SqliteLog::open(&dir.join("router.db"), durability)?;
+        let mut router_config = RouterConfig::new(config.mode, sagamesh_saga::choreography());
+        router_config.ack_deadline = config.ack_deadline;
+        router_config.max_attempts = config.max_attempts;
+        let router = Router::start(Arc::new(log), router_config, &tasks, drain.clone()).await?;
+        services.router = Some(router.service().into_server());
+    }
+    let (router_channel, inventory_channel) = match &role {
+        Role::All | Role::Router => (own.clone(), own.clone()),
+        Role::Coordinator { router, inventory } => (channel(router)?, channel(inventory)?),
+        Role::Handler { router, .. } => (channel(router)?, own.clone()),
+    };
+    let wants = |service: HandlerService| match &role {
+        Role::All => true,
+        Role::Handler { service: s, .. } => *s == service,
+        _ => false,
+    };
+    let wallets = if wants(HandlerService::Wallets) {
+        let wallets = Wallets::open(dir, durability)?;
+        services.wallets = Some(WalletsService::new(wallets.clone()));
+        Some(wallets)
+    } else {
+        None
+    };
+    let inventory = if wants(HandlerService::Inventory) {
+        let inventory = Inventory::open(dir, durability)?;
+        services.inventory = Some(InventoryService::new(inventory.clone()));
+        Some(inventory)
+    } else {
+        None
+    };
+    let purchase_log = if wants(HandlerService::PurchaseLog) {
+        let log = PurchaseLog::open(dir, durability)?;
+        services.purchase_logs = Some(PurchaseLogsService::new(log.clone()));
+        Some(log)
+    } else {
+        None
+    };
+    let notifications = if wants(HandlerService::Notifications) {
+        let notifications = Notifications::open(dir, durability)?;
+        services.notifications = Some(NotificationsService::new(notifications.clone()));
+        Some(notifications)
+    } else {
+        None
+    };
+    let compensation = if wants(HandlerService::Compensation) {
+        Some(sagamesh_compensation::Compensation::open(dir, durability)?)
+    } else {
+        None
+    };
+    let coordinator = if matches!(role, Role::All | Role::Coordinator { .. }) {
+        let coordinator = Coordinator::open(dir, durability, inventory_channel, config.mode)?;
+        services.coordinator = Some(CoordinatorService::new(coordinator.clone()));
+        Some(coordinator)
+    } else {
+        None
+    };
+
+    let names = services.names();
+    // The server must be up before in-process handlers attach to it.
+    let server = tasks.spawn(server::serve(services, listener, shutdown.clone()));
+    tracing::info!(%address, mode = mode_name(config.mode), services = ?names, "sagamesh listening on {address}");
+
+    let attached = attach(
+        &config,
+        router_channel,
+        &wallets,
+        &inventory,
+        &purchase_log,
+        &notifications,
+        &compensation,
+        &coordinator,
+        &tasks,
+        &drain,
+    )
+    .await;
+    let outcome = match attached {
+        Ok(()) => {
+            if matches!(role, Role::All) && config.demo_data {
+                demo_data(wallets.as_ref(), inventory.as_ref()).await?;
+            }
+            log_summary(&role, config.mode);
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(config.grace).await;
+            };
+            tokio::select! {
+                served = server => match served {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(MeshError::Serve(e.to_string())),
+                },
+                _ = grace => {
+                    tracing::warn!("open streams did not end within the grace period; stopping anyway");
+                    Ok(())
+                }
+            }
+        }
+        Err(e) => {
+            shutdown.cancel();
+            let _ = server.await;
+            Err(e)
+        }
+    };
+    // Servers are down: wait for the background tasks.
+    drain.cancel();
+    tasks.close();
+    if tokio::time::timeout(config.grace, tasks.wait()).await.is_err() {
+        tracing::warn!("some tasks did not stop within the grace period");
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attach(
+    config: &MeshConfig,
+    router: Channel,
+    wallets: &Option<Wallets>,
+    inventory: &Option<Inventory>,
+    purchase_log: &Option<PurchaseLog>,
+    notifications: &Option<Notifications>,
+    compensation: &Option<sagamesh_compensation::Compensation>,
+    coordinator: &Option<Coordinator>,
+    tasks: &TaskTracker,
+    drain: &CancellationToken,
+) -> Result<(), MeshError> {
+    let step = step_config(config);
+    if let Some(wallets) = wallets {
+        sagamesh_wallets::start(wallets, router.clone(), step.clone(), tasks, drain.clone()).await?;
+    }
+    if let Some(inventory) = inventory {
+        sagamesh_inventory::start(inventory, router.clone(), step.clone(), tasks, drain.clone()).await?;
+    }
+    if let Some(log) = purchase_log {
+        sagamesh_purchase_log::start(log, router.clone(), step.clone(), tasks, drain.clone()).await?;
+    }
+    if let Some(notifications) = notifications {
+        sagamesh_notifications::start(notifications, router.clone(), step.clone(), tasks, drain.clone())
+            .await?;
+    }
+    if let Some(compensation) = compensation {
+        sagamesh_compensation::start(
+            compensation,
+            router.clone(),
+            config.mode,
+            config.max_in_flight,
+            tasks,
+            drain.clone(),
+        )
+        .await?;
+    }
+    if let Some(coordinator) = coordinator {
+        let coordinator_config = CoordinatorConfig {
+            mode: config.mode,
+            max_in_flight: config.max_in_flight,
+        };
+        coordinator
+            .start(router, coordinator_config, tasks, drain.clone())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn demo_data(wallets: Option<&Wallets>, inventory: Option<&Inventory>) -> Result<(), MeshError> {
+    if let Some(wallets) = wallets {
+        wallets
+            .ensure_user(DEMO_USER.0.to_owned(), DEMO_USER.1)
+            .await
+            .map_err(|e| MeshError::DemoData(e.to_string()))?;
+    }
+    if let Some(inventory) = inventory {
+        let (item_id, name, price, stock) = DEMO_ITEM;
+        inventory
+            .ensure_item(Item {
+                item_id: item_id.to_owned(),
+                name: name.to_owned(),
+                price,
+                stock,
+            })
+            .await
+            .map_err(|e| MeshError::DemoData(e.to_string()))?;
+    }
+    tracing::info!(
+        "demo data ready: user {} (balance {}), item {} (price {}, stock {})",
+        DEMO_USER.0,
+        DEMO_USER.1,
+        DEMO_ITEM.0,
+        DEMO_ITEM.2,
+        DEMO_ITEM.3
+    );
+    Ok(())
+}
+
+pub fn mode_name(mode: SagaMode) -> &'static str {
+    match mode {
+        SagaMode::Orchestration => "orchestration",
+        _ => "choreography",
+    }
+}
+
+/// The seed's startup summary: which handler reacts to which events.
+fn log_summary(role: &Role, mode: SagaMode) {
+    let groups: Vec<&str> = match role {
+        Role::All | Role::Router => vec![
+            "wallets",
+            "inventory",
+            "purchase-log",
+            "notifications",
+            "compensation",
+            "coordinator",
+        ],
+        Role::Coordinator { .. } => vec!["coordinator"],
+        Role::Handler { service, .. } => vec![service.name()],
+    };
+    let mut summary = format!(
+        "Choreography event subscription summary ({} mode):",
+        mode_name(mode)
+    );
+    for subscription in sagamesh_saga::choreography() {
+        if !groups.contains(&subscription.group) {
+            continue;
+        }
+        let events: Vec<String> = subscription
+            .event_types
+            .iter()
+            .map(|t| pascal_case(t.as_str_name()))
+            .collect();
+        summary.push_str(&format!("\n  - {} → {}", subscription.handler, events.join(", ")));
+    }
+    tracing::info!("{summary}");
+}
+
+/// `PURCHASE_INITIATED` → `PurchaseInitiated`, as the seed names events.
+fn pascal_case(name: &str) -> String {
+    name.split('_')
+        .map(|word| {
+            let mut chars = word.chars();
+            match chars.next() {
+                Some(first) => first.to_string() + &chars.as_str().to_lowercase(),
+                None => String::new(),
+            }
+        })
+        .collect()
+}

@@ -10,8 +10,7 @@ pub mod v1 {
 }
 
 /// The encoded descriptors of every sagamesh proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/sagamesh_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sagamesh_descriptor.bin"));
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -66,6 +65,43 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// Sets the step timing of a step's outcome event; other events have none.
+    pub fn set_timing(&mut self, value: v1::StepTiming) {
+        let slot = match self {
+            Payload::UserValidated(e) => &mut e.timing,
+            Payload::UserValidationFailed(e) => &mut e.timing,
+            Payload::ItemGranted(e) => &mut e.timing,
+            Payload::ItemGrantFailed(e) => &mut e.timing,
+            Payload::LogRecorded(e) => &mut e.timing,
+            Payload::LogFailed(e) => &mut e.timing,
+            Payload::PurchaseCompleted(e) => &mut e.timing,
+            Payload::NotificationFailed(e) => &mut e.timing,
+            Payload::StepCompensated(e) => &mut e.timing,
+            Payload::StepCompensationFailed(e) => &mut e.timing,
+            _ => return,
+        };
+        *slot = Some(value);
+    }
+
+    /// The step timing of a step's outcome event.
+    pub fn timing(&self) -> Option<&v1::StepTiming> {
+        match self {
+            Payload::UserValidated(e) => e.timing.as_ref(),
+            Payload::UserValidationFailed(e) => e.timing.as_ref(),
+            Payload::ItemGranted(e) => e.timing.as_ref(),
+            Payload::ItemGrantFailed(e) => e.timing.as_ref(),
+            Payload::LogRecorded(e) => e.timing.as_ref(),
+            Payload::LogFailed(e) => e.timing.as_ref(),
+            Payload::PurchaseCompleted(e) => e.timing.as_ref(),
+            Payload::NotificationFailed(e) => e.timing.as_ref(),
+            Payload::StepCompensated(e) => e.timing.as_ref(),
+            Payload::StepCompensationFailed(e) => e.timing.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 impl Envelope {
     /// The event type of the payload, `Unspecified` when there is none.
     pub fn event_type(&self) -> EventType {
@@ -75,12 +111,7 @@ impl Envelope {
     }
 
     /// A new envelope with a fresh UUIDv7 id, stamped now.
-    pub fn new(
-        transaction_id: &str,
-        causation_id: &str,
-        producer: &str,
-        payload: Payload,
-    ) -> Envelope {
+    pub fn new(transaction_id: &str, causation_id: &str, producer: &str, payload: Payload) -> Envelope {
         Envelope {
             event_id: uuid::Uuid::now_v7().to_string(),
             transaction_id: transaction_id.to_owned(),

@@ -1,1 +1,89 @@
-//! placeholder
+//! The event router: the only way sagamesh services talk to each other.
+//!
+//! A handler instance attaches with one bidirectional stream, says hello, and
+//! from then on receives deliveries, acks or nacks them and publishes on the
+//! same stream. The router
+//! - confirms a publish only once the event is durable in its log, and many
+//!   concurrent publishes share one commit ([`appender`]);
+//! - delivers each event at least once to every group subscribed to its type,
+//!   sharing a group's events among its connected instances;
+//! - keeps a transaction's events in publish order within a group: the next
+//!   event of a transaction goes out only once the previous one is acked;
+//! - redelivers what is not acked before the deadline, nacked, or in flight on
+//!   a stream that broke, and moves an event to the dead-letter store after
+//!   the maximum attempts ([`core`]).
+//!
+//! The subscriptions are fixed by the mesh's topology, not by whoever
+//! attaches: a hello that does not match one is refused.
+
+mod appender;
+mod core;
+mod grpc;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagamesh_log::{EventLog, LogError};
+use sagamesh_proto::v1::SagaMode;
+use sagamesh_saga::Subscription;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use grpc::RouterService;
+
+/// How the router treats deliveries.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The saga mode of this mesh; a hello in another mode is refused.
+    pub mode: SagaMode,
+    /// The durable subscriptions of the mesh.
+    pub subscriptions: Vec<Subscription>,
+    /// How long a delivery may stay unacked before it goes out again.
+    pub ack_deadline: Duration,
+    /// Deliveries of one event to one group before it is dead-lettered.
+    pub max_attempts: u32,
+}
+
+impl RouterConfig {
+    pub fn new(mode: SagaMode, subscriptions: Vec<Subscription>) -> RouterConfig {
+        RouterConfig {
+            mode,
+            subscriptions,
+            ack_deadline: Duration::from_secs(30),
+            max_attempts: 5,
+        }
+    }
+}
+
+/// A running router: its core task, its appender and the handle to both.
+#[derive(Clone)]
+pub struct Router {
+    core: mpsc::Sender<core::Command>,
+    appender: mpsc::Sender<appender::Append>,
+    log: Arc<dyn EventLog>,
+}
+
+impl Router {
+    /// Recovers the unacked events from the log and starts the router's tasks
+    /// on `tasks`; they stop when `shutdown` is cancelled.
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        config: RouterConfig,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Router, LogError> {
+        let config = Arc::new(config);
+        let (core, core_rx) = mpsc::channel(core::COMMAND_QUEUE);
+        let state = core::Core::recover(log.clone(), config.clone(), core.clone()).await?;
+        tasks.spawn(state.run(core_rx, shutdown.clone()));
+        let (appender, append_rx) = mpsc::channel(appender::APPEND_QUEUE);
+        tasks.spawn(appender::run(log.clone(), append_rx, core.clone(), shutdown));
+        Ok(Router { core, appender, log })
+    }
+
+    /// The gRPC service of this router.
+    pub fn service(&self) -> RouterService {
+        RouterService::new(self.clone())
+    }
+}

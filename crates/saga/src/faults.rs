@@ -101,8 +101,17 @@ mod tests {
 
     #[test]
     fn rejects_unknown_names() {
-        assert!(matches!(Faults::parse("payment=fail"), Err(FaultError::UnknownStep(_))));
-        assert!(matches!(Faults::parse("log_record=boom"), Err(FaultError::UnknownFault(_))));
-        assert!(matches!(Faults::parse("log_record"), Err(FaultError::Malformed(_))));
+        assert!(matches!(
+            Faults::parse("payment=fail"),
+            Err(FaultError::UnknownStep(_))
+        ));
+        assert!(matches!(
+            Faults::parse("log_record=boom"),
+            Err(FaultError::UnknownFault(_))
+        ));
+        assert!(matches!(
+            Faults::parse("log_record"),
+            Err(FaultError::Malformed(_))
+        ));
     }
 }

@@ -69,9 +69,6 @@ mod tests {
     fn quantities_are_checked() {
         assert_eq!(validate_quantity(0), Err(InputError::ZeroQuantity));
         assert!(validate_quantity(1).is_ok());
-        assert_eq!(
-            validate_quantity(1_001),
-            Err(InputError::QuantityTooLarge(1_001))
-        );
+        assert_eq!(validate_quantity(1_001), Err(InputError::QuantityTooLarge(1_001)));
     }
 }

@@ -10,7 +10,11 @@ pub use faults::{Fault, FaultError, Faults};
 pub use input::{InputError, MAX_ID_LEN, MAX_QUANTITY, validate_id, validate_quantity};
 pub use topology::{Subscription, choreography};
 
-use sagamesh_proto::v1::Step;
+use sagamesh_proto::v1::envelope::Payload;
+use sagamesh_proto::v1::{
+    CompensateStep, EventType, ItemGrantFailed, LogFailed, NotificationFailed, PurchaseDetails, Step,
+    StepTiming, UserValidationFailed,
+};
 
 /// The business steps in the order they run.
 pub const STEPS: [Step; 4] = [
@@ -25,6 +29,83 @@ pub const STEPS: [Step; 4] = [
 pub fn steps_to_compensate(failed: Step) -> Vec<Step> {
     let position = STEPS.iter().position(|s| *s == failed).unwrap_or(0);
     STEPS[..position].iter().rev().copied().collect()
+}
+
+/// The event a step reacts to in choreography.
+pub fn step_input(step: Step) -> EventType {
+    match step {
+        Step::UserValidation | Step::Unspecified => EventType::PurchaseInitiated,
+        Step::ItemGrant => EventType::UserValidated,
+        Step::LogRecord => EventType::ItemGranted,
+        Step::Notification => EventType::LogRecorded,
+    }
+}
+
+/// The step whose outcome an event reports, with whether it failed.
+pub fn step_outcome(event: EventType) -> Option<(Step, bool)> {
+    Some(match event {
+        EventType::UserValidated => (Step::UserValidation, false),
+        EventType::UserValidationFailed => (Step::UserValidation, true),
+        EventType::ItemGranted => (Step::ItemGrant, false),
+        EventType::ItemGrantFailed => (Step::ItemGrant, true),
+        EventType::LogRecorded => (Step::LogRecord, false),
+        EventType::LogFailed => (Step::LogRecord, true),
+        EventType::PurchaseCompleted => (Step::Notification, false),
+        EventType::NotificationFailed => (Step::Notification, true),
+        _ => return None,
+    })
+}
+
+/// The failure event of a step.
+pub fn failure_event(step: Step, purchase: PurchaseDetails, timing: StepTiming, reason: String) -> Payload {
+    let (purchase, timing) = (Some(purchase), Some(timing));
+    match step {
+        Step::UserValidation | Step::Unspecified => Payload::UserValidationFailed(UserValidationFailed {
+            purchase,
+            timing,
+            reason,
+        }),
+        Step::ItemGrant => Payload::ItemGrantFailed(ItemGrantFailed {
+            purchase,
+            timing,
+            reason,
+        }),
+        Step::LogRecord => Payload::LogFailed(LogFailed {
+            purchase,
+            timing,
+            reason,
+        }),
+        Step::Notification => Payload::NotificationFailed(NotificationFailed {
+            purchase,
+            timing,
+            reason,
+        }),
+    }
+}
+
+/// The request to undo a step, sent to the service that owns it.
+pub fn compensation_request(step: Step, purchase: PurchaseDetails, attempt: u32) -> Payload {
+    let request = CompensateStep {
+        purchase: Some(purchase),
+        attempt,
+    };
+    match step {
+        Step::UserValidation | Step::Unspecified => Payload::CompensateUserValidation(request),
+        Step::ItemGrant => Payload::CompensateItemGrant(request),
+        Step::LogRecord => Payload::CompensateLogRecord(request),
+        Step::Notification => Payload::CompensateNotification(request),
+    }
+}
+
+/// The step a compensation request is for, with the request.
+pub fn compensation_of(payload: &Payload) -> Option<(Step, &CompensateStep)> {
+    match payload {
+        Payload::CompensateUserValidation(r) => Some((Step::UserValidation, r)),
+        Payload::CompensateItemGrant(r) => Some((Step::ItemGrant, r)),
+        Payload::CompensateLogRecord(r) => Some((Step::LogRecord, r)),
+        Payload::CompensateNotification(r) => Some((Step::Notification, r)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -59,9 +59,7 @@ pub fn choreography() -> Vec<Subscription> {
 }
 
 fn all_event_types() -> Vec<EventType> {
-    (1..)
-        .map_while(|n| EventType::try_from(n).ok())
-        .collect()
+    (1..).map_while(|n| EventType::try_from(n).ok()).collect()
 }
 
 #[cfg(test)]

@@ -35,10 +35,7 @@ pub enum StoreError {
     #[error("the store is closed or could not run the write")]
     Closed,
     #[error("could not open the store at {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
 }
 
 /// Runs after the batch's commit, with its outcome.
@@ -65,11 +62,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the file, applies the migrations not yet applied
     /// (tracked in `PRAGMA user_version`) and starts the writer and reader.
-    pub fn open(
-        path: &Path,
-        durability: Durability,
-        migrations: &[&str],
-    ) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, durability: Durability, migrations: &[&str]) -> Result<Store, StoreError> {
         let open = |path: &Path| {
             Connection::open(path).map_err(|source| StoreError::Open {
                 path: path.display().to_string(),

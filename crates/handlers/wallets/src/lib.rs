@@ -1,1 +1,190 @@
-//! placeholder
+//! The wallets service: users and their balances. It owns the
+//! user-validation step (check the user can pay, deduct the price) and its
+//! compensation (refund exactly what was deducted, once).
+
+mod grpc;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sagamesh_proto::v1::envelope::Payload;
+use sagamesh_proto::v1::{PurchaseDetails, Step, UserValidated};
+use sagamesh_router_client::{OUTBOX_MIGRATION, PROCESSED_MIGRATION};
+use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_step::{Outcome, StepOwner};
+
+pub use grpc::WalletsService;
+
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        balance INTEGER NOT NULL CHECK (balance >= 0)
+    ) WITHOUT ROWID",
+    "CREATE TABLE deductions (
+        transaction_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        refunded INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID",
+    PROCESSED_MIGRATION,
+    OUTBOX_MIGRATION,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    #[error("user '{0}' already exists")]
+    UserExists(String),
+    #[error("user '{0}' does not exist")]
+    NoSuchUser(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for WalletError {
+    fn from(e: rusqlite::Error) -> Self {
+        WalletError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// The wallets store, in `<data dir>/wallets.db`.
+#[derive(Clone)]
+pub struct Wallets {
+    store: Store,
+}
+
+impl Wallets {
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<Wallets, StoreError> {
+        let store = Store::open(&data_dir.join("wallets.db"), durability, MIGRATIONS)?;
+        Ok(Wallets { store })
+    }
+
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
+    pub async fn create_user(&self, user_id: String, balance: u64) -> Result<(), WalletError> {
+        self.store
+            .write(move |conn| {
+                let inserted = conn.execute(
+                    "INSERT INTO users (user_id, balance) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![user_id, balance as i64],
+                )?;
+                if inserted == 0 {
+                    return Err(WalletError::UserExists(user_id));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Creates the user unless it exists (for demo data).
+    pub async fn ensure_user(&self, user_id: String, balance: u64) -> Result<(), WalletError> {
+        match self.create_user(user_id, balance).await {
+            Err(WalletError::UserExists(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    pub async fn balance(&self, user_id: String) -> Result<u64, WalletError> {
+        self.store
+            .read(move |conn| balance(conn, &user_id)?.ok_or(WalletError::NoSuchUser(user_id)))
+            .await
+    }
+}
+
+fn balance(conn: &Connection, user_id: &str) -> rusqlite::Result<Option<u64>> {
+    conn.prepare_cached("SELECT balance FROM users WHERE user_id = ?1")?
+        .query_row([user_id], |row| row.get::<_, i64>(0))
+        .optional()
+        .map(|b| b.map(|b| b as u64))
+}
+
+/// The user-validation step.
+pub struct UserValidation;
+
+impl StepOwner for UserValidation {
+    const STEP: Step = Step::UserValidation;
+    const GROUP: &'static str = "wallets";
+    const HANDLER: &'static str = "UserValidationHandler";
+
+    fn execute(
+        &self,
+        conn: &Connection,
+        transaction_id: &str,
+        purchase: &PurchaseDetails,
+    ) -> rusqlite::Result<Outcome> {
+        let user_id = &purchase.user_id;
+        let price = purchase.total_price;
+        let Some(current) = balance(conn, user_id)? else {
+            return Ok(Outcome::Failure(format!("user '{user_id}' does not exist")));
+        };
+        if current < price {
+            return Ok(Outcome::Failure(format!(
+                "insufficient balance: user '{user_id}' has {current}, the purchase costs {price}"
+            )));
+        }
+        conn.prepare_cached("UPDATE users SET balance = balance - ?2 WHERE user_id = ?1")?
+            .execute(params![user_id, price as i64])?;
+        conn.prepare_cached("INSERT INTO deductions (transaction_id, user_id, amount) VALUES (?1, ?2, ?3)")?
+            .execute(params![transaction_id, user_id, price as i64])?;
+        Ok(Outcome::Success {
+            event: Payload::UserValidated(UserValidated {
+                purchase: Some(purchase.clone()),
+                timing: None,
+                balance_after: current - price,
+            }),
+            summary: format!("{user_id} paid {price}, balance {}", current - price),
+        })
+    }
+
+    fn compensate(
+        &self,
+        conn: &Connection,
+        transaction_id: &str,
+        _purchase: &PurchaseDetails,
+    ) -> rusqlite::Result<Result<String, String>> {
+        let deduction: Option<(String, i64, bool)> = conn
+            .prepare_cached("SELECT user_id, amount, refunded FROM deductions WHERE transaction_id = ?1")?
+            .query_row([transaction_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        let Some((user_id, amount, refunded)) = deduction else {
+            return Ok(Ok("nothing was deducted".to_owned()));
+        };
+        if refunded {
+            return Ok(Ok(format!("{amount} already refunded to {user_id}")));
+        }
+        let credited = conn
+            .prepare_cached("UPDATE users SET balance = balance + ?2 WHERE user_id = ?1")?
+            .execute(params![user_id, amount])?;
+        if credited == 0 {
+            return Ok(Err(format!(
+                "user '{user_id}' no longer exists; {amount} cannot be refunded"
+            )));
+        }
+        conn.prepare_cached("UPDATE deductions SET refunded = 1 WHERE transaction_id = ?1")?
+            .execute([transaction_id])?;
+        Ok(Ok(format!("refunded {amount} to {user_id}")))
+    }
+}
+
+/// Starts the wallets service's step handler; the gRPC service is separate.
+pub async fn start(
+    wallets: &Wallets,
+    router: tonic::transport::Channel,
+    config: sagamesh_step::StepConfig,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), sagamesh_router_client::ClientError> {
+    sagamesh_step::start(
+        Arc::new(UserValidation),
+        wallets.store(),
+        router,
+        config,
+        tasks,
+        shutdown,
+    )
+    .await
+}

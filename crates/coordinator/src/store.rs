@@ -1,0 +1,166 @@
+//! The coordinator's saga records, in `<data dir>/coordinator.db`.
+//!
+//! Each transaction is one row: the columns it is looked up and listed by,
+//! and the whole view as an encoded `Transaction`. Counts per status are kept
+//! in their own table in the same transactions, so `GetStats` reads a
+//! handful of rows however many sagas are stored.
+
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use sagamesh_proto::v1::{Envelope, Transaction, TransactionStatus};
+use sagamesh_router_client::{OUTBOX_MIGRATION, push_outbox};
+
+use crate::CoordinatorError;
+use crate::view;
+
+pub(crate) const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE transactions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        transaction_id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        idempotency_key TEXT,
+        body BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX transactions_by_key ON transactions (user_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX transactions_by_user ON transactions (user_id, seq);
+    CREATE INDEX transactions_by_status ON transactions (status, seq);
+    CREATE TABLE status_counts (
+        status INTEGER PRIMARY KEY,
+        count INTEGER NOT NULL
+    )",
+    OUTBOX_MIGRATION,
+];
+
+fn decode(body: &[u8]) -> Result<Transaction, CoordinatorError> {
+    Transaction::decode(body).map_err(|e| CoordinatorError::Corrupt(e.to_string()))
+}
+
+fn count(conn: &Connection, status: i32, delta: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO status_counts (status, count) VALUES (?1, ?2)
+         ON CONFLICT (status) DO UPDATE SET count = count + excluded.count",
+    )?
+    .execute(params![status, delta])?;
+    Ok(())
+}
+
+/// The transaction already recorded for a user's idempotency key.
+pub(crate) fn by_key(
+    conn: &Connection,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<Transaction>, CoordinatorError> {
+    let body: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT body FROM transactions WHERE user_id = ?1 AND idempotency_key = ?2")?
+        .query_row(params![user_id, key], |row| row.get(0))
+        .optional()?;
+    body.map(|b| decode(&b)).transpose()
+}
+
+/// Records a new saga and its first event, unless the idempotency key was
+/// used already: then returns the saga recorded for it.
+pub(crate) fn insert(
+    conn: &Connection,
+    transaction: &Transaction,
+    first_event: &Envelope,
+) -> Result<Option<Transaction>, CoordinatorError> {
+    let key = (!transaction.idempotency_key.is_empty()).then_some(&transaction.idempotency_key);
+    if let Some(key) = key
+        && let Some(existing) = by_key(conn, &transaction.user_id, key)?
+    {
+        return Ok(Some(existing));
+    }
+    conn.prepare_cached(
+        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, body)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        transaction.transaction_id,
+        transaction.user_id,
+        transaction.status,
+        key,
+        transaction.encode_to_vec()
+    ])?;
+    count(conn, transaction.status, 1)?;
+    push_outbox(conn, first_event)?;
+    Ok(None)
+}
+
+pub(crate) fn get(conn: &Connection, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
+    let body: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT body FROM transactions WHERE transaction_id = ?1")?
+        .query_row([transaction_id], |row| row.get(0))
+        .optional()?;
+    body.map(|b| decode(&b)).transpose()
+}
+
+/// Applies a saga event to its transaction's view; `None` when it changed
+/// nothing (a redelivery).
+pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Transaction>, CoordinatorError> {
+    let existing = get(conn, &event.transaction_id)?;
+    let is_new = existing.is_none();
+    let mut transaction = existing.unwrap_or_else(|| view::from_event(event));
+    let before = transaction.status;
+    if !view::apply(&mut transaction, event) {
+        return Ok(None);
+    }
+    if is_new {
+        conn.prepare_cached(
+            "INSERT INTO transactions (transaction_id, user_id, status, body) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![
+            transaction.transaction_id,
+            transaction.user_id,
+            transaction.status,
+            transaction.encode_to_vec()
+        ])?;
+        count(conn, transaction.status, 1)?;
+    } else {
+        conn.prepare_cached("UPDATE transactions SET status = ?2, body = ?3 WHERE transaction_id = ?1")?
+            .execute(params![
+                transaction.transaction_id,
+                transaction.status,
+                transaction.encode_to_vec()
+            ])?;
+        if before != transaction.status {
+            count(conn, before, -1)?;
+            count(conn, transaction.status, 1)?;
+        }
+    }
+    Ok(Some(transaction))
+}
+
+/// A page of transactions, newest first, below the sequence number `before`.
+pub(crate) fn list(
+    conn: &Connection,
+    status: Option<TransactionStatus>,
+    user_id: Option<&str>,
+    before: i64,
+    limit: usize,
+) -> Result<Vec<(i64, Transaction)>, CoordinatorError> {
+    let mut sql = String::from("SELECT seq, body FROM transactions WHERE seq < ?1");
+    if status.is_some() {
+        sql.push_str(" AND status = ?2");
+    }
+    if user_id.is_some() {
+        sql.push_str(" AND user_id = ?3");
+    }
+    sql.push_str(" ORDER BY seq DESC LIMIT ?4");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let status = status.map(|s| s as i32);
+    let mut rows = stmt.query(params![before, status, user_id, limit as i64])?;
+    let mut page = Vec::new();
+    while let Some(row) = rows.next()? {
+        let body: Vec<u8> = row.get(1)?;
+        page.push((row.get(0)?, decode(&body)?));
+    }
+    Ok(page)
+}
+
+pub(crate) fn status_counts(conn: &Connection) -> Result<Vec<(i32, u64)>, CoordinatorError> {
+    let mut stmt = conn.prepare_cached("SELECT status, count FROM status_counts ORDER BY status")?;
+    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)?.max(0) as u64)))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}

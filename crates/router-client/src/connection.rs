@@ -1,0 +1,323 @@
+//! One instance's attachment to the router, kept alive across router
+//! restarts and broken connections.
+//!
+//! A single task owns the stream. Deliveries are handled concurrently (the
+//! router bounds how many are in flight); their acks come back to the task
+//! and leave in batches. Publishes ride the same stream and are answered by
+//! request id. Acks of a stream that broke are dropped: the router delivers
+//! that work again on the next stream.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sagamesh_proto::v1::event_router_client::EventRouterClient;
+use sagamesh_proto::v1::{
+    Ack, AttachRequest, AttachResponse, Envelope, EventType, Hello, Nack, PublishRequest, PublishResponse,
+    SagaMode, attach_request, attach_response,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+use tracing::Instrument;
+
+/// Messages waiting to go to the router. When full, acks and publishes wait.
+const OUTBOUND_QUEUE: usize = 1024;
+/// Publishes waiting for the connection task. When full, publishers wait.
+const PUBLISH_QUEUE: usize = 256;
+/// Finished deliveries waiting to be acked. When full, handlers wait.
+const ACK_QUEUE: usize = 4096;
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Handles one delivered event. `Ok` acks it; `Err` nacks it with the reason
+/// (a transient error: the router delivers it again later). A business
+/// failure is not an `Err`: it is a `*Failed` event in the outbox.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// Who this instance is and what it subscribes to.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    pub service: String,
+    pub group: String,
+    pub event_types: Vec<EventType>,
+    pub max_in_flight: u32,
+    pub mode: SagaMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the router: {0}")]
+    Unreachable(String),
+    #[error("the router refused this service: {0}")]
+    Refused(String),
+    #[error("the router did not confirm the publish: {0}")]
+    Publish(String),
+    #[error("the router client has stopped")]
+    Stopped,
+}
+
+struct PublishJob {
+    events: Vec<Envelope>,
+    reply: oneshot::Sender<Result<PublishResponse, ClientError>>,
+}
+
+/// Publishes over the instance's stream; cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    jobs: mpsc::Sender<PublishJob>,
+}
+
+impl Publisher {
+    /// Returns once the router has the events durably.
+    pub async fn publish(&self, events: Vec<Envelope>) -> Result<PublishResponse, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(PublishJob { events, reply })
+            .await
+            .map_err(|_| ClientError::Stopped)?;
+        answer.await.map_err(|_| ClientError::Stopped)?
+    }
+}
+
+/// A running attachment.
+pub struct RouterClient {
+    publisher: Publisher,
+}
+
+enum Done {
+    Ack(u64, u64),
+    Nack(u64, u64, String),
+}
+
+struct Attached {
+    outbound: mpsc::Sender<AttachRequest>,
+    inbound: Streaming<AttachResponse>,
+}
+
+impl RouterClient {
+    /// Attaches once (so a refusal, such as a mode mismatch, fails here with
+    /// the router's reason) and then keeps the attachment alive on `tasks`.
+    pub async fn start(
+        channel: Channel,
+        config: HandlerConfig,
+        handler: Arc<dyn Handler>,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<RouterClient, ClientError> {
+        let hello = Hello {
+            service: config.service.clone(),
+            group: config.group.clone(),
+            event_types: config.event_types.iter().map(|t| *t as i32).collect(),
+            max_in_flight: config.max_in_flight,
+            instance_id: uuid::Uuid::now_v7().to_string(),
+            mode: config.mode as i32,
+            credentials: Vec::new(),
+        };
+        let client = EventRouterClient::new(channel)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        let first = attach(&client, &hello).await?;
+        let (jobs, job_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let connection = Connection {
+            client,
+            hello,
+            handler,
+            tasks: tasks.clone(),
+            shutdown,
+            jobs: job_rx,
+        };
+        tasks.spawn(connection.run(first));
+        Ok(RouterClient {
+            publisher: Publisher { jobs },
+        })
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+}
+
+async fn attach(client: &EventRouterClient<Channel>, hello: &Hello) -> Result<Attached, ClientError> {
+    let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    outbound
+        .send(AttachRequest {
+            kind: Some(attach_request::Kind::Hello(hello.clone())),
+        })
+        .await
+        .map_err(|_| ClientError::Stopped)?;
+    let refused = |status: Status| match status.code() {
+        Code::FailedPrecondition | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated => {
+            ClientError::Refused(status.message().to_owned())
+        }
+        _ => ClientError::Unreachable(status.message().to_owned()),
+    };
+    let mut inbound = client
+        .clone()
+        .attach(ReceiverStream::new(rx))
+        .await
+        .map_err(refused)?
+        .into_inner();
+    match inbound.message().await.map_err(refused)? {
+        Some(AttachResponse {
+            kind: Some(attach_response::Kind::Welcome(_)),
+        }) => Ok(Attached { outbound, inbound }),
+        _ => Err(ClientError::Unreachable(
+            "the router did not welcome the hello".into(),
+        )),
+    }
+}
+
+struct Connection {
+    client: EventRouterClient<Channel>,
+    hello: Hello,
+    handler: Arc<dyn Handler>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    jobs: mpsc::Receiver<PublishJob>,
+}
+
+impl Connection {
+    async fn run(mut self, first: Attached) {
+        let mut attached = Some(first);
+        let mut backoff = RECONNECT_MIN;
+        let mut generation = 0u64;
+        loop {
+            let current = match attached.take() {
+                Some(current) => current,
+                None => {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    match attach(&self.client, &self.hello).await {
+                        Ok(current) => current,
+                        Err(e) => {
+                            tracing::warn!(service = %self.hello.service, error = %e, "router attach failed; retrying");
+                            backoff = (backoff * 2).min(RECONNECT_MAX);
+                            continue;
+                        }
+                    }
+                }
+            };
+            generation += 1;
+            backoff = RECONNECT_MIN;
+            let started = Instant::now();
+            let stop = self.serve(current, generation).await;
+            if stop {
+                return;
+            }
+            tracing::warn!(
+                service = %self.hello.service,
+                after_ms = started.elapsed().as_millis() as u64,
+                "router stream ended; reattaching"
+            );
+        }
+    }
+
+    /// Serves one stream until it breaks (false) or shutdown (true).
+    async fn serve(&mut self, attached: Attached, generation: u64) -> bool {
+        let Attached {
+            outbound,
+            mut inbound,
+        } = attached;
+        let (done_tx, mut done_rx) = mpsc::channel::<Done>(ACK_QUEUE);
+        let mut pending: HashMap<u64, oneshot::Sender<Result<PublishResponse, ClientError>>> = HashMap::new();
+        let mut next_request = 1u64;
+        let group = self.hello.group.clone();
+        let broke = loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break false,
+                message = inbound.message() => match message {
+                    Ok(Some(AttachResponse { kind: Some(kind) })) => match kind {
+                        attach_response::Kind::Deliveries(batch) => {
+                            for delivery in batch.deliveries {
+                                let Some(envelope) = delivery.envelope else { continue };
+                                let handler = self.handler.clone();
+                                let done = done_tx.clone();
+                                let span = tracing::info_span!(
+                                    "delivery",
+                                    tx_id = %envelope.transaction_id,
+                                    event = envelope.event_type().as_str_name(),
+                                    group = %group,
+                                    attempt = delivery.attempt,
+                                );
+                                let id = delivery.delivery_id;
+                                self.tasks.spawn(async move {
+                                    let outcome = handler.handle(envelope, delivery.attempt).await;
+                                    let message = match outcome {
+                                        Ok(()) => Done::Ack(generation, id),
+                                        Err(reason) => {
+                                            tracing::warn!(reason = %reason, "handler failed; nacking");
+                                            Done::Nack(generation, id, reason)
+                                        }
+                                    };
+                                    let _ = done.send(message).await;
+                                }.instrument(span));
+                            }
+                        }
+                        attach_response::Kind::Published(response) => {
+                            if let Some(reply) = pending.remove(&response.request_id) {
+                                let _ = reply.send(Ok(response));
+                            }
+                        }
+                        attach_response::Kind::Welcome(_) => {}
+                    },
+                    Ok(Some(AttachResponse { kind: None })) => {}
+                    Ok(None) => break true,
+                    Err(status) => {
+                        // A failed publish is answered with an error on the
+                        // stream, which also ends it.
+                        for (_, reply) in pending.drain() {
+                            let _ = reply.send(Err(ClientError::Publish(status.message().to_owned())));
+                        }
+                        break true;
+                    }
+                },
+                Some(first) = done_rx.recv() => {
+                    let mut acks = Vec::new();
+                    let mut nacks = Vec::new();
+                    let mut collect = |done: Done| match done {
+                        Done::Ack(g, id) if g == generation => acks.push(id),
+                        Done::Nack(g, id, reason) if g == generation => nacks.push((id, reason)),
+                        _ => {}
+                    };
+                    collect(first);
+                    while let Ok(more) = done_rx.try_recv() {
+                        collect(more);
+                    }
+                    if !acks.is_empty() {
+                        let ack = AttachRequest { kind: Some(attach_request::Kind::Ack(Ack { delivery_ids: acks })) };
+                        if outbound.send(ack).await.is_err() { break true; }
+                    }
+                    for (delivery_id, reason) in nacks {
+                        let nack = AttachRequest { kind: Some(attach_request::Kind::Nack(Nack { delivery_id, reason })) };
+                        if outbound.send(nack).await.is_err() { break; }
+                    }
+                }
+                Some(job) = self.jobs.recv() => {
+                    let request_id = next_request;
+                    next_request += 1;
+                    pending.insert(request_id, job.reply);
+                    let publish = AttachRequest {
+                        kind: Some(attach_request::Kind::Publish(PublishRequest { request_id, events: job.events })),
+                    };
+                    if outbound.send(publish).await.is_err() { break true; }
+                }
+            }
+        };
+        for (_, reply) in pending.drain() {
+            let _ = reply.send(Err(ClientError::Publish("the router stream broke".into())));
+        }
+        !broke
+    }
+}

@@ -1,0 +1,151 @@
+//! The transactional outbox: events written with the business change, then
+//! relayed to the router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use rusqlite::{Connection, params};
+use sagamesh_proto::v1::Envelope;
+use sagamesh_sqlite::{Store, StoreError};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::Publisher;
+
+/// The outbox table, to add to a service's migrations.
+pub const OUTBOX_MIGRATION: &str = "
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        body BLOB NOT NULL
+    )";
+
+/// Most events relayed in one publish.
+const RELAY_BATCH: usize = 500;
+/// How often the relay looks even when nobody nudged it (after a restart, or
+/// a nudge lost to a crash between commit and nudge).
+const RELAY_POLL: Duration = Duration::from_millis(200);
+const RELAY_RETRY: Duration = Duration::from_millis(100);
+
+/// Adds an event to the outbox, inside the caller's transaction.
+pub fn push_outbox(conn: &Connection, event: &Envelope) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO outbox (body) VALUES (?1)")?
+        .execute(params![event.encode_to_vec()])?;
+    Ok(())
+}
+
+/// Publishes what the outbox holds, oldest first, one batch at a time (so
+/// the router sees a service's events in the order they were written).
+#[derive(Clone)]
+pub struct OutboxRelay {
+    nudge: Arc<Notify>,
+}
+
+impl Default for OutboxRelay {
+    fn default() -> Self {
+        OutboxRelay::new()
+    }
+}
+
+impl OutboxRelay {
+    /// A relay that can be nudged now and started once a publisher exists.
+    pub fn new() -> OutboxRelay {
+        OutboxRelay {
+            nudge: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Starts relaying `store`'s outbox through `publisher`.
+    pub fn start(
+        &self,
+        store: Store,
+        publisher: Publisher,
+        tasks: &tokio_util::task::TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        tasks.spawn(relay(store, publisher, self.nudge.clone(), shutdown));
+    }
+
+    /// Tells the relay that new events were committed.
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+}
+
+struct RelayError(String);
+
+impl From<StoreError> for RelayError {
+    fn from(e: StoreError) -> Self {
+        RelayError(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for RelayError {
+    fn from(e: rusqlite::Error) -> Self {
+        RelayError(e.to_string())
+    }
+}
+
+async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        match relay_batch(&store, &publisher).await {
+            // A full batch: more may be waiting.
+            Ok(n) if n == RELAY_BATCH => continue,
+            Ok(_) => {
+                tokio::select! {
+                    _ = nudge.notified() => {}
+                    _ = tokio::time::sleep(RELAY_POLL) => {}
+                    _ = shutdown.cancelled() => {
+                        // One last pass, so a clean stop leaves an empty outbox.
+                        let _ = relay_batch(&store, &publisher).await;
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.0, "outbox relay failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RELAY_RETRY) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Publishes one batch and deletes it; returns how many events it held.
+async fn relay_batch(store: &Store, publisher: &Publisher) -> Result<usize, RelayError> {
+    let rows: Vec<(i64, Envelope)> = store
+        .read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT seq, body FROM outbox ORDER BY seq LIMIT ?1")?;
+            let rows = stmt.query_map([RELAY_BATCH as i64], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (seq, body) = row?;
+                match Envelope::decode(body.as_slice()) {
+                    Ok(event) => events.push((seq, event)),
+                    Err(e) => tracing::error!(seq, error = %e, "dropping an undecodable outbox row"),
+                }
+            }
+            Ok::<_, RelayError>(events)
+        })
+        .await?;
+    let Some(&(last, _)) = rows.last() else {
+        return Ok(0);
+    };
+    let count = rows.len();
+    publisher
+        .publish(rows.into_iter().map(|(_, e)| e).collect())
+        .await
+        .map_err(|e| RelayError(e.to_string()))?;
+    store
+        .write(move |conn| {
+            conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
+                .execute([last])?;
+            Ok::<_, RelayError>(())
+        })
+        .await?;
+    Ok(count)
+}

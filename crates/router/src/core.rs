@@ -1,0 +1,712 @@
+//! The router's state, owned by one task and changed only by [`Command`]s, so
+//! no lock is ever held and every decision sees a consistent picture.
+//!
+//! For each group the core keeps a queue per transaction. The head of a
+//! transaction's queue is either waiting in `ready`, in flight to one
+//! instance, or waiting out a retry delay; the rest wait behind it. That is
+//! what keeps a transaction's events in order within a group while different
+//! transactions proceed in parallel.
+//!
+//! Durability of progress: for each group the core saves a cursor, the lowest
+//! offset it has not seen acked. After a restart everything from the cursor
+//! on is delivered again (at least once; handlers are idempotent), and the
+//! log is truncated below the lowest cursor of all groups.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagamesh_log::{DeadLetter, EventLog, LogError, Offset, StoredEvent};
+use sagamesh_proto::v1::{
+    AttachResponse, Deliveries, Delivery, Envelope, EventType, Hello, SagaMode, Welcome, attach_response,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::RouterConfig;
+
+/// Commands waiting for the core. When full, streams wait before reading on.
+pub(crate) const COMMAND_QUEUE: usize = 8192;
+/// How often deadlines, delayed retries and cursors are looked at.
+const TICK: Duration = Duration::from_millis(20);
+/// How often the log is truncated below every group's cursor.
+const TRUNCATE_EVERY: Duration = Duration::from_secs(5);
+/// Events read per page while recovering.
+const RECOVERY_PAGE: usize = 10_000;
+/// First delay before a nacked event goes out again; doubles per attempt.
+const RETRY_BASE: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a stream sends to its instance.
+pub(crate) type Outbound = mpsc::Sender<Result<AttachResponse, Status>>;
+
+pub(crate) enum Command {
+    Attach {
+        instance: u64,
+        hello: Hello,
+        outbound: Outbound,
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
+    Detach {
+        instance: u64,
+    },
+    Ack {
+        instance: u64,
+        delivery_ids: Vec<u64>,
+    },
+    Nack {
+        instance: u64,
+        delivery_id: u64,
+        reason: String,
+    },
+    /// Events that are now durable, in offset order.
+    Appended(Vec<StoredEvent>),
+    /// Sends a dead letter to its group again.
+    Replay {
+        dead_letter: DeadLetter,
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
+    /// A dead letter was stored; the transaction's queue may move on.
+    DeadLettered {
+        group: usize,
+        transaction: Arc<str>,
+    },
+    /// A cursor save finished.
+    CursorsSaved,
+}
+
+/// One event waiting for (or in) delivery to one group.
+struct Pending {
+    /// `None` for a replayed dead letter, which is not in the log any more.
+    offset: Option<Offset>,
+    envelope: Arc<Envelope>,
+    attempts: u32,
+    last_error: String,
+    /// Set when this is a replay of that dead letter.
+    replay_of: Option<u64>,
+}
+
+struct Group {
+    name: String,
+    event_types: Vec<EventType>,
+    queues: HashMap<Arc<str>, VecDeque<Pending>>,
+    /// Transactions whose head event can be delivered now.
+    ready: VecDeque<Arc<str>>,
+    /// Offsets of events not yet acked, for the cursor.
+    unacked: BTreeSet<Offset>,
+    /// Attached instances, taken in turn.
+    instances: Vec<u64>,
+    next_instance: usize,
+    saved_cursor: Offset,
+}
+
+struct Instance {
+    group: Option<usize>,
+    outbound: Outbound,
+    max_in_flight: usize,
+    in_flight: HashSet<u64>,
+}
+
+struct InFlight {
+    group: usize,
+    transaction: Arc<str>,
+    instance: u64,
+    deadline: Instant,
+}
+
+pub(crate) struct Core {
+    log: Arc<dyn EventLog>,
+    config: Arc<RouterConfig>,
+    commands: mpsc::Sender<Command>,
+    groups: Vec<Group>,
+    groups_by_type: HashMap<EventType, Vec<usize>>,
+    instances: HashMap<u64, Instance>,
+    in_flight: HashMap<u64, InFlight>,
+    /// Transactions waiting out a retry delay: (due, group, transaction).
+    delayed: Vec<(Instant, usize, Arc<str>)>,
+    /// Dead letters being replayed, so one is not replayed twice at once.
+    replaying: HashSet<u64>,
+    next_delivery_id: u64,
+    /// Every offset at or below this one has reached the core.
+    appended_through: Offset,
+    saving_cursors: bool,
+    last_truncate: Instant,
+    truncated_below: Offset,
+}
+
+impl Core {
+    /// Builds the state from the log: every event at or after a group's
+    /// cursor is queued for that group again.
+    pub(crate) async fn recover(
+        log: Arc<dyn EventLog>,
+        config: Arc<RouterConfig>,
+        commands: mpsc::Sender<Command>,
+    ) -> Result<Core, LogError> {
+        let cursors: HashMap<String, Offset> = log.load_cursors().await?.into_iter().collect();
+        let mut groups_by_type: HashMap<EventType, Vec<usize>> = HashMap::new();
+        let groups: Vec<Group> = config
+            .subscriptions
+            .iter()
+            .enumerate()
+            .map(|(index, sub)| {
+                for event_type in &sub.event_types {
+                    groups_by_type.entry(*event_type).or_default().push(index);
+                }
+                Group {
+                    name: sub.group.to_owned(),
+                    event_types: sub.event_types.clone(),
+                    queues: HashMap::new(),
+                    ready: VecDeque::new(),
+                    unacked: BTreeSet::new(),
+                    instances: Vec::new(),
+                    next_instance: 0,
+                    saved_cursor: cursors.get(sub.group).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let mut core = Core {
+            log,
+            config,
+            commands,
+            groups,
+            groups_by_type,
+            instances: HashMap::new(),
+            in_flight: HashMap::new(),
+            delayed: Vec::new(),
+            replaying: HashSet::new(),
+            next_delivery_id: 1,
+            appended_through: 0,
+            saving_cursors: false,
+            last_truncate: Instant::now(),
+            truncated_below: 0,
+        };
+        let mut from = core.groups.iter().map(|g| g.saved_cursor).min().unwrap_or(0);
+        let mut recovered = 0usize;
+        loop {
+            let page = core.log.read(from, RECOVERY_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            from = last.offset + 1;
+            recovered += page.len();
+            core.enqueue(page, true);
+        }
+        if recovered > 0 {
+            tracing::info!(events = recovered, "router recovered unacked events from its log");
+        }
+        Ok(core)
+    }
+
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        // A final cursor save, so a clean restart redelivers little.
+        let cursors = self.cursors();
+        if let Err(e) = self.log.save_cursors(cursors).await {
+            tracing::warn!(error = %e, "could not save cursors at shutdown");
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Attach {
+                instance,
+                hello,
+                outbound,
+                reply,
+            } => {
+                let answer = self.attach(instance, hello, outbound);
+                let _ = reply.send(answer);
+            }
+            Command::Detach { instance } => self.detach(instance),
+            Command::Ack {
+                instance,
+                delivery_ids,
+            } => {
+                let mut touched = Vec::new();
+                for id in delivery_ids {
+                    if let Some(group) = self.ack(instance, id) {
+                        touched.push(group);
+                    }
+                }
+                touched.sort_unstable();
+                touched.dedup();
+                for group in touched {
+                    self.dispatch(group);
+                }
+            }
+            Command::Nack {
+                instance,
+                delivery_id,
+                reason,
+            } => {
+                if let Some(flight) = self.take_in_flight(instance, delivery_id) {
+                    self.retry(flight, reason, true);
+                }
+            }
+            Command::Appended(events) => self.enqueue(events, false),
+            Command::Replay { dead_letter, reply } => {
+                let answer = self.replay(dead_letter);
+                let _ = reply.send(answer);
+            }
+            Command::DeadLettered { group, transaction } => {
+                self.finish_head(group, &transaction);
+                self.dispatch(group);
+            }
+            Command::CursorsSaved => self.saving_cursors = false,
+        }
+    }
+
+    fn attach(&mut self, instance: u64, hello: Hello, outbound: Outbound) -> Result<(), Status> {
+        let mode = SagaMode::try_from(hello.mode).unwrap_or(SagaMode::Unspecified);
+        if mode != self.config.mode {
+            return Err(Status::failed_precondition(format!(
+                "this mesh runs in {} mode, but service '{}' runs in {} mode; start it with the mesh's mode",
+                mode_name(self.config.mode),
+                hello.service,
+                mode_name(mode)
+            )));
+        }
+        let max_in_flight = hello.max_in_flight;
+        if !(1..=4096).contains(&max_in_flight) {
+            return Err(Status::invalid_argument(format!(
+                "max_in_flight must be between 1 and 4096, not {max_in_flight}"
+            )));
+        }
+        let group = if hello.group.is_empty() {
+            if !hello.event_types.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a hello that names event types must name its group",
+                ));
+            }
+            None
+        } else {
+            let Some(index) = self.groups.iter().position(|g| g.name == hello.group) else {
+                let known: Vec<_> = self.groups.iter().map(|g| g.name.as_str()).collect();
+                return Err(Status::failed_precondition(format!(
+                    "group '{}' is not a subscription of this {} mesh (its groups: {})",
+                    hello.group,
+                    mode_name(self.config.mode),
+                    known.join(", ")
+                )));
+            };
+            let group = &self.groups[index];
+            let mut wanted: Vec<EventType> = hello
+                .event_types
+                .iter()
+                .map(|t| EventType::try_from(*t).unwrap_or(EventType::Unspecified))
+                .collect();
+            wanted.sort_unstable();
+            let mut expected = group.event_types.clone();
+            expected.sort_unstable();
+            if wanted != expected {
+                return Err(Status::failed_precondition(format!(
+                    "group '{}' subscribes to {:?} in this mesh, but the hello asked for {:?}",
+                    group.name,
+                    expected.iter().map(|t| t.as_str_name()).collect::<Vec<_>>(),
+                    wanted.iter().map(|t| t.as_str_name()).collect::<Vec<_>>()
+                )));
+            }
+            Some(index)
+        };
+        self.instances.insert(
+            instance,
+            Instance {
+                group,
+                outbound,
+                max_in_flight: max_in_flight as usize,
+                in_flight: HashSet::new(),
+            },
+        );
+        tracing::info!(
+            instance,
+            service = %hello.service,
+            group = %hello.group,
+            instance_id = %hello.instance_id,
+            max_in_flight,
+            "handler attached"
+        );
+        // The welcome goes out before any delivery can.
+        let welcome = AttachResponse {
+            kind: Some(attach_response::Kind::Welcome(Welcome {
+                ack_deadline_ms: self.config.ack_deadline.as_millis() as u64,
+                max_attempts: self.config.max_attempts,
+            })),
+        };
+        if let Some(attached) = self.instances.get(&instance)
+            && attached.outbound.try_send(Ok(welcome)).is_err()
+        {
+            self.detach(instance);
+            return Err(Status::cancelled("the stream closed while attaching"));
+        }
+        if let Some(index) = group {
+            self.groups[index].instances.push(instance);
+            self.dispatch(index);
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, instance: u64) {
+        let Some(gone) = self.instances.remove(&instance) else {
+            return;
+        };
+        tracing::info!(instance, in_flight = gone.in_flight.len(), "handler detached");
+        let Some(group) = gone.group else { return };
+        self.groups[group].instances.retain(|i| *i != instance);
+        for delivery_id in gone.in_flight {
+            if let Some(flight) = self.in_flight.remove(&delivery_id) {
+                self.retry(flight, "the stream broke before the ack".into(), false);
+            }
+        }
+    }
+
+    /// Takes a delivery out of flight if this instance holds it.
+    fn take_in_flight(&mut self, instance: u64, delivery_id: u64) -> Option<InFlight> {
+        match self.in_flight.get(&delivery_id) {
+            Some(flight) if flight.instance == instance => {}
+            // Unknown or stale (redelivered after its deadline): ignore.
+            _ => return None,
+        }
+        let flight = self.in_flight.remove(&delivery_id)?;
+        if let Some(holder) = self.instances.get_mut(&instance) {
+            holder.in_flight.remove(&delivery_id);
+        }
+        Some(flight)
+    }
+
+    /// Handles one ack; returns the group to dispatch again.
+    fn ack(&mut self, instance: u64, delivery_id: u64) -> Option<usize> {
+        let flight = self.take_in_flight(instance, delivery_id)?;
+        self.finish_head(flight.group, &flight.transaction);
+        Some(flight.group)
+    }
+
+    /// The head of a transaction's queue is done (acked or dead-lettered).
+    fn finish_head(&mut self, group_index: usize, transaction: &Arc<str>) {
+        let group = &mut self.groups[group_index];
+        let Some(queue) = group.queues.get_mut(transaction) else {
+            return;
+        };
+        if let Some(done) = queue.pop_front() {
+            if let Some(offset) = done.offset {
+                group.unacked.remove(&offset);
+            }
+            if let Some(id) = done.replay_of {
+                self.replaying.remove(&id);
+                let log = self.log.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = log.delete_dead_letter(id).await {
+                        tracing::warn!(error = %e, dead_letter = id, "could not delete a replayed dead letter");
+                    }
+                });
+            }
+        }
+        if queue.is_empty() {
+            group.queues.remove(transaction);
+        } else {
+            group.ready.push_back(transaction.clone());
+        }
+    }
+
+    /// A delivery failed (nack, deadline or broken stream): deliver again,
+    /// later for a nack, or dead-letter it after the maximum attempts.
+    fn retry(&mut self, flight: InFlight, reason: String, delay: bool) {
+        let max_attempts = self.config.max_attempts;
+        let group = &mut self.groups[flight.group];
+        let Some(head) = group
+            .queues
+            .get_mut(&flight.transaction)
+            .and_then(|q| q.front_mut())
+        else {
+            return;
+        };
+        head.last_error = reason;
+        if head.attempts >= max_attempts {
+            let (group_name, envelope, attempts, error) = (
+                group.name.clone(),
+                head.envelope.clone(),
+                head.attempts,
+                head.last_error.clone(),
+            );
+            tracing::error!(
+                group = %group_name,
+                tx_id = %envelope.transaction_id,
+                event = envelope.event_type().as_str_name(),
+                attempts,
+                error = %error,
+                "event moved to the dead-letter store"
+            );
+            let replay_of = head.replay_of;
+            let (log, commands) = (self.log.clone(), self.commands.clone());
+            let (group_index, transaction) = (flight.group, flight.transaction);
+            tokio::spawn(async move {
+                // Until the dead letter is stored, the transaction waits:
+                // nothing behind it may overtake it.
+                loop {
+                    match log
+                        .put_dead_letter(group_name.clone(), envelope.clone(), attempts, error.clone())
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not store a dead letter; retrying");
+                            tokio::time::sleep(RETRY_MAX).await;
+                        }
+                    }
+                }
+                if let Some(old) = replay_of {
+                    let _ = log.delete_dead_letter(old).await;
+                }
+                let _ = commands
+                    .send(Command::DeadLettered {
+                        group: group_index,
+                        transaction,
+                    })
+                    .await;
+            });
+            if let Some(old) = replay_of {
+                self.replaying.remove(&old);
+            }
+            return;
+        }
+        if delay {
+            let backoff = RETRY_BASE
+                .saturating_mul(1 << head.attempts.min(16))
+                .min(RETRY_MAX);
+            self.delayed
+                .push((Instant::now() + backoff, flight.group, flight.transaction));
+        } else {
+            group.ready.push_front(flight.transaction);
+            self.dispatch(flight.group);
+        }
+    }
+
+    /// Queues durable events for every group subscribed to their type.
+    fn enqueue(&mut self, events: Vec<StoredEvent>, recovering: bool) {
+        let mut touched = HashSet::new();
+        for event in events {
+            self.appended_through = self.appended_through.max(event.offset);
+            let Some(groups) = self.groups_by_type.get(&event.envelope.event_type()) else {
+                continue;
+            };
+            for &index in groups {
+                let group = &mut self.groups[index];
+                if recovering && event.offset < group.saved_cursor {
+                    continue;
+                }
+                let transaction: Arc<str> = Arc::from(event.envelope.transaction_id.as_str());
+                let queue = group.queues.entry(transaction.clone()).or_default();
+                if queue.is_empty() {
+                    group.ready.push_back(transaction);
+                }
+                queue.push_back(Pending {
+                    offset: Some(event.offset),
+                    envelope: event.envelope.clone(),
+                    attempts: 0,
+                    last_error: String::new(),
+                    replay_of: None,
+                });
+                group.unacked.insert(event.offset);
+                touched.insert(index);
+            }
+        }
+        if !recovering {
+            for index in touched {
+                self.dispatch(index);
+            }
+        }
+    }
+
+    fn replay(&mut self, dead_letter: DeadLetter) -> Result<(), Status> {
+        let Some(index) = self.groups.iter().position(|g| g.name == dead_letter.group) else {
+            return Err(Status::failed_precondition(format!(
+                "dead letter {} belongs to group '{}', which this mesh does not have",
+                dead_letter.id, dead_letter.group
+            )));
+        };
+        if !self.replaying.insert(dead_letter.id) {
+            return Err(Status::failed_precondition(format!(
+                "dead letter {} is already being replayed",
+                dead_letter.id
+            )));
+        }
+        let group = &mut self.groups[index];
+        let transaction: Arc<str> = Arc::from(dead_letter.envelope.transaction_id.as_str());
+        let queue = group.queues.entry(transaction.clone()).or_default();
+        if queue.is_empty() {
+            group.ready.push_back(transaction);
+        }
+        queue.push_back(Pending {
+            offset: None,
+            envelope: dead_letter.envelope,
+            attempts: 0,
+            last_error: String::new(),
+            replay_of: Some(dead_letter.id),
+        });
+        self.dispatch(index);
+        Ok(())
+    }
+
+    /// Sends ready events to the group's instances that have room.
+    fn dispatch(&mut self, group_index: usize) {
+        let group = &mut self.groups[group_index];
+        if group.instances.is_empty() || group.ready.is_empty() {
+            return;
+        }
+        let mut batches: HashMap<u64, Vec<Delivery>> = HashMap::new();
+        let deadline = Instant::now() + self.config.ack_deadline;
+        'events: while let Some(transaction) = group.ready.pop_front() {
+            // Find the next instance in turn with room.
+            let count = group.instances.len();
+            let mut chosen = None;
+            for step in 0..count {
+                let position = (group.next_instance + step) % count;
+                let id = group.instances[position];
+                let instance = &self.instances[&id];
+                if instance.in_flight.len() < instance.max_in_flight {
+                    chosen = Some(id);
+                    group.next_instance = position + 1;
+                    break;
+                }
+            }
+            let Some(instance_id) = chosen else {
+                group.ready.push_front(transaction);
+                break 'events;
+            };
+            let Some(head) = group.queues.get_mut(&transaction).and_then(|q| q.front_mut()) else {
+                continue;
+            };
+            head.attempts += 1;
+            let delivery_id = self.next_delivery_id;
+            self.next_delivery_id += 1;
+            batches.entry(instance_id).or_default().push(Delivery {
+                delivery_id,
+                attempt: head.attempts,
+                envelope: Some((*head.envelope).clone()),
+            });
+            if let Some(instance) = self.instances.get_mut(&instance_id) {
+                instance.in_flight.insert(delivery_id);
+            }
+            self.in_flight.insert(
+                delivery_id,
+                InFlight {
+                    group: group_index,
+                    transaction,
+                    instance: instance_id,
+                    deadline,
+                },
+            );
+        }
+        for (instance_id, deliveries) in batches {
+            let message = AttachResponse {
+                kind: Some(attach_response::Kind::Deliveries(Deliveries { deliveries })),
+            };
+            let sent = self
+                .instances
+                .get(&instance_id)
+                .map(|i| i.outbound.try_send(Ok(message)).is_ok())
+                .unwrap_or(false);
+            if !sent {
+                // The stream is gone or hopelessly behind: take its work back.
+                self.detach(instance_id);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, flight)| flight.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let instance = self.in_flight[&id].instance;
+            if let Some(flight) = self.take_in_flight(instance, id) {
+                tracing::warn!(
+                    tx_id = %flight.transaction,
+                    group = %self.groups[flight.group].name,
+                    "ack deadline passed; delivering again"
+                );
+                self.retry(flight, "the ack deadline passed".into(), false);
+            }
+        }
+        if !self.delayed.is_empty() {
+            let mut due = Vec::new();
+            self.delayed.retain(|(at, group, tx)| {
+                if *at <= now {
+                    due.push((*group, tx.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+            for (group, tx) in due {
+                self.groups[group].ready.push_front(tx);
+                self.dispatch(group);
+            }
+        }
+        self.save_cursors_if_moved();
+    }
+
+    /// For each group, the lowest offset it has not acked.
+    fn cursors(&self) -> Vec<(String, Offset)> {
+        let next = self.appended_through + 1;
+        self.groups
+            .iter()
+            .map(|g| (g.name.clone(), g.unacked.first().copied().unwrap_or(next)))
+            .collect()
+    }
+
+    fn save_cursors_if_moved(&mut self) {
+        if self.saving_cursors {
+            return;
+        }
+        let cursors = self.cursors();
+        let moved = cursors
+            .iter()
+            .zip(&self.groups)
+            .any(|((_, cursor), g)| *cursor != g.saved_cursor);
+        if !moved {
+            return;
+        }
+        for ((_, cursor), group) in cursors.iter().zip(self.groups.iter_mut()) {
+            group.saved_cursor = *cursor;
+        }
+        let lowest = cursors.iter().map(|(_, c)| *c).min().unwrap_or(0);
+        let truncate = lowest > self.truncated_below && self.last_truncate.elapsed() >= TRUNCATE_EVERY;
+        if truncate {
+            self.truncated_below = lowest;
+            self.last_truncate = Instant::now();
+        }
+        self.saving_cursors = true;
+        let (log, commands) = (self.log.clone(), self.commands.clone());
+        tokio::spawn(async move {
+            if let Err(e) = log.save_cursors(cursors).await {
+                tracing::warn!(error = %e, "could not save the router's cursors");
+            } else if truncate && let Err(e) = log.truncate(lowest).await {
+                tracing::warn!(error = %e, "could not truncate the router's log");
+            }
+            let _ = commands.send(Command::CursorsSaved).await;
+        });
+    }
+}
+
+fn mode_name(mode: SagaMode) -> &'static str {
+    match mode {
+        SagaMode::Choreography => "choreography",
+        SagaMode::Orchestration => "orchestration",
+        SagaMode::Unspecified => "an unspecified",
+    }
+}

@@ -1,0 +1,296 @@
+//! The tonic face of the router: checks input, turns stream messages into
+//! core commands, and maps errors to statuses. No routing rule lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sagamesh_proto::v1::event_router_server::{EventRouter, EventRouterServer};
+use sagamesh_proto::v1::{
+    AttachRequest, AttachResponse, DeadLetter, DiscardDeadLetterRequest, DiscardDeadLetterResponse, Envelope,
+    ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse,
+    ReplayDeadLetterRequest, ReplayDeadLetterResponse, attach_request, attach_response,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Router;
+use crate::appender::Append;
+use crate::core::Command;
+
+/// Most events in one publish.
+const MAX_EVENTS_PER_PUBLISH: usize = 1_000;
+/// How long a new stream may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Publishes of one stream waiting to be appended, in order. When full, the
+/// stream stops reading until one is done.
+const STREAM_PUBLISH_QUEUE: usize = 64;
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Clone)]
+pub struct RouterService {
+    router: Router,
+}
+
+impl RouterService {
+    pub(crate) fn new(router: Router) -> RouterService {
+        RouterService { router }
+    }
+
+    pub fn into_server(self) -> EventRouterServer<RouterService> {
+        EventRouterServer::new(self)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024)
+    }
+
+    /// Appends checked events; answers once they are durable.
+    async fn publish(&self, request_id: u64, events: Vec<Envelope>) -> Result<PublishResponse, Status> {
+        check_events(&events)?;
+        let (reply, answer) = oneshot::channel();
+        let events = events.into_iter().map(Arc::new).collect();
+        self.router
+            .appender
+            .send(Append { events, reply })
+            .await
+            .map_err(|_| Status::unavailable("the router is shutting down"))?;
+        let (accepted, duplicates) = answer
+            .await
+            .map_err(|_| Status::unavailable("the router is shutting down"))?
+            .map_err(|e| Status::unavailable(format!("the event log could not store the events: {e}")))?;
+        Ok(PublishResponse {
+            request_id,
+            accepted,
+            duplicates,
+        })
+    }
+}
+
+fn check_events(events: &[Envelope]) -> Result<(), Status> {
+    if events.is_empty() {
+        return Err(Status::invalid_argument(
+            "a publish must carry at least one event",
+        ));
+    }
+    if events.len() > MAX_EVENTS_PER_PUBLISH {
+        return Err(Status::invalid_argument(format!(
+            "a publish may carry at most {MAX_EVENTS_PER_PUBLISH} events, not {}",
+            events.len()
+        )));
+    }
+    for (index, event) in events.iter().enumerate() {
+        if uuid::Uuid::parse_str(&event.event_id).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "event {index}: event_id must be a UUID, not '{}'",
+                event.event_id
+            )));
+        }
+        if let Err(e) = sagamesh_saga::validate_id("transaction_id", &event.transaction_id) {
+            return Err(Status::invalid_argument(format!("event {index}: {e}")));
+        }
+        if event.payload.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "event {index}: the payload is missing"
+            )));
+        }
+    }
+    Ok(())
+}
+
+type AttachStream = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventRouter for RouterService {
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<AttachRequest>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 seconds of attaching"))??;
+        let Some(AttachRequest {
+            kind: Some(attach_request::Kind::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message on an Attach stream must be a hello",
+            ));
+        };
+        // Room for every delivery batch the instance may have in flight, plus
+        // publish answers.
+        let capacity = hello.max_in_flight.clamp(1, 4096) as usize + STREAM_PUBLISH_QUEUE;
+        let (outbound, outbound_rx) = mpsc::channel(capacity);
+        let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
+        let (reply, welcome) = oneshot::channel();
+        self.router
+            .core
+            .send(Command::Attach {
+                instance,
+                hello,
+                outbound: outbound.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the router is shutting down"))?;
+        welcome
+            .await
+            .map_err(|_| Status::unavailable("the router is shutting down"))??;
+
+        // Publishes of this stream are appended in order by their own task,
+        // so acks keep flowing while a publish waits for its commit.
+        let (publishes, mut publish_rx) = mpsc::channel::<PublishRequest>(STREAM_PUBLISH_QUEUE);
+        let service = self.clone();
+        let answers = outbound.clone();
+        tokio::spawn(async move {
+            while let Some(publish) = publish_rx.recv().await {
+                let answer = service
+                    .publish(publish.request_id, publish.events)
+                    .await
+                    .map(|response| AttachResponse {
+                        kind: Some(attach_response::Kind::Published(response)),
+                    });
+                if answers.send(answer).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let core = self.router.core.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) | Err(_) => break,
+                };
+                let command = match message.kind {
+                    Some(attach_request::Kind::Ack(ack)) => Command::Ack {
+                        instance,
+                        delivery_ids: ack.delivery_ids,
+                    },
+                    Some(attach_request::Kind::Nack(nack)) => Command::Nack {
+                        instance,
+                        delivery_id: nack.delivery_id,
+                        reason: nack.reason,
+                    },
+                    Some(attach_request::Kind::Publish(publish)) => {
+                        if publishes.send(publish).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Some(attach_request::Kind::Hello(_)) | None => {
+                        let _ = outbound
+                            .send(Err(Status::invalid_argument(
+                                "only the first message on an Attach stream may be a hello",
+                            )))
+                            .await;
+                        break;
+                    }
+                };
+                if core.send(command).await.is_err() {
+                    break;
+                }
+            }
+            let _ = core.send(Command::Detach { instance }).await;
+        });
+
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound_rx))))
+    }
+
+    async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+        let request = request.into_inner();
+        RouterService::publish(self, request.request_id, request.events)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let request = request.into_inner();
+        let limit = match request.page_size {
+            0 => 50,
+            n @ 1..=1000 => n as usize,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size must be between 1 and 1000, not {n}"
+                )));
+            }
+        };
+        let group = (!request.group.is_empty()).then_some(request.group);
+        let letters = self
+            .router
+            .log
+            .list_dead_letters(group, request.before_id, limit)
+            .await
+            .map_err(log_status)?;
+        let next_before_id = if letters.len() == limit {
+            letters.last().map_or(0, |d| d.id)
+        } else {
+            0
+        };
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters: letters.into_iter().map(to_proto).collect(),
+            next_before_id,
+        }))
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        request: Request<ReplayDeadLetterRequest>,
+    ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
+        let id = request.into_inner().id;
+        let dead_letter = self
+            .router
+            .log
+            .get_dead_letter(id)
+            .await
+            .map_err(log_status)?
+            .ok_or_else(|| Status::not_found(format!("there is no dead letter {id}")))?;
+        let (reply, answer) = oneshot::channel();
+        self.router
+            .core
+            .send(Command::Replay { dead_letter, reply })
+            .await
+            .map_err(|_| Status::unavailable("the router is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the router is shutting down"))??;
+        Ok(Response::new(ReplayDeadLetterResponse {}))
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        request: Request<DiscardDeadLetterRequest>,
+    ) -> Result<Response<DiscardDeadLetterResponse>, Status> {
+        let id = request.into_inner().id;
+        if self.router.log.delete_dead_letter(id).await.map_err(log_status)? {
+            Ok(Response::new(DiscardDeadLetterResponse {}))
+        } else {
+            Err(Status::not_found(format!("there is no dead letter {id}")))
+        }
+    }
+}
+
+fn to_proto(letter: sagamesh_log::DeadLetter) -> DeadLetter {
+    DeadLetter {
+        id: letter.id,
+        group: letter.group,
+        envelope: Some((*letter.envelope).clone()),
+        attempts: letter.attempts,
+        last_error: letter.last_error,
+        dead_at: Some(sagamesh_proto::timestamp(letter.dead_at)),
+    }
+}
+
+fn log_status(e: sagamesh_log::LogError) -> Status {
+    tracing::error!(error = %e, "event log error");
+    Status::unavailable("the event log is unavailable; try again")
+}
