@@ -1,1 +1,10 @@
-//! End-to-end tests.
+//! End-to-end tests: real services on ephemeral ports, real gRPC, real
+//! stores in temporary directories. One binary, a module per area.
+
+mod bad_input;
+mod flows;
+mod idempotency;
+mod interop;
+mod processes;
+mod router;
+mod support;

@@ -1,0 +1,401 @@
+//! `sagamesh bench`: runs purchases against a running mesh in a closed loop
+//! and reports throughput, end-to-end latency (from `Purchase` until the
+//! terminal state is seen on `StreamTransaction`), and the per-stage table of
+//! the seed system with our figures beside its own.
+//!
+//! It creates its own users and item (named after the run) through the
+//! public services, so it can run against any mesh, demo data or not.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use sagamesh_proto::v1::inventory_client::InventoryClient;
+use sagamesh_proto::v1::purchase_coordinator_client::PurchaseCoordinatorClient;
+use sagamesh_proto::v1::wallets_client::WalletsClient;
+use sagamesh_proto::v1::{
+    CreateItemRequest, CreateUserRequest, EventType, PurchaseRequest, StreamTransactionRequest, Transaction,
+    TransactionStatus,
+};
+use tokio::sync::Mutex;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The mesh's public address.
+    #[arg(long, env = "SAGAMESH_TARGET", default_value = "127.0.0.1:50051")]
+    target: String,
+    /// Purchases to run (after the warmup).
+    #[arg(long, default_value_t = 2_000)]
+    count: usize,
+    /// Purchases in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Purchases run first and not measured.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    #[arg(long, default_value = "success")]
+    scenario: Scenario,
+    /// Prints the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Scenario {
+    /// Every purchase completes.
+    Success,
+    /// Every purchase fails at the item grant (out of stock) and its payment
+    /// is compensated.
+    Failure,
+    /// Every fourth purchase fails.
+    Mixed,
+}
+
+/// The seed system's stages and average times (ms), from its documentation.
+const SEED_STAGES: [(&str, EventType, EventType, f64); 4] = [
+    (
+        "PurchaseInitiated → UserValidated",
+        EventType::PurchaseInitiated,
+        EventType::UserValidated,
+        10.0,
+    ),
+    (
+        "UserValidated → ItemGranted",
+        EventType::UserValidated,
+        EventType::ItemGranted,
+        8.0,
+    ),
+    (
+        "ItemGranted → LogRecorded",
+        EventType::ItemGranted,
+        EventType::LogRecorded,
+        15.0,
+    ),
+    (
+        "LogRecorded → PurchaseCompleted",
+        EventType::LogRecorded,
+        EventType::PurchaseCompleted,
+        5.0,
+    ),
+];
+
+#[derive(Default)]
+struct Results {
+    end_to_end: Option<Histogram<u64>>,
+    purchase_rpc: Option<Histogram<u64>>,
+    stages: Vec<Option<Histogram<u64>>>,
+    errors: BTreeMap<String, u64>,
+    outcomes: BTreeMap<&'static str, u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds from 1 µs to an hour are valid")
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    if args.concurrency == 0 || args.count == 0 {
+        return Err("--count and --concurrency must be at least 1".into());
+    }
+    let uri = if args.target.contains("://") {
+        args.target.clone()
+    } else {
+        format!("http://{}", args.target)
+    };
+    let channel = Endpoint::from_shared(uri)
+        .map_err(|e| format!("bad --target: {e}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the mesh at {}: {e}", args.target))?;
+
+    let run_id = run_suffix();
+    let users = args.concurrency;
+    let total = args.count + args.warmup;
+    let item_ok = format!("bench-{run_id}-item");
+    let item_empty = format!("bench-{run_id}-sold-out");
+    let mut wallets = WalletsClient::new(channel.clone());
+    for i in 0..users {
+        wallets
+            .create_user(CreateUserRequest {
+                user_id: format!("bench-{run_id}-user-{i}"),
+                balance: total as u64 * 10,
+            })
+            .await
+            .map_err(|e| format!("cannot create bench users: {}", e.message()))?;
+    }
+    let mut inventory = InventoryClient::new(channel.clone());
+    for (item_id, stock) in [(&item_ok, total as u64 * 2), (&item_empty, 0)] {
+        inventory
+            .create_item(CreateItemRequest {
+                item_id: item_id.clone(),
+                name: "Bench item".into(),
+                price: 1,
+                stock,
+            })
+            .await
+            .map_err(|e| format!("cannot create the bench items: {}", e.message()))?;
+    }
+
+    if args.warmup > 0 {
+        drive(&channel, &args, &run_id, &item_ok, &item_empty, args.warmup, None).await;
+    }
+    let results = Arc::new(Mutex::new(Results {
+        end_to_end: Some(histogram()),
+        purchase_rpc: Some(histogram()),
+        stages: SEED_STAGES.iter().map(|_| Some(histogram())).collect(),
+        ..Default::default()
+    }));
+    let started = Instant::now();
+    drive(
+        &channel,
+        &args,
+        &run_id,
+        &item_ok,
+        &item_empty,
+        args.count,
+        Some(results.clone()),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let results = results.lock().await;
+    report(&args, &results, elapsed);
+    Ok(())
+}
+
+/// A short suffix that tells this run's users and items from earlier runs'.
+fn run_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{:x}", nanos & 0xffff_ffff_ffff)
+}
+
+async fn drive(
+    channel: &Channel,
+    args: &BenchArgs,
+    run_id: &str,
+    item_ok: &str,
+    item_empty: &str,
+    count: usize,
+    results: Option<Arc<Mutex<Results>>>,
+) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let client = PurchaseCoordinatorClient::new(channel.clone());
+        let next = next.clone();
+        let results = results.clone();
+        let user_id = format!("bench-{run_id}-user-{worker}");
+        let (item_ok, item_empty, scenario) = (item_ok.to_owned(), item_empty.to_owned(), args.scenario);
+        workers.push(tokio::spawn(async move {
+            let mut client = client;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    return;
+                }
+                let fails = match scenario {
+                    Scenario::Success => false,
+                    Scenario::Failure => true,
+                    Scenario::Mixed => n % 4 == 3,
+                };
+                let item_id = if fails {
+                    item_empty.clone()
+                } else {
+                    item_ok.clone()
+                };
+                let outcome = one_purchase(&mut client, user_id.clone(), item_id).await;
+                if let Some(results) = &results {
+                    record(&mut *results.lock().await, outcome);
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
+}
+
+struct Measured {
+    rpc: Duration,
+    end_to_end: Duration,
+    transaction: Transaction,
+}
+
+async fn one_purchase(
+    client: &mut PurchaseCoordinatorClient<Channel>,
+    user_id: String,
+    item_id: String,
+) -> Result<Measured, tonic::Status> {
+    let started = Instant::now();
+    let response = client
+        .purchase(PurchaseRequest {
+            user_id,
+            item_id,
+            quantity: 1,
+            idempotency_key: String::new(),
+        })
+        .await?
+        .into_inner();
+    let rpc = started.elapsed();
+    let mut stream = client
+        .stream_transaction(StreamTransactionRequest {
+            transaction_id: response.transaction_id,
+        })
+        .await?
+        .into_inner();
+    while let Some(update) = stream.message().await? {
+        if let Some(transaction) = update.transaction
+            && sagamesh_coordinator::is_terminal(transaction.status())
+        {
+            return Ok(Measured {
+                rpc,
+                end_to_end: started.elapsed(),
+                transaction,
+            });
+        }
+    }
+    Err(tonic::Status::data_loss(
+        "the stream ended before a terminal state",
+    ))
+}
+
+fn record(results: &mut Results, outcome: Result<Measured, tonic::Status>) {
+    match outcome {
+        Err(status) => *results.errors.entry(format!("{:?}", status.code())).or_default() += 1,
+        Ok(measured) => {
+            let status = match measured.transaction.status() {
+                TransactionStatus::Completed => "completed",
+                TransactionStatus::Failed => "failed",
+                _ => "needs attention",
+            };
+            *results.outcomes.entry(status).or_default() += 1;
+            if let Some(h) = results.end_to_end.as_mut() {
+                h.saturating_record(micros(measured.end_to_end));
+            }
+            if let Some(h) = results.purchase_rpc.as_mut() {
+                h.saturating_record(micros(measured.rpc));
+            }
+            let at = |event: EventType| {
+                measured
+                    .transaction
+                    .history
+                    .iter()
+                    .find(|h| h.event == event as i32)
+                    .and_then(|h| h.occurred_at)
+                    .map(|t| sagamesh_proto::system_time(&t))
+            };
+            for (index, (_, from, to, _)) in SEED_STAGES.iter().enumerate() {
+                if let (Some(from), Some(to)) = (at(*from), at(*to))
+                    && let (Ok(d), Some(h)) = (to.duration_since(from), results.stages[index].as_mut())
+                {
+                    h.saturating_record(micros(d));
+                }
+            }
+        }
+    }
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn report(args: &BenchArgs, results: &Results, elapsed: Duration) {
+    let e2e = results
+        .end_to_end
+        .as_ref()
+        .expect("measured runs have histograms");
+    let rpc = results
+        .purchase_rpc
+        .as_ref()
+        .expect("measured runs have histograms");
+    let done = e2e.len();
+    let rate = done as f64 / elapsed.as_secs_f64();
+    let scenario = match args.scenario {
+        Scenario::Success => "success",
+        Scenario::Failure => "failure",
+        Scenario::Mixed => "mixed",
+    };
+    if args.json {
+        let stages: Vec<String> = SEED_STAGES
+            .iter()
+            .zip(&results.stages)
+            .map(|((name, _, _, seed), h)| {
+                let mean = h.as_ref().map_or(0.0, |h| h.mean() / 1000.0);
+                format!("{{\"stage\":\"{name}\",\"seed_ms\":{seed},\"ours_ms\":{mean:.3}}}")
+            })
+            .collect();
+        let errors: Vec<String> = results
+            .errors
+            .iter()
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
+        println!(
+            "{{\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"errors\":{{{}}},\"stages\":[{}]}}",
+            args.concurrency,
+            elapsed.as_secs_f64(),
+            ms(e2e.value_at_quantile(0.5)),
+            ms(e2e.value_at_quantile(0.9)),
+            ms(e2e.value_at_quantile(0.99)),
+            ms(e2e.max()),
+            ms(rpc.value_at_quantile(0.5)),
+            ms(rpc.value_at_quantile(0.99)),
+            errors.join(","),
+            stages.join(",")
+        );
+        return;
+    }
+    println!(
+        "sagamesh bench: scenario {scenario}, concurrency {}, {done} purchases in {:.2}s",
+        args.concurrency,
+        elapsed.as_secs_f64()
+    );
+    println!("  throughput       {rate:.1} purchases/s");
+    println!(
+        "  end to end       p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        ms(e2e.value_at_quantile(0.5)),
+        ms(e2e.value_at_quantile(0.9)),
+        ms(e2e.value_at_quantile(0.99)),
+        ms(e2e.max())
+    );
+    println!(
+        "  Purchase RPC     p50 {:.2} ms   p99 {:.2} ms",
+        ms(rpc.value_at_quantile(0.5)),
+        ms(rpc.value_at_quantile(0.99))
+    );
+    let outcomes: Vec<String> = results.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("  outcomes         {}", outcomes.join(", "));
+    if results.errors.is_empty() {
+        println!("  errors           none");
+    } else {
+        let errors: Vec<String> = results.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("  errors           {}", errors.join(", "));
+    }
+    println!();
+    println!("  | stage                              | seed average | sagamesh average | sagamesh p99 |");
+    println!("  |------------------------------------|--------------|------------------|--------------|");
+    let mut seed_total = 0.0;
+    let mut ours_total = 0.0;
+    for ((name, _, _, seed), h) in SEED_STAGES.iter().zip(&results.stages) {
+        let (mean, p99) = match h {
+            Some(h) if !h.is_empty() => (h.mean() / 1000.0, ms(h.value_at_quantile(0.99))),
+            _ => (f64::NAN, f64::NAN),
+        };
+        seed_total += seed;
+        ours_total += if mean.is_nan() { 0.0 } else { mean };
+        println!("  | {name:<34} | {seed:>9.1} ms | {mean:>13.3} ms | {p99:>9.3} ms |");
+    }
+    println!(
+        "  | {:<34} | {seed_total:>9.1} ms | {ours_total:>13.3} ms |              |",
+        "cumulative"
+    );
+}

@@ -1,0 +1,239 @@
+//! The command line: subcommands, flags and their environment variables,
+//! turned into typed configuration for the mesh and the bench.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sagamesh_mesh::{HandlerService, MeshConfig, Role};
+use sagamesh_proto::v1::SagaMode;
+use sagamesh_saga::Faults;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench;
+
+#[derive(Parser)]
+#[command(
+    name = "sagamesh",
+    version,
+    about = "A saga service mesh: durable purchase sagas over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the whole mesh in one process: router, coordinator and every
+    /// service on one address, with demo data.
+    Up {
+        #[arg(long, env = "SAGAMESH_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Skips creating the demo user and item.
+        #[arg(long)]
+        no_demo_data: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Runs only the event router.
+    Router {
+        #[arg(long, env = "SAGAMESH_LISTEN", default_value = "127.0.0.1:50060")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Runs only the coordinator.
+    Coordinator {
+        #[arg(long, env = "SAGAMESH_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// The router's address.
+        #[arg(long, env = "SAGAMESH_ROUTER", default_value = "127.0.0.1:50060")]
+        router: String,
+        /// The inventory service's address, for prices.
+        #[arg(long, env = "SAGAMESH_INVENTORY", default_value = "127.0.0.1:50062")]
+        inventory: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Runs one domain service and its saga handler.
+    Handler {
+        name: HandlerName,
+        #[arg(long, env = "SAGAMESH_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// The router's address.
+        #[arg(long, env = "SAGAMESH_ROUTER", default_value = "127.0.0.1:50060")]
+        router: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Runs purchases against a running mesh and prints how fast they went.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Where the embedded stores live.
+    #[arg(long, env = "SAGAMESH_DATA_DIR", default_value = "sagamesh-data")]
+    data_dir: PathBuf,
+    /// The saga pattern (SAGA_PATTERN_MODE).
+    #[arg(long, env = "SAGA_PATTERN_MODE", default_value = "choreography")]
+    mode: Mode,
+    /// `machine`: every commit is fsynced; `process`: commits survive the
+    /// process dying, not the machine.
+    #[arg(long, env = "SAGAMESH_DURABILITY", default_value = "machine")]
+    durability: DurabilityArg,
+    /// Fault injection, e.g. `log_record=fail,item_grant.compensation=fail`.
+    #[arg(long, env = "SAGAMESH_FAULTS", default_value = "")]
+    faults: String,
+    /// How long a delivery may stay unacked before it goes out again.
+    #[arg(long, env = "SAGAMESH_ACK_DEADLINE_MS", default_value_t = 30_000)]
+    ack_deadline_ms: u64,
+    /// Deliveries of one event to one group before it is dead-lettered.
+    #[arg(long, env = "SAGAMESH_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Choreography,
+    Orchestration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    Machine,
+    Process,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HandlerName {
+    Wallets,
+    Inventory,
+    PurchaseLog,
+    Notifications,
+    Compensation,
+}
+
+impl HandlerName {
+    fn service(self) -> HandlerService {
+        match self {
+            HandlerName::Wallets => HandlerService::Wallets,
+            HandlerName::Inventory => HandlerService::Inventory,
+            HandlerName::PurchaseLog => HandlerService::PurchaseLog,
+            HandlerName::Notifications => HandlerService::Notifications,
+            HandlerName::Compensation => HandlerService::Compensation,
+        }
+    }
+
+    /// Where each service listens by default when run on its own.
+    fn default_listen(self) -> SocketAddr {
+        let port = match self {
+            HandlerName::Wallets => 50061,
+            HandlerName::Inventory => 50062,
+            HandlerName::PurchaseLog => 50063,
+            HandlerName::Notifications => 50064,
+            HandlerName::Compensation => 50065,
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+}
+
+impl Common {
+    fn config(&self) -> Result<MeshConfig, String> {
+        let mode = match self.mode {
+            Mode::Choreography => SagaMode::Choreography,
+            Mode::Orchestration => {
+                return Err(
+                    "orchestration mode is not available in this version of sagamesh; use --mode choreography"
+                        .into(),
+                );
+            }
+        };
+        let faults = Faults::parse(&self.faults).map_err(|e| e.to_string())?;
+        if self.max_attempts == 0 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        if self.ack_deadline_ms == 0 {
+            return Err("--ack-deadline-ms must be at least 1".into());
+        }
+        let mut config = MeshConfig::new(self.data_dir.clone());
+        config.mode = mode;
+        config.faults = faults;
+        config.durability = match self.durability {
+            DurabilityArg::Machine => sagamesh_sqlite::Durability::Machine,
+            DurabilityArg::Process => sagamesh_sqlite::Durability::Process,
+        };
+        config.ack_deadline = Duration::from_millis(self.ack_deadline_ms);
+        config.max_attempts = self.max_attempts;
+        Ok(config)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), String> {
+    let (role, listen, config) = match cli.command {
+        Command::Bench(args) => return bench::run(args).await,
+        Command::Up {
+            listen,
+            no_demo_data,
+            common,
+        } => {
+            let mut config = common.config()?;
+            config.demo_data = !no_demo_data;
+            (Role::All, listen, config)
+        }
+        Command::Router { listen, common } => (Role::Router, listen, common.config()?),
+        Command::Coordinator {
+            listen,
+            router,
+            inventory,
+            common,
+        } => (Role::Coordinator { router, inventory }, listen, common.config()?),
+        Command::Handler {
+            name,
+            listen,
+            router,
+            common,
+        } => (
+            Role::Handler {
+                service: name.service(),
+                router,
+            },
+            listen.unwrap_or_else(|| name.default_listen()),
+            common.config()?,
+        ),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    sagamesh_mesh::run(role, config, listener, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The first SIGINT or SIGTERM starts a graceful stop; a second exits now.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("stopping: finishing work in progress (signal again to stop now)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Bad input gets a clear error and changes nothing.
+
+use sagamesh_proto::v1::{
+    CreateItemRequest, CreateUserRequest, GetTransactionRequest, GetUserRequest, ListTransactionsRequest,
+    PublishRequest, PurchaseRequest, StreamTransactionRequest,
+};
+use tonic::Code;
+
+use crate::support::Mesh;
+
+fn purchase(user_id: &str, item_id: &str, quantity: u32) -> PurchaseRequest {
+    PurchaseRequest {
+        user_id: user_id.into(),
+        item_id: item_id.into(),
+        quantity,
+        idempotency_key: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let mesh = Mesh::start().await;
+    let c = &mesh.clients;
+    let long = "x".repeat(200);
+    let cases = [
+        (purchase("", "item", 1), "user_id must not be empty"),
+        (purchase("user", "", 1), "item_id must not be empty"),
+        (purchase(&long, "item", 1), "user_id is 200 bytes long"),
+        (purchase("user", "item", 0), "quantity must be at least 1"),
+        (purchase("user", "item", 1_000_000), "more than the limit"),
+        (purchase("us er", "item", 1), "printable"),
+    ];
+    for (request, expected) in cases {
+        let status = c
+            .coordinator
+            .clone()
+            .purchase(request)
+            .await
+            .expect_err("invalid purchase");
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(expected),
+            "{:?} should contain {expected:?}",
+            status.message()
+        );
+    }
+
+    let missing = c
+        .coordinator
+        .clone()
+        .get_transaction(GetTransactionRequest {
+            transaction_id: "no-such-tx".into(),
+        })
+        .await
+        .expect_err("unknown transaction");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("no-such-tx"));
+
+    let stream = c
+        .coordinator
+        .clone()
+        .stream_transaction(StreamTransactionRequest {
+            transaction_id: "no-such-tx".into(),
+        })
+        .await
+        .expect_err("NOT_FOUND before the stream opens");
+    assert_eq!(stream.code(), Code::NotFound);
+
+    let page = c
+        .coordinator
+        .clone()
+        .list_transactions(ListTransactionsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad page token");
+    assert_eq!(page.code(), Code::InvalidArgument);
+    let size = c
+        .coordinator
+        .clone()
+        .list_transactions(ListTransactionsRequest {
+            page_size: 5_000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("page too large");
+    assert_eq!(size.code(), Code::InvalidArgument);
+
+    let no_user = c
+        .wallets
+        .clone()
+        .get_user(GetUserRequest {
+            user_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_user.code(), Code::NotFound);
+    c.create_user("ivy", 10).await;
+    let twice = c
+        .wallets
+        .clone()
+        .create_user(CreateUserRequest {
+            user_id: "ivy".into(),
+            balance: 99,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists);
+    assert_eq!(c.balance("ivy").await, 10, "the refused create changed nothing");
+
+    let no_name = c
+        .inventory
+        .clone()
+        .create_item(CreateItemRequest {
+            item_id: "thing".into(),
+            name: String::new(),
+            price: 1,
+            stock: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_name.code(), Code::InvalidArgument);
+
+    let empty_publish = c
+        .router
+        .clone()
+        .publish(PublishRequest {
+            request_id: 1,
+            events: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(empty_publish.code(), Code::InvalidArgument);
+}

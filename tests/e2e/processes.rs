@@ -1,0 +1,314 @@
+//! The mesh as separate processes of the built binary: one service per
+//! process, crashes with SIGKILL, restarts on the same data.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sagamesh_proto::v1::{
+    ListDeadLettersRequest, ListTransactionsRequest, PurchaseRequest, ReplayDeadLetterRequest,
+    TransactionStatus,
+};
+
+use crate::support::{Clients, Process, eventually, wait_serving};
+
+/// Router, coordinator and every handler, each its own process.
+struct Deployment {
+    processes: HashMap<&'static str, Process>,
+    dir: std::path::PathBuf,
+}
+
+const HANDLERS: [&str; 5] = [
+    "wallets",
+    "inventory",
+    "purchase-log",
+    "notifications",
+    "compensation",
+];
+
+impl Deployment {
+    fn start(dir: &Path) -> Deployment {
+        let mut deployment = Deployment {
+            processes: HashMap::new(),
+            dir: dir.to_path_buf(),
+        };
+        let data = dir.join("router");
+        let router = Process::start(
+            "router",
+            &[
+                "router",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--max-attempts",
+                "2",
+            ],
+            &[],
+        );
+        deployment.processes.insert("router", router);
+        for name in HANDLERS {
+            deployment.start_handler(name, &[]);
+        }
+        let data = dir.join("coordinator");
+        let router = deployment.address("router");
+        let inventory = deployment.address("inventory");
+        let coordinator = Process::start(
+            "coordinator",
+            &[
+                "coordinator",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--router",
+                &router,
+                "--inventory",
+                &inventory,
+            ],
+            &[],
+        );
+        deployment.processes.insert("coordinator", coordinator);
+        deployment
+    }
+
+    fn address(&self, name: &str) -> String {
+        self.processes[name].address.to_string()
+    }
+
+    fn start_handler(&mut self, name: &'static str, env: &[(&str, &str)]) {
+        let data = self.dir.join(name);
+        let router = self.address("router");
+        let process = Process::start(
+            name,
+            &[
+                "handler",
+                name,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--router",
+                &router,
+            ],
+            env,
+        );
+        self.processes.insert(name, process);
+    }
+
+    fn clients(&self, name: &str) -> Clients {
+        Clients::new(self.processes[name].address)
+    }
+}
+
+#[tokio::test]
+async fn separate_processes_run_the_saga_and_recover_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Deployment::start(dir.path());
+    let front = mesh.clients("coordinator");
+    let wallets = mesh.clients("wallets");
+    let inventory = mesh.clients("inventory");
+    wait_serving(&front).await;
+    wallets.create_user("kim", 1_000).await;
+    inventory.create_item("lance", 100, 3).await;
+
+    let ok = front.purchase("kim", "lance", 2).await;
+    let (_, done) = front.follow(&ok).await;
+    assert_eq!(done.status(), TransactionStatus::Completed);
+    let sold_out = front.purchase("kim", "lance", 2).await;
+    let (_, failed) = front.follow(&sold_out).await;
+    assert_eq!(failed.status(), TransactionStatus::Failed);
+    assert!(
+        failed.failure_reason.contains("out of stock"),
+        "{}",
+        failed.failure_reason
+    );
+    assert_eq!(wallets.balance("kim").await, 800);
+    assert_eq!(inventory.stock("lance").await, 1);
+    assert_eq!(inventory.held("kim", "lance").await, 2);
+
+    // The purchase log breaks: its event is dead-lettered and the saga waits.
+    mesh.processes.get_mut("purchase-log").unwrap().kill();
+    mesh.start_handler("purchase-log", &[("SAGAMESH_FAULTS", "log_record=error")]);
+    let stuck = front.purchase("kim", "lance", 1).await;
+    let router = mesh.clients("router");
+    let letter = eventually("a dead letter for the purchase log", || {
+        let mut router = router.router.clone();
+        async move {
+            router
+                .list_dead_letters(ListDeadLettersRequest {
+                    group: "purchase-log".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .dead_letters
+                .into_iter()
+                .next()
+        }
+    })
+    .await;
+    assert_eq!(letter.envelope.as_ref().unwrap().transaction_id, stuck);
+    assert!(
+        letter.last_error.contains("injected error"),
+        "{}",
+        letter.last_error
+    );
+    assert_eq!(
+        front.transaction(&stuck).await.status(),
+        TransactionStatus::InProgress
+    );
+
+    // Fixed and replayed, the saga completes.
+    mesh.processes.get_mut("purchase-log").unwrap().kill();
+    mesh.start_handler("purchase-log", &[]);
+    router
+        .router
+        .clone()
+        .replay_dead_letter(ReplayDeadLetterRequest { id: letter.id })
+        .await
+        .unwrap();
+    let (_, recovered) = front.follow(&stuck).await;
+    assert_eq!(recovered.status(), TransactionStatus::Completed);
+    assert_eq!(inventory.held("kim", "lance").await, 3);
+}
+
+#[tokio::test]
+async fn a_handler_in_the_wrong_mode_is_refused_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("router");
+    let router = Process::start("router", &["router", "--data-dir", data.to_str().unwrap()], &[]);
+    let handler = std::process::Command::new(crate::support::binary())
+        .args([
+            "handler",
+            "wallets",
+            "--listen",
+            "127.0.0.1:0",
+            "--router",
+            &router.address.to_string(),
+        ])
+        .args(["--data-dir", dir.path().join("wallets").to_str().unwrap()])
+        .env("SAGA_PATTERN_MODE", "orchestration")
+        .output()
+        .expect("run sagamesh");
+    assert!(!handler.status.success());
+    let stderr = String::from_utf8_lossy(&handler.stderr);
+    assert!(stderr.contains("orchestration"), "{stderr}");
+
+    let unknown = std::process::Command::new(crate::support::binary())
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .env("SAGA_PATTERN_MODE", "sideways")
+        .output()
+        .expect("run sagamesh");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("sideways"));
+}
+
+#[tokio::test]
+async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let args = ["up", "--data-dir", data.as_str(), "--no-demo-data"];
+    let mut mesh = Process::start("mesh", &args, &[]);
+    let clients = Clients::new(mesh.address);
+    wait_serving(&clients).await;
+    let users: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
+    for user in &users {
+        clients.create_user(user, 1_000).await;
+    }
+    clients.create_item("potion", 7, 100).await;
+
+    // Purchases from every user at once, some of which fail (the last ones
+    // run out of stock); SIGKILL while they are still coming in.
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut buyers = Vec::new();
+    for (index, user) in users.iter().enumerate() {
+        let (clients, user, accepted) = (clients.clone(), user.clone(), accepted.clone());
+        buyers.push(tokio::spawn(async move {
+            for round in 0..40 {
+                let request = PurchaseRequest {
+                    user_id: user.clone(),
+                    item_id: "potion".into(),
+                    quantity: 1 + ((round + index as u32) % 2),
+                    idempotency_key: String::new(),
+                };
+                if clients.coordinator.clone().purchase(request).await.is_err() {
+                    return;
+                }
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    eventually("a third of the purchases to be accepted", || {
+        let accepted = accepted.load(Ordering::Relaxed);
+        async move { (accepted >= 100).then_some(()) }
+    })
+    .await;
+    mesh.kill();
+    for buyer in buyers {
+        let _ = buyer.await;
+    }
+
+    let mesh = Process::start("mesh", &args, &[]);
+    let clients = Clients::new(mesh.address);
+    wait_serving(&clients).await;
+    let all = every_transaction(&clients).await;
+    assert!(
+        all.len() >= 100,
+        "every accepted purchase is recorded: {}",
+        all.len()
+    );
+    let unfinished = all
+        .iter()
+        .filter(|t| !sagamesh_coordinator::is_terminal(t.status()))
+        .count();
+    eprintln!(
+        "restart: {} sagas recorded, {unfinished} unfinished at restart",
+        all.len()
+    );
+    let mut spent = 0;
+    let mut granted = 0;
+    for transaction in &all {
+        let (_, done) = clients.follow(&transaction.transaction_id).await;
+        match done.status() {
+            TransactionStatus::Completed => {
+                spent += done.total_price;
+                granted += u64::from(done.quantity);
+            }
+            TransactionStatus::Failed => {}
+            other => panic!("saga {} ended {other:?}: {done:?}", done.transaction_id),
+        }
+    }
+    let mut balances = 0;
+    let mut held = 0;
+    for user in &users {
+        balances += clients.balance(user).await;
+        held += clients.held(user, "potion").await;
+    }
+    assert_eq!(balances + spent, 8 * 1_000, "money is conserved");
+    assert_eq!(
+        held, granted,
+        "every granted item belongs to a completed purchase"
+    );
+    assert_eq!(clients.stock("potion").await + held, 100, "stock is conserved");
+    assert!(granted > 0);
+}
+
+/// Every transaction the coordinator has, through its pages.
+async fn every_transaction(clients: &Clients) -> Vec<sagamesh_proto::v1::Transaction> {
+    let mut all = Vec::new();
+    let mut request = ListTransactionsRequest {
+        page_size: 100,
+        ..Default::default()
+    };
+    loop {
+        let page = clients
+            .coordinator
+            .clone()
+            .list_transactions(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.transactions);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        request.page_token = page.next_page_token;
+    }
+}

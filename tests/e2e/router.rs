@@ -1,0 +1,397 @@
+//! The router's delivery contract, driven by raw Attach streams against a
+//! router process: per-transaction order, redelivery after the ack deadline
+//! and after a broken stream, dead letters, and refused hellos.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use sagamesh_proto::v1::envelope::Payload;
+use sagamesh_proto::v1::event_router_client::EventRouterClient;
+use sagamesh_proto::v1::{
+    Ack, AttachRequest, AttachResponse, Delivery, DiscardDeadLetterRequest, Envelope, EventType, Hello,
+    ListDeadLettersRequest, Nack, PublishRequest, PurchaseDetails, PurchaseInitiated,
+    ReplayDeadLetterRequest, SagaMode, Step, attach_request, attach_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use crate::support::{DEADLINE, Process, eventually};
+
+struct Instance {
+    outbound: mpsc::Sender<AttachRequest>,
+    inbound: Streaming<AttachResponse>,
+    /// Deliveries received in a batch and not yet taken.
+    buffered: VecDeque<Delivery>,
+}
+
+fn hello(group: &str, types: &[EventType], mode: SagaMode) -> Hello {
+    Hello {
+        service: "test".into(),
+        group: group.into(),
+        event_types: types.iter().map(|t| *t as i32).collect(),
+        max_in_flight: 10,
+        instance_id: "test".into(),
+        mode: mode as i32,
+        credentials: vec![],
+    }
+}
+
+const WALLETS: [EventType; 2] = [EventType::PurchaseInitiated, EventType::CompensateUserValidation];
+
+async fn attach(client: &EventRouterClient<Channel>, hello: Hello) -> Result<Instance, tonic::Status> {
+    let (outbound, rx) = mpsc::channel(16);
+    outbound
+        .send(AttachRequest {
+            kind: Some(attach_request::Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+    let mut inbound = client.clone().attach(ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(AttachResponse {
+            kind: Some(attach_response::Kind::Welcome(_)),
+        }) => Ok(Instance {
+            outbound,
+            inbound,
+            buffered: VecDeque::new(),
+        }),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+impl Instance {
+    /// The next delivery, within the deadline.
+    async fn next(&mut self) -> Delivery {
+        loop {
+            if let Some(delivery) = self.buffered.pop_front() {
+                return delivery;
+            }
+            let message = tokio::time::timeout(DEADLINE, self.inbound.message())
+                .await
+                .expect("a delivery within the deadline")
+                .expect("stream ok")
+                .expect("stream open");
+            if let Some(attach_response::Kind::Deliveries(batch)) = message.kind {
+                self.buffered.extend(batch.deliveries);
+            }
+        }
+    }
+
+    /// Nothing arrives for a while (used only to show an event is held back).
+    async fn quiet_for(&mut self, window: Duration) {
+        assert!(
+            self.buffered.is_empty(),
+            "expected nothing, have {:?}",
+            self.buffered
+        );
+        if let Ok(message) = tokio::time::timeout(window, self.inbound.message()).await {
+            panic!("expected nothing, got {message:?}");
+        }
+    }
+
+    /// Closes the sending side (acks sent so far still arrive) and waits
+    /// until the router ends the stream.
+    async fn close(self) {
+        let Instance {
+            outbound,
+            mut inbound,
+            ..
+        } = self;
+        drop(outbound);
+        let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+        tokio::time::timeout(DEADLINE, drained)
+            .await
+            .expect("the router ends a closed stream");
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        let ack = Ack {
+            delivery_ids: vec![delivery.delivery_id],
+        };
+        self.outbound
+            .send(AttachRequest {
+                kind: Some(attach_request::Kind::Ack(ack)),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, delivery: &Delivery) {
+        let nack = Nack {
+            delivery_id: delivery.delivery_id,
+            reason: "test says no".into(),
+        };
+        self.outbound
+            .send(AttachRequest {
+                kind: Some(attach_request::Kind::Nack(nack)),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn event(tx: &str, payload: Payload) -> Envelope {
+    Envelope::new(tx, "", "test", payload)
+}
+
+fn initiated(tx: &str) -> Envelope {
+    event(
+        tx,
+        Payload::PurchaseInitiated(PurchaseInitiated {
+            purchase: Some(PurchaseDetails::default()),
+        }),
+    )
+}
+
+fn refund(tx: &str) -> Envelope {
+    event(
+        tx,
+        sagamesh_saga::compensation_request(Step::UserValidation, PurchaseDetails::default(), 1),
+    )
+}
+
+async fn publish(client: &EventRouterClient<Channel>, events: Vec<Envelope>) {
+    client
+        .clone()
+        .publish(PublishRequest {
+            request_id: 0,
+            events,
+        })
+        .await
+        .expect("publish");
+}
+
+fn router(dir: &std::path::Path, extra: &[&str]) -> (Process, EventRouterClient<Channel>) {
+    let mut args = vec!["router", "--data-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let process = Process::start("router", &args, &[]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", process.address))
+        .unwrap()
+        .connect_lazy();
+    (process, EventRouterClient::new(channel))
+}
+
+#[tokio::test]
+async fn events_of_a_transaction_go_out_in_order_and_again_when_not_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_router, client) = router(dir.path(), &["--ack-deadline-ms", "300"]);
+    let mut a = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let (first, second, other) = (initiated("tx-1"), refund("tx-1"), initiated("tx-2"));
+    publish(&client, vec![first.clone(), second.clone(), other.clone()]).await;
+
+    let mut got = [a.next().await, a.next().await];
+    got.sort_by_key(|d| d.envelope.as_ref().unwrap().transaction_id.clone());
+    assert_eq!(
+        got[0].envelope.as_ref().unwrap().event_id,
+        first.event_id,
+        "tx-1's first event"
+    );
+    assert_eq!(
+        got[1].envelope.as_ref().unwrap().event_id,
+        other.event_id,
+        "tx-2 does not wait for tx-1"
+    );
+    a.quiet_for(Duration::from_millis(100)).await;
+
+    // Acking tx-1's first event releases its second; tx-2's event, never
+    // acked, goes out again after the deadline as attempt 2.
+    a.ack(&got[0]).await;
+    let mut later = [a.next().await, a.next().await];
+    later.sort_by_key(|d| d.envelope.as_ref().unwrap().transaction_id.clone());
+    assert_eq!(later[0].envelope.as_ref().unwrap().event_id, second.event_id);
+    assert_eq!(later[0].attempt, 1);
+    assert_eq!(later[1].envelope.as_ref().unwrap().event_id, other.event_id);
+    assert_eq!(later[1].attempt, 2, "redelivered after the ack deadline");
+    a.ack(&later[1]).await;
+
+    // A stream that ends hands its unacked work to the next instance.
+    a.close().await;
+    let mut b = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let again = b.next().await;
+    assert_eq!(again.envelope.as_ref().unwrap().event_id, second.event_id);
+    assert!(again.attempt >= 2, "attempt {}", again.attempt);
+    b.ack(&again).await;
+    b.quiet_for(Duration::from_millis(400)).await;
+}
+
+#[tokio::test]
+async fn a_group_shares_its_events_among_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_router, client) = router(dir.path(), &[]);
+    let mut a = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let mut b = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    publish(&client, (0..4).map(|i| initiated(&format!("tx-{i}"))).collect()).await;
+    for _ in 0..2 {
+        let (da, db) = (a.next().await, b.next().await);
+        a.ack(&da).await;
+        b.ack(&db).await;
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_keeps_failing_becomes_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_router, client) = router(dir.path(), &["--max-attempts", "2"]);
+    let mut a = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let (poison, next) = (initiated("tx-poison"), refund("tx-poison"));
+    publish(&client, vec![poison.clone(), next.clone()]).await;
+    for attempt in 1..=2 {
+        let delivery = a.next().await;
+        assert_eq!(delivery.envelope.as_ref().unwrap().event_id, poison.event_id);
+        assert_eq!(delivery.attempt, attempt);
+        a.nack(&delivery).await;
+    }
+    // Dead-lettered, the transaction moves on to its next event.
+    let moved_on = a.next().await;
+    assert_eq!(moved_on.envelope.as_ref().unwrap().event_id, next.event_id);
+    a.ack(&moved_on).await;
+
+    let letters = eventually("the dead letter to be listed", || {
+        let mut client = client.clone();
+        async move {
+            let letters = client
+                .list_dead_letters(ListDeadLettersRequest {
+                    group: "wallets".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .dead_letters;
+            (!letters.is_empty()).then_some(letters)
+        }
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 2);
+    assert_eq!(letters[0].last_error, "test says no");
+    assert_eq!(letters[0].envelope.as_ref().unwrap().event_id, poison.event_id);
+
+    // Replay: delivered again with a fresh attempt count; an ack removes it.
+    let id = letters[0].id;
+    client
+        .clone()
+        .replay_dead_letter(ReplayDeadLetterRequest { id })
+        .await
+        .unwrap();
+    let replayed = a.next().await;
+    assert_eq!(replayed.envelope.as_ref().unwrap().event_id, poison.event_id);
+    assert_eq!(replayed.attempt, 1);
+    a.ack(&replayed).await;
+    eventually("the replayed dead letter to be removed", || {
+        let mut client = client.clone();
+        async move {
+            let left = client
+                .list_dead_letters(ListDeadLettersRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .dead_letters;
+            left.is_empty().then_some(())
+        }
+    })
+    .await;
+    let gone = client
+        .clone()
+        .discard_dead_letter(DiscardDeadLetterRequest { id })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let unknown = client
+        .clone()
+        .replay_dead_letter(ReplayDeadLetterRequest { id: 999 })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn hellos_that_do_not_fit_the_mesh_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_router, client) = router(dir.path(), &[]);
+    let wrong_mode = attach(&client, hello("wallets", &WALLETS, SagaMode::Orchestration))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(wrong_mode.code(), Code::FailedPrecondition);
+    assert!(
+        wrong_mode.message().contains("choreography mode"),
+        "{}",
+        wrong_mode.message()
+    );
+    let unknown = attach(&client, hello("payments", &WALLETS, SagaMode::Choreography))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(unknown.code(), Code::FailedPrecondition);
+    assert!(unknown.message().contains("payments"), "{}", unknown.message());
+    let wrong_types = attach(
+        &client,
+        hello("wallets", &[EventType::ItemGranted], SagaMode::Choreography),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(wrong_types.code(), Code::FailedPrecondition);
+    let mut greedy = hello("wallets", &WALLETS, SagaMode::Choreography);
+    greedy.max_in_flight = 0;
+    assert_eq!(
+        attach(&client, greedy).await.err().unwrap().code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut router_process, client) = router(dir.path(), &[]);
+    let mut a = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let (done, pending) = (initiated("tx-done"), initiated("tx-pending"));
+    publish(&client, vec![done.clone(), pending.clone()]).await;
+    let (x, y) = (a.next().await, a.next().await);
+    let acked = if x.envelope.as_ref().unwrap().event_id == done.event_id {
+        x
+    } else {
+        y
+    };
+    a.ack(&acked).await;
+    // Give the ack a moment to reach the router before the crash; whether it
+    // did or not, the event must come back at most (at least once).
+    let _ = tokio::time::timeout(Duration::from_millis(200), a.inbound.message()).await;
+    router_process.kill();
+    drop(a);
+
+    let (_again, client) = router(dir.path(), &[]);
+    let mut b = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let delivery = b.next().await;
+        let id = delivery.envelope.as_ref().unwrap().event_id.clone();
+        b.ack(&delivery).await;
+        let finished = id == pending.event_id;
+        seen.push(id);
+        if finished {
+            break;
+        }
+    }
+    assert!(
+        seen.contains(&pending.event_id),
+        "the unacked event was delivered again after the crash"
+    );
+}

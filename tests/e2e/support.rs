@@ -1,0 +1,327 @@
+//! Starting meshes (in this process or as processes of the built binary),
+//! clients, and waiting with deadlines instead of sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sagamesh_mesh::{MeshConfig, Role};
+use sagamesh_proto::v1::event_router_client::EventRouterClient;
+use sagamesh_proto::v1::inventory_client::InventoryClient;
+use sagamesh_proto::v1::notifications_client::NotificationsClient;
+use sagamesh_proto::v1::purchase_coordinator_client::PurchaseCoordinatorClient;
+use sagamesh_proto::v1::purchase_logs_client::PurchaseLogsClient;
+use sagamesh_proto::v1::wallets_client::WalletsClient;
+use sagamesh_proto::v1::{
+    CreateItemRequest, CreateUserRequest, GetItemRequest, GetTransactionRequest, GetUserItemsRequest,
+    GetUserRequest, PurchaseRequest, StreamTransactionRequest, Transaction, TransactionStatus,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it returns `Some`, or panics naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        poll.tick().await;
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+    }
+}
+
+/// Clients for every public service of one address.
+#[derive(Clone)]
+pub struct Clients {
+    pub address: SocketAddr,
+    pub coordinator: PurchaseCoordinatorClient<Channel>,
+    pub wallets: WalletsClient<Channel>,
+    pub inventory: InventoryClient<Channel>,
+    pub logs: PurchaseLogsClient<Channel>,
+    pub notifications: NotificationsClient<Channel>,
+    pub router: EventRouterClient<Channel>,
+}
+
+impl Clients {
+    pub fn new(address: SocketAddr) -> Clients {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("a socket address is a valid URI")
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Clients {
+            address,
+            coordinator: PurchaseCoordinatorClient::new(channel.clone()),
+            wallets: WalletsClient::new(channel.clone()),
+            inventory: InventoryClient::new(channel.clone()),
+            logs: PurchaseLogsClient::new(channel.clone()),
+            notifications: NotificationsClient::new(channel.clone()),
+            router: EventRouterClient::new(channel),
+        }
+    }
+
+    pub async fn create_user(&self, user_id: &str, balance: u64) {
+        self.wallets
+            .clone()
+            .create_user(CreateUserRequest {
+                user_id: user_id.into(),
+                balance,
+            })
+            .await
+            .expect("create user");
+    }
+
+    pub async fn create_item(&self, item_id: &str, price: u64, stock: u64) {
+        self.inventory
+            .clone()
+            .create_item(CreateItemRequest {
+                item_id: item_id.into(),
+                name: format!("Item {item_id}"),
+                price,
+                stock,
+            })
+            .await
+            .expect("create item");
+    }
+
+    pub async fn balance(&self, user_id: &str) -> u64 {
+        self.wallets
+            .clone()
+            .get_user(GetUserRequest {
+                user_id: user_id.into(),
+            })
+            .await
+            .expect("get user")
+            .into_inner()
+            .balance
+    }
+
+    pub async fn stock(&self, item_id: &str) -> u64 {
+        self.inventory
+            .clone()
+            .get_item(GetItemRequest {
+                item_id: item_id.into(),
+            })
+            .await
+            .expect("get item")
+            .into_inner()
+            .stock
+    }
+
+    /// How many of `item_id` the user holds.
+    pub async fn held(&self, user_id: &str, item_id: &str) -> u64 {
+        self.inventory
+            .clone()
+            .get_user_items(GetUserItemsRequest {
+                user_id: user_id.into(),
+            })
+            .await
+            .expect("get user items")
+            .into_inner()
+            .items
+            .iter()
+            .find(|i| i.item_id == item_id)
+            .map_or(0, |i| i.quantity)
+    }
+
+    pub async fn purchase(&self, user_id: &str, item_id: &str, quantity: u32) -> String {
+        self.purchase_with_key(user_id, item_id, quantity, "").await
+    }
+
+    pub async fn purchase_with_key(&self, user_id: &str, item_id: &str, quantity: u32, key: &str) -> String {
+        let response = self
+            .coordinator
+            .clone()
+            .purchase(PurchaseRequest {
+                user_id: user_id.into(),
+                item_id: item_id.into(),
+                quantity,
+                idempotency_key: key.into(),
+            })
+            .await
+            .expect("purchase")
+            .into_inner();
+        if key.is_empty() {
+            assert_eq!(response.status(), TransactionStatus::Initiated);
+        }
+        response.transaction_id
+    }
+
+    /// Follows `StreamTransaction` to its end; returns every update's status
+    /// and the last transaction.
+    pub async fn follow(&self, transaction_id: &str) -> (Vec<TransactionStatus>, Transaction) {
+        let follow = async {
+            let mut stream = self
+                .coordinator
+                .clone()
+                .stream_transaction(StreamTransactionRequest {
+                    transaction_id: transaction_id.into(),
+                })
+                .await
+                .expect("stream transaction")
+                .into_inner();
+            let mut statuses = Vec::new();
+            let mut last = None;
+            while let Some(update) = stream.message().await.expect("stream message") {
+                let transaction = update.transaction.expect("updates carry the transaction");
+                statuses.push(transaction.status());
+                last = Some(transaction);
+            }
+            (statuses, last.expect("the stream sends the current state first"))
+        };
+        tokio::time::timeout(DEADLINE, follow)
+            .await
+            .unwrap_or_else(|_| panic!("transaction {transaction_id} did not end within {DEADLINE:?}"))
+    }
+
+    pub async fn transaction(&self, transaction_id: &str) -> Transaction {
+        self.coordinator
+            .clone()
+            .get_transaction(GetTransactionRequest {
+                transaction_id: transaction_id.into(),
+            })
+            .await
+            .expect("get transaction")
+            .into_inner()
+    }
+}
+
+/// A whole mesh in this process, on an ephemeral port and a temporary
+/// directory; stopped when dropped.
+pub struct Mesh {
+    pub clients: Clients,
+    shutdown: CancellationToken,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Mesh {
+    pub async fn start() -> Mesh {
+        Mesh::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut MeshConfig)) -> Mesh {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut mesh = Mesh::start_in(dir.path(), configure).await;
+        mesh._dir = Some(dir);
+        mesh
+    }
+
+    pub async fn start_in(dir: &Path, configure: impl FnOnce(&mut MeshConfig)) -> Mesh {
+        let mut config = MeshConfig::new(dir.to_path_buf());
+        config.demo_data = false;
+        config.grace = Duration::from_secs(2);
+        configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(sagamesh_mesh::run(Role::All, config, listener, shutdown.clone()));
+        let clients = Clients::new(address);
+        wait_serving(&clients).await;
+        Mesh {
+            clients,
+            shutdown,
+            _dir: None,
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until the coordinator answers (its saga handlers attach first).
+pub async fn wait_serving(clients: &Clients) {
+    eventually("the mesh to answer", || {
+        let mut coordinator = clients.coordinator.clone();
+        async move {
+            coordinator
+                .get_stats(sagamesh_proto::v1::GetStatsRequest {})
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
+/// A process of the built `sagamesh` binary; killed when dropped.
+pub struct Process {
+    pub address: SocketAddr,
+    child: Child,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sagamesh"))
+}
+
+impl Process {
+    /// Starts `sagamesh <args>` listening on an ephemeral port and waits
+    /// until it logs its address.
+    pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut command = Command::new(binary());
+        command
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("SAGAMESH_FAULTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start sagamesh");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        let label = name.to_owned();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && let Some(rest) = line.split("sagamesh listening on ").nth(1) {
+                    let address = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(address);
+                    sent = true;
+                }
+                if std::env::var_os("SAGAMESH_TEST_LOGS").is_some() {
+                    eprintln!("[{label}] {line}");
+                }
+            }
+        });
+        let address = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("{name} did not log its address within {DEADLINE:?}"));
+        Process {
+            address: address.parse().expect("a socket address in the log"),
+            child,
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
