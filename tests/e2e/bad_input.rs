@@ -2,7 +2,7 @@
 
 use sagamesh_proto::v1::{
     CreateItemRequest, CreateUserRequest, GetTransactionRequest, GetUserRequest, ListTransactionsRequest,
-    PublishRequest, PurchaseRequest, StreamTransactionRequest,
+    PublishRequest, PurchaseRequest, SagaMode, StreamTransactionRequest,
 };
 use tonic::Code;
 
@@ -19,7 +19,7 @@ fn purchase(user_id: &str, item_id: &str, quantity: u32) -> PurchaseRequest {
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start(SagaMode::Choreography).await;
     let c = &mesh.clients;
     let long = "x".repeat(200);
     let cases = [

@@ -2,18 +2,28 @@
 //! compensations, and a compensation that cannot succeed.
 
 use sagamesh_proto::v1::{
-    GetLogRequest, ListNotificationsRequest, LogStatus, NotificationKind, Step, StepStatus, TransactionStatus,
+    EventType, GetLogRequest, ListNotificationsRequest, LogStatus, NotificationKind, SagaMode, Step,
+    StepStatus, TransactionStatus,
 };
 
-use crate::support::{Clients, Mesh};
+use crate::support::{Clients, Mesh, in_both_modes};
+
+fn is_command(event: EventType) -> bool {
+    matches!(
+        event,
+        EventType::ExecuteUserValidation
+            | EventType::ExecuteItemGrant
+            | EventType::ExecuteLogRecord
+            | EventType::ExecuteNotification
+    )
+}
 
 fn steps(transaction: &sagamesh_proto::v1::Transaction) -> Vec<(Step, StepStatus)> {
     transaction.steps.iter().map(|s| (s.step(), s.status())).collect()
 }
 
-#[tokio::test]
-async fn a_purchase_completes_and_moves_money_and_stock() {
-    let mesh = Mesh::start().await;
+async fn a_purchase_completes_and_moves_money_and_stock(mode: SagaMode) {
+    let mesh = Mesh::start(mode).await;
     let c = &mesh.clients;
     c.create_user("alice", 1_000).await;
     c.create_item("sword", 150, 10).await;
@@ -50,7 +60,24 @@ async fn a_purchase_completes_and_moves_money_and_stock() {
             .iter()
             .all(|s| s.executed_at.is_some() && s.duration.is_some())
     );
-    assert_eq!(done.history.len(), 5, "five events: {:?}", done.history);
+    assert_eq!(done.mode(), mode, "the transaction says which mode ran it");
+    let events: Vec<EventType> = done.history.iter().map(|h| h.event()).collect();
+    let saga_events: Vec<EventType> = events.iter().copied().filter(|e| !is_command(*e)).collect();
+    assert_eq!(
+        saga_events,
+        vec![
+            EventType::PurchaseInitiated,
+            EventType::UserValidated,
+            EventType::ItemGranted,
+            EventType::LogRecorded,
+            EventType::PurchaseCompleted
+        ]
+    );
+    let commands = events.len() - saga_events.len();
+    match mode {
+        SagaMode::Orchestration => assert_eq!(commands, 4, "the coordinator commanded each step: {events:?}"),
+        _ => assert_eq!(commands, 0, "choreography has no commands: {events:?}"),
+    }
     assert_eq!(c.balance("alice").await, 700);
     assert_eq!(c.stock("sword").await, 8);
     assert_eq!(c.held("alice", "sword").await, 2);
@@ -99,9 +126,8 @@ async fn fails(
     done
 }
 
-#[tokio::test]
-async fn business_failures_undo_what_succeeded() {
-    let mesh = Mesh::start().await;
+async fn business_failures_undo_what_succeeded(mode: SagaMode) {
+    let mesh = Mesh::start(mode).await;
     let c = &mesh.clients;
     c.create_user("bob", 500).await;
     c.create_user("poor", 10).await;
@@ -143,9 +169,8 @@ async fn business_failures_undo_what_succeeded() {
     assert_eq!(c.held("bob", "shield").await, 0);
 }
 
-#[tokio::test]
-async fn a_failed_log_record_undoes_grant_and_payment_newest_first() {
-    let mesh = Mesh::start_with(|config| {
+async fn a_failed_log_record_undoes_grant_and_payment_newest_first(mode: SagaMode) {
+    let mesh = Mesh::start_with(mode, |config| {
         config.faults = sagamesh_saga::Faults::parse("log_record=fail").unwrap();
     })
     .await;
@@ -166,8 +191,8 @@ async fn a_failed_log_record_undoes_grant_and_payment_newest_first() {
         .history
         .iter()
         .filter_map(|h| match h.event() {
-            sagamesh_proto::v1::EventType::CompensateItemGrant => Some(Step::ItemGrant),
-            sagamesh_proto::v1::EventType::CompensateUserValidation => Some(Step::UserValidation),
+            EventType::CompensateItemGrant => Some(Step::ItemGrant),
+            EventType::CompensateUserValidation => Some(Step::UserValidation),
             _ => None,
         })
         .collect();
@@ -181,9 +206,8 @@ async fn a_failed_log_record_undoes_grant_and_payment_newest_first() {
     assert_eq!(c.held("carol", "bow").await, 0);
 }
 
-#[tokio::test]
-async fn a_failed_notification_undoes_every_earlier_step() {
-    let mesh = Mesh::start_with(|config| {
+async fn a_failed_notification_undoes_every_earlier_step(mode: SagaMode) {
+    let mesh = Mesh::start_with(mode, |config| {
         config.faults = sagamesh_saga::Faults::parse("notification=fail").unwrap();
     })
     .await;
@@ -216,9 +240,8 @@ async fn a_failed_notification_undoes_every_earlier_step() {
     assert_eq!(c.held("dave", "axe").await, 0);
 }
 
-#[tokio::test]
-async fn a_compensation_that_cannot_succeed_needs_attention() {
-    let mesh = Mesh::start_with(|config| {
+async fn a_compensation_that_cannot_succeed_needs_attention(mode: SagaMode) {
+    let mesh = Mesh::start_with(mode, |config| {
         config.faults = sagamesh_saga::Faults::parse("log_record=fail,item_grant.compensation=fail").unwrap();
     })
     .await;
@@ -254,9 +277,8 @@ async fn a_compensation_that_cannot_succeed_needs_attention() {
     assert_eq!(stats.compensation_failures, 1);
 }
 
-#[tokio::test]
-async fn stats_and_lists_reflect_the_sagas() {
-    let mesh = Mesh::start().await;
+async fn stats_and_lists_reflect_the_sagas(mode: SagaMode) {
+    let mesh = Mesh::start(mode).await;
     let c = &mesh.clients;
     c.create_user("frank", 1_000).await;
     c.create_item("gem", 1, 100).await;
@@ -331,3 +353,12 @@ async fn stats_and_lists_reflect_the_sagas() {
     assert_eq!(only_failed.transactions.len(), 1);
     assert_eq!(only_failed.transactions[0].transaction_id, failed);
 }
+
+in_both_modes!(
+    a_purchase_completes_and_moves_money_and_stock,
+    business_failures_undo_what_succeeded,
+    a_failed_log_record_undoes_grant_and_payment_newest_first,
+    a_failed_notification_undoes_every_earlier_step,
+    a_compensation_that_cannot_succeed_needs_attention,
+    stats_and_lists_reflect_the_sagas,
+);

@@ -3,16 +3,15 @@
 
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
-    Envelope, EventType, PublishRequest, PurchaseDetails, PurchaseInitiated, PurchaseRequest, Step,
+    Envelope, EventType, PublishRequest, PurchaseDetails, PurchaseInitiated, PurchaseRequest, SagaMode, Step,
     TransactionStatus,
 };
 use tonic::Code;
 
-use crate::support::{Mesh, eventually};
+use crate::support::{Mesh, eventually, in_both_modes};
 
-#[tokio::test]
-async fn the_same_idempotency_key_gives_one_transaction() {
-    let mesh = Mesh::start().await;
+async fn the_same_idempotency_key_gives_one_transaction(mode: SagaMode) {
+    let mesh = Mesh::start(mode).await;
     let c = &mesh.clients;
     c.create_user("gina", 1_000).await;
     c.create_item("ring", 100, 10).await;
@@ -44,9 +43,8 @@ async fn the_same_idempotency_key_gives_one_transaction() {
     assert!(reused.message().contains("order-42"), "{}", reused.message());
 }
 
-#[tokio::test]
-async fn an_event_delivered_twice_has_one_effect() {
-    let mesh = Mesh::start().await;
+async fn an_event_delivered_twice_has_one_effect(mode: SagaMode) {
+    let mesh = Mesh::start(mode).await;
     let c = &mesh.clients;
     c.create_user("hank", 1_000).await;
     c.create_item("helm", 100, 10).await;
@@ -54,23 +52,23 @@ async fn an_event_delivered_twice_has_one_effect() {
     let (_, done) = c.follow(&id).await;
     assert_eq!(done.status(), TransactionStatus::Completed);
 
-    // The same saga's first event again, as a new event (a new id, so the
-    // router does not dedupe it): every handler must see it was done.
+    // The wallet's trigger again, as a new event (a new id, so the router
+    // does not dedupe it): the wallet must see it was done.
     let purchase = PurchaseDetails {
         user_id: "hank".into(),
         item_id: "helm".into(),
         quantity: 1,
         unit_price: 100,
         total_price: 100,
+        mode: mode as i32,
     };
-    let duplicate = Envelope::new(
-        &id,
-        "",
-        "test",
-        Payload::PurchaseInitiated(PurchaseInitiated {
+    let trigger = match mode {
+        SagaMode::Orchestration => sagamesh_saga::execute_command(Step::UserValidation, purchase.clone()),
+        _ => Payload::PurchaseInitiated(PurchaseInitiated {
             purchase: Some(purchase.clone()),
         }),
-    );
+    };
+    let duplicate = Envelope::new(&id, "", "test", trigger);
     // Behind it in the same transaction, a refund request: the wallet
     // handles the transaction's events in order, so once the refund is seen,
     // the duplicate was handled before it.
@@ -115,3 +113,8 @@ async fn an_event_delivered_twice_has_one_effect() {
     );
     assert_eq!(c.held("hank", "helm").await, 1, "the duplicate granted nothing");
 }
+
+in_both_modes!(
+    the_same_idempotency_key_gives_one_transaction,
+    an_event_delivered_twice_has_one_effect,
+);

@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::support::Mesh;
+use sagamesh_proto::v1::SagaMode;
+
+use crate::support::{Mesh, in_both_modes};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -29,18 +31,17 @@ fn available(what: &str, mut probe: Command) -> bool {
     present
 }
 
-async fn demo_mesh() -> Mesh {
-    Mesh::start_with(|config| config.demo_data = true).await
+async fn demo_mesh(mode: SagaMode) -> Mesh {
+    Mesh::start_with(mode, |config| config.demo_data = true).await
 }
 
-#[tokio::test]
-async fn a_generated_python_client_buys_and_follows_to_completed() {
+async fn a_generated_python_client_buys_and_follows_to_completed(mode: SagaMode) {
     let mut probe = Command::new("python3");
     probe.args(["-c", "import grpc, grpc_tools"]);
     if !available("python3 with grpcio and grpcio-tools", probe) {
         return;
     }
-    let mesh = demo_mesh().await;
+    let mesh = demo_mesh(mode).await;
     super::support::eventually("the demo data", || {
         let c = mesh.clients.clone();
         async move {
@@ -97,7 +98,7 @@ async fn the_readme_grpcurl_examples_work_as_written() {
     if !available("grpcurl", probe) {
         return;
     }
-    let mesh = demo_mesh().await;
+    let mesh = demo_mesh(SagaMode::Choreography).await;
     super::support::eventually("the demo data", || {
         let c = mesh.clients.clone();
         async move {
@@ -142,3 +143,5 @@ async fn the_readme_grpcurl_examples_work_as_written() {
         );
     }
 }
+
+in_both_modes!(a_generated_python_client_buys_and_follows_to_completed);

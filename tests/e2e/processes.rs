@@ -7,16 +7,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sagamesh_proto::v1::{
-    ListDeadLettersRequest, ListTransactionsRequest, PurchaseRequest, ReplayDeadLetterRequest,
-    TransactionStatus,
+    EventType, ListDeadLettersRequest, ListTransactionsRequest, PurchaseRequest, ReplayDeadLetterRequest,
+    SagaMode, TransactionStatus,
 };
 
-use crate::support::{Clients, Process, eventually, wait_serving};
+use crate::support::{Clients, Process, eventually, in_both_modes, mode_arg, wait_serving};
 
 /// Router, coordinator and every handler, each its own process.
 struct Deployment {
     processes: HashMap<&'static str, Process>,
     dir: std::path::PathBuf,
+    mode: SagaMode,
 }
 
 const HANDLERS: [&str; 5] = [
@@ -28,10 +29,11 @@ const HANDLERS: [&str; 5] = [
 ];
 
 impl Deployment {
-    fn start(dir: &Path) -> Deployment {
+    fn start(dir: &Path, mode: SagaMode) -> Deployment {
         let mut deployment = Deployment {
             processes: HashMap::new(),
             dir: dir.to_path_buf(),
+            mode,
         };
         let data = dir.join("router");
         let router = Process::start(
@@ -42,6 +44,8 @@ impl Deployment {
                 data.to_str().unwrap(),
                 "--max-attempts",
                 "2",
+                "--mode",
+                mode_arg(mode),
             ],
             &[],
         );
@@ -62,6 +66,8 @@ impl Deployment {
                 &router,
                 "--inventory",
                 &inventory,
+                "--mode",
+                mode_arg(mode),
             ],
             &[],
         );
@@ -85,6 +91,8 @@ impl Deployment {
                 data.to_str().unwrap(),
                 "--router",
                 &router,
+                "--mode",
+                mode_arg(self.mode),
             ],
             env,
         );
@@ -96,10 +104,9 @@ impl Deployment {
     }
 }
 
-#[tokio::test]
-async fn separate_processes_run_the_saga_and_recover_a_dead_letter() {
+async fn separate_processes_run_the_saga_and_recover_a_dead_letter(mode: SagaMode) {
     let dir = tempfile::tempdir().unwrap();
-    let mut mesh = Deployment::start(dir.path());
+    let mut mesh = Deployment::start(dir.path(), mode);
     let front = mesh.clients("coordinator");
     let wallets = mesh.clients("wallets");
     let inventory = mesh.clients("inventory");
@@ -169,11 +176,24 @@ async fn separate_processes_run_the_saga_and_recover_a_dead_letter() {
     assert_eq!(inventory.held("kim", "lance").await, 3);
 }
 
-#[tokio::test]
-async fn a_handler_in_the_wrong_mode_is_refused_and_exits() {
+/// A handler whose mode is not the mesh's is refused by the router and
+/// stops with the router's reason; the mesh's sagas never reach it.
+async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("router");
-    let router = Process::start("router", &["router", "--data-dir", data.to_str().unwrap()], &[]);
+    let router_args = [
+        "router",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mode",
+        mode_arg(mode),
+    ];
+    let router = Process::start("router", &router_args, &[]);
+    let other = match mode {
+        SagaMode::Orchestration => SagaMode::Choreography,
+        _ => SagaMode::Orchestration,
+    };
+    let router_address = router.address.to_string();
     let handler = std::process::Command::new(crate::support::binary())
         .args([
             "handler",
@@ -181,15 +201,20 @@ async fn a_handler_in_the_wrong_mode_is_refused_and_exits() {
             "--listen",
             "127.0.0.1:0",
             "--router",
-            &router.address.to_string(),
+            &router_address,
         ])
         .args(["--data-dir", dir.path().join("wallets").to_str().unwrap()])
-        .env("SAGA_PATTERN_MODE", "orchestration")
+        .env("SAGA_PATTERN_MODE", mode_arg(other))
+        .env("NO_COLOR", "1")
         .output()
         .expect("run sagamesh");
     assert!(!handler.status.success());
     let stderr = String::from_utf8_lossy(&handler.stderr);
-    assert!(stderr.contains("orchestration"), "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("this mesh runs in {} mode", mode_arg(mode))),
+        "the message names both modes: {stderr}"
+    );
 
     let unknown = std::process::Command::new(crate::support::binary())
         .args(["up", "--listen", "127.0.0.1:0"])
@@ -200,12 +225,35 @@ async fn a_handler_in_the_wrong_mode_is_refused_and_exits() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("sideways"));
 }
 
+async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock(mode: SagaMode) {
+    killed_and_restarted(mode, mode).await;
+}
+
+/// A saga started in one mode finishes in that mode after the mesh
+/// restarts in the other.
 #[tokio::test]
-async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock() {
+async fn sagas_finish_in_their_own_mode_after_a_restart_in_the_other() {
+    killed_and_restarted(SagaMode::Choreography, SagaMode::Orchestration).await;
+    killed_and_restarted(SagaMode::Orchestration, SagaMode::Choreography).await;
+}
+
+/// Loads a mesh in `before`, SIGKILLs it with sagas in flight, restarts it
+/// in `after` and checks every saga's end and the conservation of money and
+/// stock.
+async fn killed_and_restarted(before: SagaMode, after: SagaMode) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_owned();
-    let args = ["up", "--data-dir", data.as_str(), "--no-demo-data"];
-    let mut mesh = Process::start("mesh", &args, &[]);
+    let args = |mode| {
+        [
+            "up",
+            "--data-dir",
+            data.as_str(),
+            "--no-demo-data",
+            "--mode",
+            mode_arg(mode),
+        ]
+    };
+    let mut mesh = Process::start("mesh", &args(before), &[]);
     let clients = Clients::new(mesh.address);
     wait_serving(&clients).await;
     let users: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
@@ -245,10 +293,14 @@ async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and
         let _ = buyer.await;
     }
 
-    let mesh = Process::start("mesh", &args, &[]);
+    let mesh = Process::start("mesh", &args(after), &[]);
     let clients = Clients::new(mesh.address);
     wait_serving(&clients).await;
     let all = every_transaction(&clients).await;
+    assert!(
+        all.iter().all(|t| t.mode() == before),
+        "every saga keeps the mode it started in"
+    );
     assert!(
         all.len() >= 100,
         "every accepted purchase is recorded: {}",
@@ -274,7 +326,23 @@ async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and
             TransactionStatus::Failed => {}
             other => panic!("saga {} ended {other:?}: {done:?}", done.transaction_id),
         }
+        assert_eq!(done.mode(), before);
+        let commanded = done
+            .history
+            .iter()
+            .any(|h| h.event() == EventType::ExecuteUserValidation);
+        assert_eq!(
+            commanded,
+            before == SagaMode::Orchestration,
+            "saga {} ran its steps in {before:?} mode: {:?}",
+            done.transaction_id,
+            done.history
+        );
     }
+    // A new saga runs in the mode of the restarted mesh.
+    let fresh = clients.purchase("user-0", "potion", 1).await;
+    let (_, fresh) = clients.follow(&fresh).await;
+    assert_eq!(fresh.mode(), after);
     let mut balances = 0;
     let mut held = 0;
     for user in &users {
@@ -312,3 +380,9 @@ async fn every_transaction(clients: &Clients) -> Vec<sagamesh_proto::v1::Transac
         request.page_token = page.next_page_token;
     }
 }
+
+in_both_modes!(
+    separate_processes_run_the_saga_and_recover_a_dead_letter,
+    a_handler_in_the_wrong_mode_is_refused_and_exits,
+    a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock,
+);

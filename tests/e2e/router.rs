@@ -38,7 +38,11 @@ fn hello(group: &str, types: &[EventType], mode: SagaMode) -> Hello {
     }
 }
 
-const WALLETS: [EventType; 2] = [EventType::PurchaseInitiated, EventType::CompensateUserValidation];
+const WALLETS: [EventType; 3] = [
+    EventType::PurchaseInitiated,
+    EventType::ExecuteUserValidation,
+    EventType::CompensateUserValidation,
+];
 
 async fn attach(client: &EventRouterClient<Channel>, hello: Hello) -> Result<Instance, tonic::Status> {
     let (outbound, rx) = mpsc::channel(16);

@@ -17,10 +17,39 @@ use sagamesh_proto::v1::purchase_logs_client::PurchaseLogsClient;
 use sagamesh_proto::v1::wallets_client::WalletsClient;
 use sagamesh_proto::v1::{
     CreateItemRequest, CreateUserRequest, GetItemRequest, GetTransactionRequest, GetUserItemsRequest,
-    GetUserRequest, PurchaseRequest, StreamTransactionRequest, Transaction, TransactionStatus,
+    GetUserRequest, PurchaseRequest, SagaMode, StreamTransactionRequest, Transaction, TransactionStatus,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+/// Declares, for each named `async fn(SagaMode)` test body in scope, a
+/// module with one test per saga mode: one body, both modes.
+macro_rules! in_both_modes {
+    ($($body:ident),* $(,)?) => {
+        $(
+            mod $body {
+                #[tokio::test]
+                async fn choreography() {
+                    super::$body(sagamesh_proto::v1::SagaMode::Choreography).await
+                }
+
+                #[tokio::test]
+                async fn orchestration() {
+                    super::$body(sagamesh_proto::v1::SagaMode::Orchestration).await
+                }
+            }
+        )*
+    };
+}
+pub(crate) use in_both_modes;
+
+/// The `--mode` value of a saga mode.
+pub fn mode_arg(mode: SagaMode) -> &'static str {
+    match mode {
+        SagaMode::Orchestration => "orchestration",
+        _ => "choreography",
+    }
+}
 
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -209,19 +238,20 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    pub async fn start() -> Mesh {
-        Mesh::start_with(|_| {}).await
+    pub async fn start(mode: SagaMode) -> Mesh {
+        Mesh::start_with(mode, |_| {}).await
     }
 
-    pub async fn start_with(configure: impl FnOnce(&mut MeshConfig)) -> Mesh {
+    pub async fn start_with(mode: SagaMode, configure: impl FnOnce(&mut MeshConfig)) -> Mesh {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut mesh = Mesh::start_in(dir.path(), configure).await;
+        let mut mesh = Mesh::start_in(dir.path(), mode, configure).await;
         mesh._dir = Some(dir);
         mesh
     }
 
-    pub async fn start_in(dir: &Path, configure: impl FnOnce(&mut MeshConfig)) -> Mesh {
+    pub async fn start_in(dir: &Path, mode: SagaMode, configure: impl FnOnce(&mut MeshConfig)) -> Mesh {
         let mut config = MeshConfig::new(dir.to_path_buf());
+        config.mode = mode;
         config.demo_data = false;
         config.grace = Duration::from_secs(2);
         configure(&mut config);

@@ -21,10 +21,16 @@ use sagamesh_proto::v1::{
     TransactionStatus,
 };
 use tokio::sync::Mutex;
+
+use crate::cli::Mode;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// Starts a mesh in this process in that mode (or each mode in turn,
+    /// printed side by side) instead of using `--target`.
+    #[arg(long)]
+    mode: Option<BenchMode>,
     /// The mesh's public address.
     #[arg(long, env = "SAGAMESH_TARGET", default_value = "127.0.0.1:50051")]
     target: String,
@@ -42,6 +48,14 @@ pub struct BenchArgs {
     /// Prints the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BenchMode {
+    Choreography,
+    Orchestration,
+    /// Choreography, then orchestration, and a side-by-side summary.
+    Both,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -104,17 +118,80 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.concurrency == 0 || args.count == 0 {
         return Err("--count and --concurrency must be at least 1".into());
     }
-    let uri = if args.target.contains("://") {
-        args.target.clone()
-    } else {
-        format!("http://{}", args.target)
+    let modes = match args.mode {
+        None => {
+            let target = args.target.clone();
+            let (results, elapsed) = bench_target(&args, &target).await?;
+            report(&args, &results, elapsed, None);
+            return Ok(());
+        }
+        Some(BenchMode::Choreography) => vec![Mode::Choreography],
+        Some(BenchMode::Orchestration) => vec![Mode::Orchestration],
+        Some(BenchMode::Both) => vec![Mode::Choreography, Mode::Orchestration],
     };
-    let channel = Endpoint::from_shared(uri)
-        .map_err(|e| format!("bad --target: {e}"))?
-        .tcp_nodelay(true)
-        .connect()
+    let mut lines = Vec::new();
+    for mode in modes {
+        let (results, elapsed) = bench_own_mesh(&args, mode).await?;
+        lines.push(report(&args, &results, elapsed, Some(mode)));
+    }
+    if lines.len() > 1 && !args.json {
+        println!("side by side (concurrency {}):", args.concurrency);
+        println!("  mode           purchases/s   e2e p50    e2e p99");
+        for line in lines {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+/// Starts a mesh in this process (durable defaults, a fresh data directory,
+/// an ephemeral port), benches it, and stops it.
+async fn bench_own_mesh(args: &BenchArgs, mode: Mode) -> Result<(Results, Duration), String> {
+    let dir = std::env::temp_dir().join(format!("sagamesh-bench-{}", run_suffix()));
+    let mut config = sagamesh_mesh::MeshConfig::new(dir.clone());
+    config.mode = mode.saga_mode();
+    config.demo_data = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .map_err(|e| format!("cannot reach the mesh at {}: {e}", args.target))?;
+        .map_err(|e| format!("cannot listen for the bench mesh: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mesh = tokio::spawn(sagamesh_mesh::run(
+        sagamesh_mesh::Role::All,
+        config,
+        listener,
+        shutdown.clone(),
+    ));
+    let outcome = bench_target(args, &address.to_string()).await;
+    shutdown.cancel();
+    let _ = mesh.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+/// Creates the bench's users and items on the mesh at `target`, warms up,
+/// and measures `--count` purchases.
+async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Duration), String> {
+    let uri = if target.contains("://") {
+        target.to_owned()
+    } else {
+        format!("http://{target}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| format!("bad --target: {e}"))?
+        .tcp_nodelay(true);
+    // The mesh may still be starting (an own mesh): retry for a while.
+    let mut attempts = 0;
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            Err(e) if attempts >= 50 => return Err(format!("cannot reach the mesh at {target}: {e}")),
+            Err(_) => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
 
     let run_id = run_suffix();
     let users = args.concurrency;
@@ -145,7 +222,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     }
 
     if args.warmup > 0 {
-        drive(&channel, &args, &run_id, &item_ok, &item_empty, args.warmup, None).await;
+        drive(&channel, args, &run_id, &item_ok, &item_empty, args.warmup, None).await;
     }
     let results = Arc::new(Mutex::new(Results {
         end_to_end: Some(histogram()),
@@ -156,7 +233,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let started = Instant::now();
     drive(
         &channel,
-        &args,
+        args,
         &run_id,
         &item_ok,
         &item_empty,
@@ -165,9 +242,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     )
     .await;
     let elapsed = started.elapsed();
-    let results = results.lock().await;
-    report(&args, &results, elapsed);
-    Ok(())
+    let results = std::mem::take(&mut *results.lock().await);
+    Ok((results, elapsed))
 }
 
 /// A short suffix that tells this run's users and items from earlier runs'.
@@ -257,9 +333,13 @@ async fn one_purchase(
         if let Some(transaction) = update.transaction
             && sagamesh_coordinator::is_terminal(transaction.status())
         {
+            let end_to_end = started.elapsed();
+            // The server ends the stream after a terminal state; reading to
+            // the end spares a stream reset per purchase.
+            while stream.message().await?.is_some() {}
             return Ok(Measured {
                 rpc,
-                end_to_end: started.elapsed(),
+                end_to_end,
                 transaction,
             });
         }
@@ -309,7 +389,8 @@ fn ms(micros: u64) -> f64 {
     micros as f64 / 1000.0
 }
 
-fn report(args: &BenchArgs, results: &Results, elapsed: Duration) {
+/// Prints the summary; returns the one-line side-by-side form.
+fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<Mode>) -> String {
     let e2e = results
         .end_to_end
         .as_ref()
@@ -325,6 +406,17 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration) {
         Scenario::Failure => "failure",
         Scenario::Mixed => "mixed",
     };
+    let mode_name = match mode {
+        Some(Mode::Orchestration) => "orchestration",
+        Some(Mode::Choreography) => "choreography",
+        None => "of the target mesh",
+    };
+    let line = format!(
+        "{:<14} {rate:>11.1} {:>8.2} ms {:>7.2} ms",
+        mode.map_or("target", |_| mode_name),
+        ms(e2e.value_at_quantile(0.5)),
+        ms(e2e.value_at_quantile(0.99))
+    );
     if args.json {
         let stages: Vec<String> = SEED_STAGES
             .iter()
@@ -340,7 +432,7 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration) {
             .map(|(k, v)| format!("\"{k}\":{v}"))
             .collect();
         println!(
-            "{{\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"errors\":{{{}}},\"stages\":[{}]}}",
+            "{{\"mode\":\"{mode_name}\",\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"errors\":{{{}}},\"stages\":[{}]}}",
             args.concurrency,
             elapsed.as_secs_f64(),
             ms(e2e.value_at_quantile(0.5)),
@@ -352,10 +444,10 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration) {
             errors.join(","),
             stages.join(",")
         );
-        return;
+        return line;
     }
     println!(
-        "sagamesh bench: scenario {scenario}, concurrency {}, {done} purchases in {:.2}s",
+        "sagamesh bench: mode {mode_name}, scenario {scenario}, concurrency {}, {done} purchases in {:.2}s",
         args.concurrency,
         elapsed.as_secs_f64()
     );
@@ -386,16 +478,23 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration) {
     let mut seed_total = 0.0;
     let mut ours_total = 0.0;
     for ((name, _, _, seed), h) in SEED_STAGES.iter().zip(&results.stages) {
-        let (mean, p99) = match h {
-            Some(h) if !h.is_empty() => (h.mean() / 1000.0, ms(h.value_at_quantile(0.99))),
-            _ => (f64::NAN, f64::NAN),
-        };
         seed_total += seed;
-        ours_total += if mean.is_nan() { 0.0 } else { mean };
-        println!("  | {name:<34} | {seed:>9.1} ms | {mean:>13.3} ms | {p99:>9.3} ms |");
+        match h {
+            Some(h) if !h.is_empty() => {
+                let (mean, p99) = (h.mean() / 1000.0, ms(h.value_at_quantile(0.99)));
+                ours_total += mean;
+                println!("  | {name:<34} | {seed:>9.1} ms | {mean:>13.3} ms | {p99:>9.3} ms |");
+            }
+            // The failure scenario never reaches the later stages.
+            _ => println!(
+                "  | {name:<34} | {seed:>9.1} ms | {:>16} | {:>12} |",
+                "not reached", "-"
+            ),
+        }
     }
     println!(
         "  | {:<34} | {seed_total:>9.1} ms | {ours_total:>13.3} ms |              |",
         "cumulative"
     );
+    line
 }

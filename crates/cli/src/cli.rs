@@ -95,10 +95,21 @@ struct Common {
     max_attempts: u32,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Mode {
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Independent handlers react to each other's events.
     Choreography,
+    /// The coordinator drives the steps with commands.
     Orchestration,
+}
+
+impl Mode {
+    pub fn saga_mode(self) -> SagaMode {
+        match self {
+            Mode::Choreography => SagaMode::Choreography,
+            Mode::Orchestration => SagaMode::Orchestration,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,15 +153,7 @@ impl HandlerName {
 
 impl Common {
     fn config(&self) -> Result<MeshConfig, String> {
-        let mode = match self.mode {
-            Mode::Choreography => SagaMode::Choreography,
-            Mode::Orchestration => {
-                return Err(
-                    "orchestration mode is not available in this version of sagamesh; use --mode choreography"
-                        .into(),
-                );
-            }
-        };
+        let mode = self.mode.saga_mode();
         let faults = Faults::parse(&self.faults).map_err(|e| e.to_string())?;
         if self.max_attempts == 0 {
             return Err("--max-attempts must be at least 1".into());
@@ -168,6 +171,12 @@ impl Common {
         config.ack_deadline = Duration::from_millis(self.ack_deadline_ms);
         config.max_attempts = self.max_attempts;
         Ok(config)
+    }
+}
+
+impl Cli {
+    pub fn is_bench(&self) -> bool {
+        matches!(self.command, Command::Bench(_))
     }
 }
 

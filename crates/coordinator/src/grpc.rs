@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 
 use sagamesh_proto::v1::purchase_coordinator_server::{PurchaseCoordinator, PurchaseCoordinatorServer};
 use sagamesh_proto::v1::{
-    GetStatsRequest, GetTransactionRequest, ListTransactionsRequest, ListTransactionsResponse,
-    PurchaseRequest, PurchaseResponse, Stats, StatusCount, StreamTransactionRequest, TransactionStatus,
-    TransactionUpdate,
+    GetStatsRequest, GetTransactionRequest, ListTransactionsRequest, ListTransactionsResponse, ModeStats,
+    PurchaseRequest, PurchaseResponse, SagaMode, Stats, StatusCount, StreamTransactionRequest,
+    TransactionStatus, TransactionUpdate,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -185,35 +185,71 @@ impl PurchaseCoordinator for CoordinatorService {
 
     async fn get_stats(&self, _request: Request<GetStatsRequest>) -> Result<Response<Stats>, Status> {
         let counts = self.coordinator.inner.store.read(store::status_counts).await?;
-        let total: u64 = counts.iter().map(|(_, n)| n).sum();
-        let of = |status: TransactionStatus| {
-            counts
-                .iter()
-                .find(|(s, _)| *s == status as i32)
-                .map_or(0, |(_, n)| *n)
-        };
-        let completed = of(TransactionStatus::Completed);
-        let ended = completed + of(TransactionStatus::Failed) + of(TransactionStatus::NeedsAttention);
+        let all: Vec<(i32, u64)> = counts.iter().fold(Vec::new(), |mut all, (_, status, count)| {
+            match all.iter_mut().find(|(s, _)| s == status) {
+                Some((_, total)) => *total += count,
+                None => all.push((*status, *count)),
+            }
+            all
+        });
+        let overall = figures(&all);
+        let by_mode = [SagaMode::Choreography, SagaMode::Orchestration]
+            .into_iter()
+            .map(|mode| {
+                let counts: Vec<(i32, u64)> = counts
+                    .iter()
+                    .filter(|(m, _, _)| *m == mode as i32)
+                    .map(|(_, s, n)| (*s, *n))
+                    .collect();
+                let (total, by_status, success_rate) = figures(&counts);
+                ModeStats {
+                    mode: mode as i32,
+                    total,
+                    by_status,
+                    success_rate,
+                }
+            })
+            .collect();
         Ok(Response::new(Stats {
-            total,
-            by_status: counts
-                .into_iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(status, count)| StatusCount { status, count })
-                .collect(),
-            success_rate: if ended == 0 {
-                0.0
-            } else {
-                completed as f64 / ended as f64
-            },
+            total: overall.0,
+            by_status: overall.1,
+            success_rate: overall.2,
             step_durations: self.coordinator.inner.steps.snapshot(),
             compensation_failures: self
                 .coordinator
                 .inner
                 .compensation_failures
                 .load(Ordering::Relaxed),
+            by_mode,
         }))
     }
+}
+
+/// Total, counts per status and success rate of `(status, count)` pairs.
+fn figures(counts: &[(i32, u64)]) -> (u64, Vec<StatusCount>, f64) {
+    let total = counts.iter().map(|(_, n)| n).sum();
+    let of = |status: TransactionStatus| {
+        counts
+            .iter()
+            .find(|(s, _)| *s == status as i32)
+            .map_or(0, |(_, n)| *n)
+    };
+    let completed = of(TransactionStatus::Completed);
+    let ended = completed + of(TransactionStatus::Failed) + of(TransactionStatus::NeedsAttention);
+    let mut by_status: Vec<StatusCount> = counts
+        .iter()
+        .map(|(status, count)| StatusCount {
+            status: *status,
+            count: *count,
+        })
+        .collect();
+    by_status.sort_by_key(|c| c.status);
+    let success_rate = if ended == 0 {
+        0.0
+    } else {
+        completed as f64 / ended as f64
+    };
+    (total, by_status, success_rate)
 }
 
 impl From<CoordinatorError> for Status {

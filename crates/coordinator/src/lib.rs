@@ -8,6 +8,7 @@
 //! and `GetStats` serve.
 
 mod grpc;
+mod orchestrator;
 mod stats;
 mod store;
 mod view;
@@ -21,8 +22,8 @@ use std::time::SystemTime;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::{
-    Envelope, GetItemRequest, PurchaseDetails, PurchaseInitiated, SagaMode, Transaction, TransactionStatus,
-    TransactionUpdate,
+    Envelope, GetItemRequest, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext, Transaction,
+    TransactionStatus, TransactionUpdate,
 };
 use sagamesh_router_client::{BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient};
 use sagamesh_sqlite::{Durability, Store, StoreError};
@@ -122,10 +123,8 @@ impl Coordinator {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<(), ClientError> {
-        let subscription = sagamesh_saga::choreography()
-            .into_iter()
-            .find(|s| s.group == GROUP)
-            .expect("the coordinator group is in the topology");
+        let subscription =
+            sagamesh_saga::subscription(GROUP).expect("the coordinator group is in the topology");
         let client = RouterClient::start(
             router,
             HandlerConfig {
@@ -188,25 +187,34 @@ impl Coordinator {
             idempotency_key: order.idempotency_key.clone(),
             ..Default::default()
         };
-        let first_event = Envelope::new(
+        let purchase = PurchaseDetails {
+            user_id: order.user_id.clone(),
+            item_id: order.item_id.clone(),
+            quantity: order.quantity,
+            unit_price,
+            total_price,
+            mode: self.inner.mode as i32,
+        };
+        let mut initiated = Envelope::new(
             &transaction_id,
             "",
             GROUP,
             Payload::PurchaseInitiated(PurchaseInitiated {
-                purchase: Some(PurchaseDetails {
-                    user_id: order.user_id.clone(),
-                    item_id: order.item_id.clone(),
-                    quantity: order.quantity,
-                    unit_price,
-                    total_price,
-                }),
+                purchase: Some(purchase.clone()),
             }),
         );
+        initiated.trace = Some(TraceContext::root(&transaction_id));
+        let mut first_events = vec![initiated];
+        if self.inner.mode == SagaMode::Orchestration {
+            // The orchestrator's first command goes out with the saga.
+            let command = sagamesh_saga::execute_command(Step::UserValidation, purchase);
+            first_events.push(first_events[0].caused(GROUP, command));
+        }
         let record = transaction.clone();
         let existing = self
             .inner
             .store
-            .write(move |conn| store::insert(conn, &record, &first_event))
+            .write(move |conn| store::insert(conn, &record, &first_events))
             .await?;
         if let Some(existing) = existing {
             return same_order(existing, &order);
@@ -262,14 +270,20 @@ impl Coordinator {
             Some(Payload::CompensationCompleted(done)) => done.failed.len() as u64,
             _ => 0,
         };
-        let Some(transaction) = self
+        let tx_id = event.transaction_id.clone();
+        let applied = self
             .inner
             .store
             .write(move |conn| store::apply(conn, &event))
-            .await?
-        else {
+            .await?;
+        let Some((transaction, actions)) = applied else {
             return Ok(());
         };
+        if transaction.mode() == SagaMode::Orchestration && !view::is_terminal(transaction.status()) {
+            // The orchestrator wrote its next command.
+            self.inner.relay.nudge();
+        }
+        sagamesh_step::compensation::log_actions("PurchaseCoordinator", &tx_id, &actions);
         if let (Some((step, _)), Some(duration)) = (sagamesh_saga::step_outcome(event_type), timing) {
             self.inner.steps.record(step, duration);
         }

@@ -7,11 +7,11 @@
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
-use sagamesh_proto::v1::{Envelope, Transaction, TransactionStatus};
+use sagamesh_proto::v1::{Envelope, SagaMode, Transaction, TransactionStatus};
 use sagamesh_router_client::{OUTBOX_MIGRATION, push_outbox};
+use sagamesh_saga::PlanAction;
 
-use crate::CoordinatorError;
-use crate::view;
+use crate::{CoordinatorError, orchestrator, view};
 
 pub(crate) const MIGRATIONS: &[&str] = &[
     "CREATE TABLE transactions (
@@ -31,18 +31,33 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL
     )",
     OUTBOX_MIGRATION,
+    // Counts per saga mode, and orchestration's compensation plans.
+    "ALTER TABLE transactions ADD COLUMN mode INTEGER NOT NULL DEFAULT 1;
+    DROP TABLE status_counts;
+    CREATE TABLE status_counts (
+        mode INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (mode, status)
+    ) WITHOUT ROWID;
+    INSERT INTO status_counts (mode, status, count)
+        SELECT mode, status, count(*) FROM transactions GROUP BY mode, status;
+    CREATE TABLE orchestrations (
+        transaction_id TEXT PRIMARY KEY,
+        plan TEXT NOT NULL
+    ) WITHOUT ROWID",
 ];
 
 fn decode(body: &[u8]) -> Result<Transaction, CoordinatorError> {
     Transaction::decode(body).map_err(|e| CoordinatorError::Corrupt(e.to_string()))
 }
 
-fn count(conn: &Connection, status: i32, delta: i64) -> rusqlite::Result<()> {
+fn count(conn: &Connection, mode: i32, status: i32, delta: i64) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO status_counts (status, count) VALUES (?1, ?2)
-         ON CONFLICT (status) DO UPDATE SET count = count + excluded.count",
+        "INSERT INTO status_counts (mode, status, count) VALUES (?1, ?2, ?3)
+         ON CONFLICT (mode, status) DO UPDATE SET count = count + excluded.count",
     )?
-    .execute(params![status, delta])?;
+    .execute(params![mode, status, delta])?;
     Ok(())
 }
 
@@ -59,12 +74,12 @@ pub(crate) fn by_key(
     body.map(|b| decode(&b)).transpose()
 }
 
-/// Records a new saga and its first event, unless the idempotency key was
+/// Records a new saga and its first events, unless the idempotency key was
 /// used already: then returns the saga recorded for it.
 pub(crate) fn insert(
     conn: &Connection,
     transaction: &Transaction,
-    first_event: &Envelope,
+    first_events: &[Envelope],
 ) -> Result<Option<Transaction>, CoordinatorError> {
     let key = (!transaction.idempotency_key.is_empty()).then_some(&transaction.idempotency_key);
     if let Some(key) = key
@@ -73,18 +88,21 @@ pub(crate) fn insert(
         return Ok(Some(existing));
     }
     conn.prepare_cached(
-        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, body)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         transaction.transaction_id,
         transaction.user_id,
         transaction.status,
         key,
+        transaction.mode,
         transaction.encode_to_vec()
     ])?;
-    count(conn, transaction.status, 1)?;
-    push_outbox(conn, first_event)?;
+    count(conn, transaction.mode, transaction.status, 1)?;
+    for event in first_events {
+        push_outbox(conn, event)?;
+    }
     Ok(None)
 }
 
@@ -96,9 +114,13 @@ pub(crate) fn get(conn: &Connection, transaction_id: &str) -> Result<Option<Tran
     body.map(|b| decode(&b)).transpose()
 }
 
-/// Applies a saga event to its transaction's view; `None` when it changed
-/// nothing (a redelivery).
-pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Transaction>, CoordinatorError> {
+/// Applies a saga event to its transaction's view and, for an orchestration
+/// saga, decides what comes next; `None` when it changed nothing (a
+/// redelivery).
+pub(crate) fn apply(
+    conn: &Connection,
+    event: &Envelope,
+) -> Result<Option<(Transaction, Vec<PlanAction>)>, CoordinatorError> {
     let existing = get(conn, &event.transaction_id)?;
     let is_new = existing.is_none();
     let mut transaction = existing.unwrap_or_else(|| view::from_event(event));
@@ -108,15 +130,16 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Transa
     }
     if is_new {
         conn.prepare_cached(
-            "INSERT INTO transactions (transaction_id, user_id, status, body) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO transactions (transaction_id, user_id, status, mode, body) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
         .execute(params![
             transaction.transaction_id,
             transaction.user_id,
             transaction.status,
+            transaction.mode,
             transaction.encode_to_vec()
         ])?;
-        count(conn, transaction.status, 1)?;
+        count(conn, transaction.mode, transaction.status, 1)?;
     } else {
         conn.prepare_cached("UPDATE transactions SET status = ?2, body = ?3 WHERE transaction_id = ?1")?
             .execute(params![
@@ -125,11 +148,16 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Transa
                 transaction.encode_to_vec()
             ])?;
         if before != transaction.status {
-            count(conn, before, -1)?;
-            count(conn, transaction.status, 1)?;
+            count(conn, transaction.mode, before, -1)?;
+            count(conn, transaction.mode, transaction.status, 1)?;
         }
     }
-    Ok(Some(transaction))
+    let actions = if transaction.mode() == SagaMode::Orchestration {
+        orchestrator::react(conn, event)?
+    } else {
+        Vec::new()
+    };
+    Ok(Some((transaction, actions)))
 }
 
 /// A page of transactions, newest first, below the sequence number `before`.
@@ -159,8 +187,13 @@ pub(crate) fn list(
     Ok(page)
 }
 
-pub(crate) fn status_counts(conn: &Connection) -> Result<Vec<(i32, u64)>, CoordinatorError> {
-    let mut stmt = conn.prepare_cached("SELECT status, count FROM status_counts ORDER BY status")?;
-    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)?.max(0) as u64)))?;
+/// `(mode, status, count)` for every pair with sagas.
+pub(crate) fn status_counts(conn: &Connection) -> Result<Vec<(i32, i32, u64)>, CoordinatorError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT mode, status, count FROM status_counts WHERE count > 0 ORDER BY mode, status",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)?.max(0) as u64))
+    })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }

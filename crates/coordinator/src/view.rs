@@ -26,6 +26,7 @@ pub fn from_event(event: &Envelope) -> Transaction {
         .unwrap_or_default();
     Transaction {
         transaction_id: event.transaction_id.clone(),
+        mode: sagamesh_saga::saga_mode(&purchase) as i32,
         user_id: purchase.user_id,
         item_id: purchase.item_id,
         quantity: purchase.quantity,

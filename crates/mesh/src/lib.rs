@@ -178,7 +178,7 @@ pub async fn run(
     let runs_router = matches!(role, Role::All | Role::Router);
     if runs_router {
         let log = SqliteLog::open(&dir.join("router.db"), durability)?;
-        let mut router_config = RouterConfig::new(config.mode, sagamesh_saga::choreography());
+        let mut router_config = RouterConfig::new(config.mode, sagamesh_saga::subscriptions());
         router_config.ack_deadline = config.ack_deadline;
         router_config.max_attempts = config.max_attempts;
         let router = Router::start(Arc::new(log), router_config, &tasks, drain.clone()).await?;
@@ -377,34 +377,32 @@ pub fn mode_name(mode: SagaMode) -> &'static str {
     }
 }
 
-/// The seed's startup summary: which handler reacts to which events.
+/// The seed's startup summary: the active mode, and which handler reacts to
+/// which events in it.
 fn log_summary(role: &Role, mode: SagaMode) {
-    let groups: Vec<&str> = match role {
-        Role::All | Role::Router => vec![
-            "wallets",
-            "inventory",
-            "purchase-log",
-            "notifications",
-            "compensation",
-            "coordinator",
-        ],
-        Role::Coordinator { .. } => vec!["coordinator"],
-        Role::Handler { service, .. } => vec![service.name()],
+    tracing::info!("Current saga pattern mode = {}", mode_name(mode));
+    let shown: Vec<&str> = match role {
+        Role::All | Role::Router => vec![],
+        Role::Coordinator { .. } => vec!["PurchaseCoordinator (orchestrator)"],
+        Role::Handler { service, .. } => vec![match service {
+            HandlerService::Wallets => "UserValidationHandler",
+            HandlerService::Inventory => "ItemGrantHandler",
+            HandlerService::PurchaseLog => "LogRecordHandler",
+            HandlerService::Notifications => "NotificationHandler",
+            HandlerService::Compensation => "CompensationHandler",
+        }],
     };
-    let mut summary = format!(
-        "Choreography event subscription summary ({} mode):",
-        mode_name(mode)
-    );
-    for subscription in sagamesh_saga::choreography() {
-        if !groups.contains(&subscription.group) {
+    let title = match mode {
+        SagaMode::Orchestration => "Orchestration command summary:",
+        _ => "Choreography event subscription summary:",
+    };
+    let mut summary = String::from(title);
+    for (handler, events) in sagamesh_saga::summary(mode) {
+        if !shown.is_empty() && !shown.contains(&handler) {
             continue;
         }
-        let events: Vec<String> = subscription
-            .event_types
-            .iter()
-            .map(|t| pascal_case(t.as_str_name()))
-            .collect();
-        summary.push_str(&format!("\n  - {} → {}", subscription.handler, events.join(", ")));
+        let events: Vec<String> = events.iter().map(|t| pascal_case(t.as_str_name())).collect();
+        summary.push_str(&format!("\n  - {handler} → {}", events.join(", ")));
     }
     tracing::info!("{summary}");
 }

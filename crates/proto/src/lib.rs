@@ -15,7 +15,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use v1::envelope::Payload;
-use v1::{Envelope, EventType, PurchaseDetails, Step};
+use v1::{Envelope, EventType, PurchaseDetails, Step, TraceContext};
 
 impl Payload {
     /// The subscription type of this payload.
@@ -38,6 +38,10 @@ impl Payload {
             Payload::StepCompensationFailed(_) => EventType::StepCompensationFailed,
             Payload::CompensationCompleted(_) => EventType::CompensationCompleted,
             Payload::PurchaseFailed(_) => EventType::PurchaseFailed,
+            Payload::ExecuteUserValidation(_) => EventType::ExecuteUserValidation,
+            Payload::ExecuteItemGrant(_) => EventType::ExecuteItemGrant,
+            Payload::ExecuteLogRecord(_) => EventType::ExecuteLogRecord,
+            Payload::ExecuteNotification(_) => EventType::ExecuteNotification,
         }
     }
 
@@ -61,6 +65,10 @@ impl Payload {
             Payload::StepCompensationFailed(e) => e.purchase.as_ref(),
             Payload::CompensationCompleted(e) => e.purchase.as_ref(),
             Payload::PurchaseFailed(e) => e.purchase.as_ref(),
+            Payload::ExecuteUserValidation(e)
+            | Payload::ExecuteItemGrant(e)
+            | Payload::ExecuteLogRecord(e)
+            | Payload::ExecuteNotification(e) => e.purchase.as_ref(),
         }
     }
 }
@@ -110,6 +118,17 @@ impl Envelope {
             .map_or(EventType::Unspecified, Payload::event_type)
     }
 
+    /// The event that `self` causes: same transaction, causation set to
+    /// this event, and a child span in the same trace.
+    pub fn caused(&self, producer: &str, payload: Payload) -> Envelope {
+        let mut next = Envelope::new(&self.transaction_id, &self.event_id, producer, payload);
+        next.trace = Some(match &self.trace {
+            Some(trace) => trace.child(),
+            None => TraceContext::root(&self.transaction_id),
+        });
+        next
+    }
+
     /// A new envelope with a fresh UUIDv7 id, stamped now.
     pub fn new(transaction_id: &str, causation_id: &str, producer: &str, payload: Payload) -> Envelope {
         Envelope {
@@ -122,6 +141,38 @@ impl Envelope {
             payload: Some(payload),
         }
     }
+}
+
+impl TraceContext {
+    /// A new W3C trace for a saga; the trace id is derived from the
+    /// transaction id, so every event of a saga shares one trace.
+    pub fn root(transaction_id: &str) -> TraceContext {
+        let trace_id = match uuid::Uuid::parse_str(transaction_id) {
+            Ok(id) => id.simple().to_string(),
+            Err(_) => uuid::Uuid::now_v7().simple().to_string(),
+        };
+        TraceContext {
+            traceparent: format!("00-{trace_id}-{}-01", new_span_id()),
+            tracestate: String::new(),
+        }
+    }
+
+    /// The same trace with a new span id.
+    pub fn child(&self) -> TraceContext {
+        let mut parts = self.traceparent.split('-');
+        match (parts.next(), parts.next()) {
+            (Some(version), Some(trace_id)) if trace_id.len() == 32 => TraceContext {
+                traceparent: format!("{version}-{trace_id}-{}-01", new_span_id()),
+                tracestate: self.tracestate.clone(),
+            },
+            _ => TraceContext::root(""),
+        }
+    }
+}
+
+/// 16 hex digits from the random part of a UUIDv7.
+fn new_span_id() -> String {
+    format!("{:016x}", uuid::Uuid::now_v7().as_u64_pair().1)
 }
 
 impl Step {

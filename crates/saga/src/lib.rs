@@ -2,18 +2,20 @@
 //! order of the steps, who subscribes to what, the input rules, and fault
 //! injection. It knows nothing of storage or gRPC.
 
+mod compensation;
 mod faults;
 mod input;
 mod topology;
 
+pub use compensation::{CompensationPlan, MAX_COMPENSATION_ATTEMPTS, PlanAction};
 pub use faults::{Fault, FaultError, Faults};
 pub use input::{InputError, MAX_ID_LEN, MAX_QUANTITY, validate_id, validate_quantity};
-pub use topology::{Subscription, choreography};
+pub use topology::{Subscription, subscription, subscriptions, summary};
 
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
-    CompensateStep, EventType, ItemGrantFailed, LogFailed, NotificationFailed, PurchaseDetails, Step,
-    StepTiming, UserValidationFailed,
+    CompensateStep, EventType, ExecuteStep, ItemGrantFailed, LogFailed, NotificationFailed, PurchaseDetails,
+    SagaMode, Step, StepTiming, UserValidationFailed,
 };
 
 /// The business steps in the order they run.
@@ -29,6 +31,45 @@ pub const STEPS: [Step; 4] = [
 pub fn steps_to_compensate(failed: Step) -> Vec<Step> {
     let position = STEPS.iter().position(|s| *s == failed).unwrap_or(0);
     STEPS[..position].iter().rev().copied().collect()
+}
+
+/// The mode a saga runs in; sagas recorded before modes existed are
+/// choreography sagas.
+pub fn saga_mode(purchase: &PurchaseDetails) -> SagaMode {
+    match purchase.mode() {
+        SagaMode::Orchestration => SagaMode::Orchestration,
+        _ => SagaMode::Choreography,
+    }
+}
+
+/// The step after `step`, if any.
+pub fn next_step(step: Step) -> Option<Step> {
+    let position = STEPS.iter().position(|s| *s == step)?;
+    STEPS.get(position + 1).copied()
+}
+
+/// Orchestration: the command to run a step.
+pub fn execute_command(step: Step, purchase: PurchaseDetails) -> Payload {
+    let command = ExecuteStep {
+        purchase: Some(purchase),
+    };
+    match step {
+        Step::UserValidation | Step::Unspecified => Payload::ExecuteUserValidation(command),
+        Step::ItemGrant => Payload::ExecuteItemGrant(command),
+        Step::LogRecord => Payload::ExecuteLogRecord(command),
+        Step::Notification => Payload::ExecuteNotification(command),
+    }
+}
+
+/// The step a command runs, with the command.
+pub fn execution_of(payload: &Payload) -> Option<(Step, &ExecuteStep)> {
+    match payload {
+        Payload::ExecuteUserValidation(c) => Some((Step::UserValidation, c)),
+        Payload::ExecuteItemGrant(c) => Some((Step::ItemGrant, c)),
+        Payload::ExecuteLogRecord(c) => Some((Step::LogRecord, c)),
+        Payload::ExecuteNotification(c) => Some((Step::Notification, c)),
+        _ => None,
+    }
 }
 
 /// The event a step reacts to in choreography.

@@ -11,6 +11,8 @@
 //!
 //! A service supplies only its business change, as a [`StepOwner`].
 
+pub mod compensation;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -83,10 +85,8 @@ pub async fn start<O: StepOwner>(
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
-    let subscription = sagamesh_saga::choreography()
-        .into_iter()
-        .find(|s| s.group == O::GROUP)
-        .expect("every step owner's group is in the topology");
+    let subscription =
+        sagamesh_saga::subscription(O::GROUP).expect("every step owner's group is in the topology");
     let relay = OutboxRelay::new();
     let handler = Arc::new(StepHandler {
         owner,
@@ -156,8 +156,16 @@ impl<O: StepOwner> Handler for StepHandler<O> {
                 let attempt = request.attempt;
                 return self.compensate(&event, purchase, attempt).await;
             }
-            if payload.event_type() == sagamesh_saga::step_input(O::STEP) {
-                let purchase = payload.purchase().cloned().unwrap_or_default();
+            // The step runs on its choreography trigger for a choreography
+            // saga, or on the coordinator's command for an orchestration one.
+            let purchase = payload.purchase().cloned().unwrap_or_default();
+            let triggered = match sagamesh_saga::saga_mode(&purchase) {
+                SagaMode::Orchestration => {
+                    sagamesh_saga::execution_of(payload).is_some_and(|(step, _)| step == O::STEP)
+                }
+                _ => payload.event_type() == sagamesh_saga::step_input(O::STEP),
+            };
+            if triggered {
                 return self.execute(&event, purchase).await;
             }
             Ok(())
@@ -172,7 +180,7 @@ impl<O: StepOwner> StepHandler<O> {
             return Err(format!("injected error in {}", O::STEP.name()));
         }
         let tx_id = cause.transaction_id.clone();
-        let cause_id = cause.event_id.clone();
+        let cause = cause.clone();
         let owner = self.owner.clone();
         tracing::debug!(
             "[{}] Starting {} for transaction: {tx_id}",
@@ -182,14 +190,14 @@ impl<O: StepOwner> StepHandler<O> {
         let done = self
             .store
             .write(move |conn| {
-                if !claim(conn, &tx_id, "step")? {
+                if !claim(conn, &cause.transaction_id, "step")? {
                     return Ok::<_, StepError>(None);
                 }
                 let executed_at = SystemTime::now();
                 let started = Instant::now();
                 let outcome = match fault {
                     Some(_) => Outcome::Failure(format!("injected failure in {}", O::STEP.name())),
-                    None => owner.execute(conn, &tx_id, &purchase)?,
+                    None => owner.execute(conn, &cause.transaction_id, &purchase)?,
                 };
                 let elapsed = started.elapsed();
                 let timing = StepTiming {
@@ -207,7 +215,7 @@ impl<O: StepOwner> StepHandler<O> {
                         reason,
                     ),
                 };
-                push_outbox(conn, &Envelope::new(&tx_id, &cause_id, O::GROUP, payload))?;
+                push_outbox(conn, &cause.caused(O::GROUP, payload))?;
                 Ok(Some(Done {
                     failed,
                     summary,
@@ -217,7 +225,6 @@ impl<O: StepOwner> StepHandler<O> {
             .await
             .map_err(|e| e.0)?;
         self.relay.nudge();
-        let tx_id = &cause.transaction_id;
         match done {
             None => tracing::info!(
                 "[{}] Already done for transaction {tx_id}; redelivery ignored",
@@ -263,12 +270,12 @@ impl<O: StepOwner> StepHandler<O> {
             ));
         }
         let tx_id = cause.transaction_id.clone();
-        let cause_id = cause.event_id.clone();
+        let cause = cause.clone();
         let owner = self.owner.clone();
         let done = self
             .store
             .write(move |conn| {
-                if !claim(conn, &tx_id, &format!("compensate#{attempt}"))? {
+                if !claim(conn, &cause.transaction_id, &format!("compensate#{attempt}"))? {
                     return Ok::<_, StepError>(None);
                 }
                 let executed_at = SystemTime::now();
@@ -278,7 +285,7 @@ impl<O: StepOwner> StepHandler<O> {
                         "injected failure in the compensation of {}",
                         O::STEP.name()
                     )),
-                    None => owner.compensate(conn, &tx_id, &purchase)?,
+                    None => owner.compensate(conn, &cause.transaction_id, &purchase)?,
                 };
                 let elapsed = started.elapsed();
                 let timing = Some(StepTiming {
@@ -309,7 +316,7 @@ impl<O: StepOwner> StepHandler<O> {
                         reason,
                     ),
                 };
-                push_outbox(conn, &Envelope::new(&tx_id, &cause_id, O::GROUP, payload))?;
+                push_outbox(conn, &cause.caused(O::GROUP, payload))?;
                 Ok(Some(Done {
                     failed,
                     summary,
@@ -319,7 +326,6 @@ impl<O: StepOwner> StepHandler<O> {
             .await
             .map_err(|e| e.0)?;
         self.relay.nudge();
-        let tx_id = &cause.transaction_id;
         match done {
             None => {}
             Some(Done {
