@@ -86,18 +86,42 @@ impl From<rusqlite::Error> for RelayError {
     }
 }
 
+/// The relay's progress: what the router confirmed, and what is deleted.
+/// Deletes trail confirmations and are batched: a delete that is lost in a
+/// crash only makes the relay publish those events again, which the router
+/// dedupes, so they need not cost an fsync each on the hot path.
+struct Progress {
+    published_through: i64,
+    deleted_through: i64,
+}
+
+/// How long confirmed events may wait before their rows are deleted.
+const DELETE_EVERY: Duration = Duration::from_millis(250);
+
 async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, shutdown: CancellationToken) {
+    let mut progress = Progress {
+        published_through: 0,
+        deleted_through: 0,
+    };
+    let mut delete_timer = tokio::time::interval(DELETE_EVERY);
+    delete_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match relay_batch(&store, &publisher).await {
+        match relay_batch(&store, &publisher, &mut progress).await {
             // A full batch: more may be waiting.
             Ok(n) if n == RELAY_BATCH => continue,
             Ok(_) => {
                 tokio::select! {
                     _ = nudge.notified() => {}
                     _ = tokio::time::sleep(RELAY_POLL) => {}
+                    _ = delete_timer.tick() => {
+                        if let Err(e) = delete_confirmed(&store, &mut progress).await {
+                            tracing::warn!(error = %e.0, "could not delete relayed outbox rows");
+                        }
+                    }
                     _ = shutdown.cancelled() => {
                         // One last pass, so a clean stop leaves an empty outbox.
-                        let _ = relay_batch(&store, &publisher).await;
+                        let _ = relay_batch(&store, &publisher, &mut progress).await;
+                        let _ = delete_confirmed(&store, &mut progress).await;
                         return;
                     }
                 }
@@ -113,12 +137,34 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, shutdown:
     }
 }
 
-/// Publishes one batch and deletes it; returns how many events it held.
-async fn relay_batch(store: &Store, publisher: &Publisher) -> Result<usize, RelayError> {
+async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), RelayError> {
+    if progress.deleted_through >= progress.published_through {
+        return Ok(());
+    }
+    let through = progress.published_through;
+    store
+        .write(move |conn| {
+            conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
+                .execute([through])?;
+            Ok::<_, RelayError>(())
+        })
+        .await?;
+    progress.deleted_through = through;
+    Ok(())
+}
+
+/// Publishes the next batch after what was confirmed; returns its size.
+async fn relay_batch(
+    store: &Store,
+    publisher: &Publisher,
+    progress: &mut Progress,
+) -> Result<usize, RelayError> {
+    let after = progress.published_through;
     let rows: Vec<(i64, Envelope)> = store
-        .read(|conn| {
-            let mut stmt = conn.prepare_cached("SELECT seq, body FROM outbox ORDER BY seq LIMIT ?1")?;
-            let rows = stmt.query_map([RELAY_BATCH as i64], |row| {
+        .read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+            let rows = stmt.query_map([after, RELAY_BATCH as i64], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
             })?;
             let mut events = Vec::new();
@@ -126,7 +172,7 @@ async fn relay_batch(store: &Store, publisher: &Publisher) -> Result<usize, Rela
                 let (seq, body) = row?;
                 match Envelope::decode(body.as_slice()) {
                     Ok(event) => events.push((seq, event)),
-                    Err(e) => tracing::error!(seq, error = %e, "dropping an undecodable outbox row"),
+                    Err(e) => tracing::error!(seq, error = %e, "skipping an undecodable outbox row"),
                 }
             }
             Ok::<_, RelayError>(events)
@@ -140,12 +186,9 @@ async fn relay_batch(store: &Store, publisher: &Publisher) -> Result<usize, Rela
         .publish(rows.into_iter().map(|(_, e)| e).collect())
         .await
         .map_err(|e| RelayError(e.to_string()))?;
-    store
-        .write(move |conn| {
-            conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
-                .execute([last])?;
-            Ok::<_, RelayError>(())
-        })
-        .await?;
+    progress.published_through = last;
+    if progress.published_through - progress.deleted_through > 4 * RELAY_BATCH as i64 {
+        delete_confirmed(store, progress).await?;
+    }
     Ok(count)
 }
