@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use sagamesh_mesh::{MeshConfig, Role};
@@ -300,14 +301,37 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sagamesh"))
 }
 
+/// Log lines a test may want to count, by a phrase they contain.
+pub const LOG_MARKERS: [&str; 3] = [
+    "fault injection: dropping",
+    "delivering again",
+    "moved to the dead-letter store",
+];
+
+/// How often each of [`LOG_MARKERS`] appeared in a process's log.
+pub type MarkerCounts = Arc<[AtomicUsize; 3]>;
+
 impl Process {
     /// Starts `sagamesh <args>` listening on an ephemeral port and waits
     /// until it logs its address.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        Process::try_start(name, args, env, "127.0.0.1:0", None)
+            .unwrap_or_else(|e| panic!("{name} did not start: {e}"))
+    }
+
+    /// Starts `sagamesh <args> --listen <listen>`; `Err` when it does not log
+    /// its address in time (for instance because the port is still taken).
+    pub fn try_start(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        listen: &str,
+        counts: Option<MarkerCounts>,
+    ) -> Result<Process, String> {
         let mut command = Command::new(binary());
         command
             .args(args)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .env_remove("SAGAMESH_FAULTS")
@@ -317,7 +341,7 @@ impl Process {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("start sagamesh");
+        let mut child = command.spawn().map_err(|e| e.to_string())?;
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
         let label = name.to_owned();
@@ -329,17 +353,30 @@ impl Process {
                     let _ = tx.send(address);
                     sent = true;
                 }
+                if let Some(counts) = &counts {
+                    for (marker, count) in LOG_MARKERS.iter().zip(counts.iter()) {
+                        if line.contains(marker) {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 if std::env::var_os("SAGAMESH_TEST_LOGS").is_some() {
                     eprintln!("[{label}] {line}");
                 }
             }
         });
-        let address = rx
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("{name} did not log its address within {DEADLINE:?}"));
-        Process {
-            address: address.parse().expect("a socket address in the log"),
-            child,
+        match rx.recv_timeout(DEADLINE) {
+            Ok(address) => Ok(Process {
+                address: address
+                    .parse()
+                    .map_err(|_| format!("bad address {address} in the log"))?,
+                child,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("no address logged within {DEADLINE:?}"))
+            }
         }
     }
 

@@ -93,6 +93,12 @@ struct Common {
     /// Deliveries of one event to one group before it is dead-lettered.
     #[arg(long, env = "SAGAMESH_MAX_ATTEMPTS", default_value_t = 5)]
     max_attempts: u32,
+    /// First delay before a nacked delivery goes out again; it doubles per
+    /// attempt (with ±50% jitter) up to --retry-max-ms.
+    #[arg(long, env = "SAGAMESH_RETRY_BASE_MS", default_value_t = 50)]
+    retry_base_ms: u64,
+    #[arg(long, env = "SAGAMESH_RETRY_MAX_MS", default_value_t = 5_000)]
+    retry_max_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -170,6 +176,11 @@ impl Common {
         };
         config.ack_deadline = Duration::from_millis(self.ack_deadline_ms);
         config.max_attempts = self.max_attempts;
+        if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
+            return Err("--retry-base-ms must be at least 1 and at most --retry-max-ms".into());
+        }
+        config.retry_base = Duration::from_millis(self.retry_base_ms);
+        config.retry_max = Duration::from_millis(self.retry_max_ms);
         Ok(config)
     }
 }

@@ -86,6 +86,9 @@ pub struct MeshConfig {
     pub demo_data: bool,
     pub ack_deadline: Duration,
     pub max_attempts: u32,
+    /// Redelivery backoff after a nack: doubles from base to max, jittered.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
     /// Deliveries each handler instance takes at once.
     pub max_in_flight: u32,
     /// How long a stop waits for work in progress.
@@ -102,6 +105,8 @@ impl MeshConfig {
             demo_data: true,
             ack_deadline: Duration::from_secs(30),
             max_attempts: 5,
+            retry_base: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
             max_in_flight: 256,
             grace: Duration::from_secs(10),
         }
@@ -181,6 +186,9 @@ pub async fn run(
         let mut router_config = RouterConfig::new(config.mode, sagamesh_saga::subscriptions());
         router_config.ack_deadline = config.ack_deadline;
         router_config.max_attempts = config.max_attempts;
+        router_config.retry_base = config.retry_base;
+        router_config.retry_max = config.retry_max;
+        router_config.drop_stream_probability = config.faults.drop_stream_probability();
         let router = Router::start(Arc::new(log), router_config, &tasks, drain.clone()).await?;
         services.router = Some(router.service().into_server());
     }

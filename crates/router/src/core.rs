@@ -35,9 +35,8 @@ const TICK: Duration = Duration::from_millis(20);
 const TRUNCATE_EVERY: Duration = Duration::from_secs(5);
 /// Events read per page while recovering.
 const RECOVERY_PAGE: usize = 10_000;
-/// First delay before a nacked event goes out again; doubles per attempt.
-const RETRY_BASE: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long to wait before trying again to store a dead letter.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// What a stream sends to its instance.
 pub(crate) type Outbound = mpsc::Sender<Result<AttachResponse, Status>>;
@@ -360,7 +359,15 @@ impl Core {
         let Some(gone) = self.instances.remove(&instance) else {
             return;
         };
-        tracing::info!(instance, in_flight = gone.in_flight.len(), "handler detached");
+        if gone.in_flight.is_empty() {
+            tracing::info!(instance, "handler detached");
+        } else {
+            tracing::info!(
+                instance,
+                in_flight = gone.in_flight.len(),
+                "handler detached; delivering again its unacked events"
+            );
+        }
         let Some(group) = gone.group else { return };
         self.groups[group].instances.retain(|i| *i != instance);
         for delivery_id in gone.in_flight {
@@ -460,7 +467,7 @@ impl Core {
                         Ok(_) => break,
                         Err(e) => {
                             tracing::error!(error = %e, "could not store a dead letter; retrying");
-                            tokio::time::sleep(RETRY_MAX).await;
+                            tokio::time::sleep(DEAD_LETTER_RETRY).await;
                         }
                     }
                 }
@@ -480,9 +487,12 @@ impl Core {
             return;
         }
         if delay {
-            let backoff = RETRY_BASE
-                .saturating_mul(1 << head.attempts.min(16))
-                .min(RETRY_MAX);
+            let exponential = self
+                .config
+                .retry_base
+                .saturating_mul(1 << head.attempts.saturating_sub(1).min(16))
+                .min(self.config.retry_max);
+            let backoff = exponential.mul_f64(0.5 + rand::random::<f64>());
             self.delayed
                 .push((Instant::now() + backoff, flight.group, flight.transaction));
         } else {
@@ -608,6 +618,21 @@ impl Core {
             );
         }
         for (instance_id, deliveries) in batches {
+            if self.config.drop_stream_probability > 0.0
+                && rand::random::<f64>() < self.config.drop_stream_probability
+            {
+                tracing::warn!(
+                    instance = instance_id,
+                    "fault injection: dropping a handler's stream"
+                );
+                if let Some(instance) = self.instances.get(&instance_id) {
+                    let _ = instance.outbound.try_send(Err(Status::unavailable(
+                        "the router dropped this stream (fault injection)",
+                    )));
+                }
+                self.detach(instance_id);
+                continue;
+            }
             let message = AttachResponse {
                 kind: Some(attach_response::Kind::Deliveries(Deliveries { deliveries })),
             };

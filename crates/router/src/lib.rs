@@ -43,6 +43,14 @@ pub struct RouterConfig {
     pub ack_deadline: Duration,
     /// Deliveries of one event to one group before it is dead-lettered.
     pub max_attempts: u32,
+    /// The delay before a nacked event goes out again doubles per attempt
+    /// from `retry_base` up to `retry_max`, with ±50% jitter so that a
+    /// burst of failures does not come back as a burst.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Fault injection: the chance of breaking a stream as it is delivered
+    /// to (0 in production).
+    pub drop_stream_probability: f64,
 }
 
 impl RouterConfig {
@@ -52,6 +60,9 @@ impl RouterConfig {
             subscriptions,
             ack_deadline: Duration::from_secs(30),
             max_attempts: 5,
+            retry_base: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+            drop_stream_probability: 0.0,
         }
     }
 }

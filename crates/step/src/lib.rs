@@ -175,7 +175,7 @@ impl<O: StepOwner> Handler for StepHandler<O> {
 
 impl<O: StepOwner> StepHandler<O> {
     async fn execute(&self, cause: &Envelope, purchase: PurchaseDetails) -> Result<(), String> {
-        let fault = self.faults.step(O::STEP);
+        let fault = self.faults.step(O::STEP, &cause.transaction_id);
         if fault == Some(Fault::Error) {
             return Err(format!("injected error in {}", O::STEP.name()));
         }
@@ -262,7 +262,7 @@ impl<O: StepOwner> StepHandler<O> {
         purchase: PurchaseDetails,
         attempt: u32,
     ) -> Result<(), String> {
-        let fault = self.faults.compensation(O::STEP);
+        let fault = self.faults.compensation(O::STEP, &cause.transaction_id);
         if fault == Some(Fault::Error) {
             return Err(format!(
                 "injected error in the compensation of {}",
