@@ -188,13 +188,15 @@ async fn chaos_kills_and_drops_lose_nothing_and_double_nothing() {
     let router = Clients::new(cluster.addresses["router"].parse().unwrap());
     wait_serving(&front).await;
 
-    // Users, some too poor for much; items, some soon sold out.
+    // Users, some too poor for much; items, some soon sold out. Money and
+    // stock grow with the load, so a soak keeps its mix of outcomes.
+    let scale = (purchases as u64 / 2_000).max(1);
     let mut balances = BTreeMap::new();
     for u in 0..40 {
         let balance = if u % 5 == 0 {
             rng.random_range(0..300)
         } else {
-            rng.random_range(2_000..20_000)
+            rng.random_range(2_000..20_000) * scale
         };
         let user = format!("user-{u}");
         wallets.create_user(&user, balance).await;
@@ -202,7 +204,11 @@ async fn chaos_kills_and_drops_lose_nothing_and_double_nothing() {
     }
     let mut stocks = BTreeMap::new();
     for i in 0..6 {
-        let stock = if i == 0 { 30 } else { rng.random_range(200..2_000) };
+        let stock = if i == 0 {
+            30
+        } else {
+            rng.random_range(200..2_000) * scale
+        };
         let item = format!("item-{i}");
         inventory
             .create_item(&item, rng.random_range(10..200), stock)

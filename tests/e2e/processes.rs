@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sagamesh_proto::v1::{
-    EventType, ListDeadLettersRequest, ListTransactionsRequest, PurchaseRequest, ReplayDeadLetterRequest,
-    SagaMode, TransactionStatus,
+    EventType, GetStatsRequest, ListDeadLettersRequest, ListTransactionsRequest, PurchaseRequest,
+    ReplayDeadLetterRequest, SagaMode, TransactionStatus,
 };
 
 use crate::support::{Clients, Process, eventually, in_both_modes, mode_arg, wait_serving};
@@ -157,10 +157,31 @@ async fn separate_processes_run_the_saga_and_recover_a_dead_letter(mode: SagaMod
         "{}",
         letter.last_error
     );
+    let waiting = eventually("the saga to say it waits on the dead letter", || {
+        let front = front.clone();
+        let stuck = stuck.clone();
+        async move { front.transaction(&stuck).await.waiting_on_dead_letter }
+    })
+    .await;
+    assert_eq!(waiting.dead_letter_id, letter.id);
+    assert_eq!(waiting.group, "purchase-log");
+    assert!(
+        waiting.last_error.contains("injected error"),
+        "{}",
+        waiting.last_error
+    );
     assert_eq!(
         front.transaction(&stuck).await.status(),
         TransactionStatus::InProgress
     );
+    let stats = front
+        .coordinator
+        .clone()
+        .get_stats(GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.dead_letters, 1);
 
     // Fixed and replayed, the saga completes.
     mesh.processes.get_mut("purchase-log").unwrap().kill();
@@ -173,6 +194,7 @@ async fn separate_processes_run_the_saga_and_recover_a_dead_letter(mode: SagaMod
         .unwrap();
     let (_, recovered) = front.follow(&stuck).await;
     assert_eq!(recovered.status(), TransactionStatus::Completed);
+    assert_eq!(recovered.waiting_on_dead_letter, None, "the saga moved on");
     assert_eq!(inventory.held("kim", "lance").await, 3);
 }
 

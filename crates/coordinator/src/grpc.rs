@@ -221,6 +221,7 @@ impl PurchaseCoordinator for CoordinatorService {
                 .compensation_failures
                 .load(Ordering::Relaxed),
             by_mode,
+            dead_letters: self.coordinator.inner.dead_letters.load(Ordering::Relaxed),
         }))
     }
 }

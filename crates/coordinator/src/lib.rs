@@ -22,8 +22,8 @@ use std::time::SystemTime;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::{
-    Envelope, GetItemRequest, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext, Transaction,
-    TransactionStatus, TransactionUpdate,
+    Envelope, EventType, GetItemRequest, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext,
+    Transaction, TransactionStatus, TransactionUpdate,
 };
 use sagamesh_router_client::{BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient};
 use sagamesh_sqlite::{Durability, Store, StoreError};
@@ -91,6 +91,7 @@ struct Inner {
     watchers: watchers::Watchers,
     steps: stats::StepStats,
     compensation_failures: AtomicU64,
+    dead_letters: AtomicU64,
 }
 
 impl Coordinator {
@@ -111,6 +112,7 @@ impl Coordinator {
                 watchers: watchers::Watchers::default(),
                 steps: stats::StepStats::new(),
                 compensation_failures: AtomicU64::new(0),
+                dead_letters: AtomicU64::new(0),
             }),
         })
     }
@@ -270,6 +272,7 @@ impl Coordinator {
             Some(Payload::CompensationCompleted(done)) => done.failed.len() as u64,
             _ => 0,
         };
+        let dead_lettered = u64::from(event_type == EventType::DeadLettered);
         let tx_id = event.transaction_id.clone();
         let applied = self
             .inner
@@ -290,6 +293,9 @@ impl Coordinator {
         self.inner
             .compensation_failures
             .fetch_add(compensation_failures, Ordering::Relaxed);
+        self.inner
+            .dead_letters
+            .fetch_add(dead_lettered, Ordering::Relaxed);
         self.inner.watchers.publish(TransactionUpdate {
             transaction: Some(transaction),
             event: event_type as i32,

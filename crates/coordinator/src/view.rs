@@ -55,6 +55,12 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
     let Some(payload) = event.payload.as_ref() else {
         return true;
     };
+    if let Payload::DeadLettered(letter) = payload {
+        view.waiting_on_dead_letter = Some(letter.clone());
+        return true;
+    }
+    // Any other event means the saga moves again.
+    view.waiting_on_dead_letter = None;
     if let Some((step, failed)) = sagamesh_saga::step_outcome(event_type) {
         let timing = payload.timing().cloned().unwrap_or_default();
         let (status, error) = if failed {

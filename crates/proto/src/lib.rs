@@ -42,6 +42,7 @@ impl Payload {
             Payload::ExecuteItemGrant(_) => EventType::ExecuteItemGrant,
             Payload::ExecuteLogRecord(_) => EventType::ExecuteLogRecord,
             Payload::ExecuteNotification(_) => EventType::ExecuteNotification,
+            Payload::DeadLettered(_) => EventType::DeadLettered,
         }
     }
 
@@ -69,6 +70,7 @@ impl Payload {
             | Payload::ExecuteItemGrant(e)
             | Payload::ExecuteLogRecord(e)
             | Payload::ExecuteNotification(e) => e.purchase.as_ref(),
+            Payload::DeadLettered(_) => None,
         }
     }
 }

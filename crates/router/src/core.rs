@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sagamesh_log::{DeadLetter, EventLog, LogError, Offset, StoredEvent};
+use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
-    AttachResponse, Deliveries, Delivery, Envelope, EventType, Hello, SagaMode, Welcome, attach_response,
+    AttachResponse, DeadLettered, Deliveries, Delivery, Envelope, EventType, Hello, SagaMode, Welcome,
+    attach_response,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::RouterConfig;
+use crate::appender::Append;
 
 /// Commands waiting for the core. When full, streams wait before reading on.
 pub(crate) const COMMAND_QUEUE: usize = 8192;
@@ -119,6 +122,8 @@ pub(crate) struct Core {
     log: Arc<dyn EventLog>,
     config: Arc<RouterConfig>,
     commands: mpsc::Sender<Command>,
+    /// For the router's own `DeadLettered` events.
+    appender: mpsc::Sender<Append>,
     groups: Vec<Group>,
     groups_by_type: HashMap<EventType, Vec<usize>>,
     instances: HashMap<u64, Instance>,
@@ -142,6 +147,7 @@ impl Core {
         log: Arc<dyn EventLog>,
         config: Arc<RouterConfig>,
         commands: mpsc::Sender<Command>,
+        appender: mpsc::Sender<Append>,
     ) -> Result<Core, LogError> {
         let cursors: HashMap<String, Offset> = log.load_cursors().await?.into_iter().collect();
         let mut groups_by_type: HashMap<EventType, Vec<usize>> = HashMap::new();
@@ -169,6 +175,7 @@ impl Core {
             log,
             config,
             commands,
+            appender,
             groups,
             groups_by_type,
             instances: HashMap::new(),
@@ -454,7 +461,7 @@ impl Core {
                 "event moved to the dead-letter store"
             );
             let replay_of = head.replay_of;
-            let (log, commands) = (self.log.clone(), self.commands.clone());
+            let (log, commands, appender) = (self.log.clone(), self.commands.clone(), self.appender.clone());
             let (group_index, transaction) = (flight.group, flight.transaction);
             tokio::spawn(async move {
                 // Until the dead letter is stored, the transaction waits:
@@ -464,7 +471,28 @@ impl Core {
                         .put_dead_letter(group_name.clone(), envelope.clone(), attempts, error.clone())
                         .await
                     {
-                        Ok(_) => break,
+                        Ok(id) => {
+                            // Tell the saga's watchers why it stopped.
+                            let notice = envelope.caused(
+                                "router",
+                                Payload::DeadLettered(DeadLettered {
+                                    dead_letter_id: id,
+                                    group: group_name.clone(),
+                                    event_id: envelope.event_id.clone(),
+                                    event: envelope.event_type() as i32,
+                                    attempts,
+                                    last_error: error.clone(),
+                                }),
+                            );
+                            let (reply, _) = oneshot::channel();
+                            let _ = appender
+                                .send(Append {
+                                    events: vec![Arc::new(notice)],
+                                    reply,
+                                })
+                                .await;
+                            break;
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "could not store a dead letter; retrying");
                             tokio::time::sleep(DEAD_LETTER_RETRY).await;

@@ -86,9 +86,9 @@ impl Router {
     ) -> Result<Router, LogError> {
         let config = Arc::new(config);
         let (core, core_rx) = mpsc::channel(core::COMMAND_QUEUE);
-        let state = core::Core::recover(log.clone(), config.clone(), core.clone()).await?;
-        tasks.spawn(state.run(core_rx, shutdown.clone()));
         let (appender, append_rx) = mpsc::channel(appender::APPEND_QUEUE);
+        let state = core::Core::recover(log.clone(), config.clone(), core.clone(), appender.clone()).await?;
+        tasks.spawn(state.run(core_rx, shutdown.clone()));
         tasks.spawn(appender::run(log.clone(), append_rx, core.clone(), shutdown));
         Ok(Router { core, appender, log })
     }

@@ -131,7 +131,7 @@ mod tests {
     #[test]
     fn the_coordinator_sees_every_event() {
         let coordinator = subscription("coordinator").unwrap();
-        assert_eq!(coordinator.event_types.len(), 21);
+        assert_eq!(coordinator.event_types.len(), 22);
         assert!(coordinator.event_types.contains(&EventType::ExecuteNotification));
     }
 
