@@ -6,6 +6,7 @@ mod chaos;
 mod flows;
 mod idempotency;
 mod interop;
+mod overload;
 mod processes;
 mod router;
 mod support;

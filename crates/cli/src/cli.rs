@@ -99,6 +99,10 @@ struct Common {
     retry_base_ms: u64,
     #[arg(long, env = "SAGAMESH_RETRY_MAX_MS", default_value_t = 5_000)]
     retry_max_ms: u64,
+    /// Sagas in progress at once; past it Purchase answers
+    /// RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "SAGAMESH_MAX_SAGAS_IN_FLIGHT", default_value_t = 10_000)]
+    max_sagas_in_flight: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -180,6 +184,7 @@ impl Common {
             return Err("--retry-base-ms must be at least 1 and at most --retry-max-ms".into());
         }
         config.retry_base = Duration::from_millis(self.retry_base_ms);
+        config.max_sagas_in_flight = self.max_sagas_in_flight;
         config.retry_max = Duration::from_millis(self.retry_max_ms);
         Ok(config)
     }

@@ -262,6 +262,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NoSuchTransaction(_) => Status::not_found(e.to_string()),
             CoordinatorError::KeyReused { .. } => Status::failed_precondition(e.to_string()),
             CoordinatorError::Pricing(_) => Status::unavailable(e.to_string()),
+            CoordinatorError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
             CoordinatorError::Corrupt(_) | CoordinatorError::Store(_) => {
                 tracing::error!(error = %e, "coordinator store failed");
                 Status::unavailable("the coordinator's store is unavailable; try again")

@@ -46,6 +46,8 @@ pub enum CoordinatorError {
     KeyReused { key: String, existing: String },
     #[error("the total price of {quantity} x {unit_price} is too large")]
     PriceOverflow { quantity: u32, unit_price: u64 },
+    #[error("{in_flight} purchases are in progress, the most this coordinator takes at once; retry shortly")]
+    Overloaded { in_flight: u64 },
     #[error("cannot price the purchase: the inventory service answered {0}")]
     Pricing(String),
     #[error("a stored transaction could not be decoded: {0}")]
@@ -92,15 +94,23 @@ struct Inner {
     steps: stats::StepStats,
     compensation_failures: AtomicU64,
     dead_letters: AtomicU64,
+    /// Sagas recorded and not ended (approximate under races, never
+    /// negative), for admission control.
+    sagas_in_flight: AtomicU64,
+    max_sagas_in_flight: u64,
 }
 
 impl Coordinator {
     /// Opens the coordinator's store in `data_dir`.
+    /// `max_sagas_in_flight` bounds the sagas that have not ended: past it,
+    /// `Purchase` is refused at once, so a burst cannot grow every queue
+    /// behind it without bound.
     pub fn open(
         data_dir: &Path,
         durability: Durability,
         inventory: Channel,
         mode: SagaMode,
+        max_sagas_in_flight: u64,
     ) -> Result<Coordinator, StoreError> {
         let store = Store::open(&data_dir.join("coordinator.db"), durability, store::MIGRATIONS)?;
         Ok(Coordinator {
@@ -113,6 +123,8 @@ impl Coordinator {
                 steps: stats::StepStats::new(),
                 compensation_failures: AtomicU64::new(0),
                 dead_letters: AtomicU64::new(0),
+                sagas_in_flight: AtomicU64::new(0),
+                max_sagas_in_flight,
             }),
         })
     }
@@ -125,6 +137,8 @@ impl Coordinator {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<(), ClientError> {
+        let unfinished = self.inner.store.read(store::unfinished).await.unwrap_or(0);
+        self.inner.sagas_in_flight.store(unfinished, Ordering::Relaxed);
         let subscription =
             sagamesh_saga::subscription(GROUP).expect("the coordinator group is in the topology");
         let client = RouterClient::start(
@@ -165,6 +179,9 @@ impl Coordinator {
                 return same_order(existing, &order);
             }
         }
+        // Reserve a place first, so concurrent purchases cannot all slip
+        // past the check; the reservation is released unless a saga starts.
+        let reservation = Reservation::take(&self.inner.sagas_in_flight, self.inner.max_sagas_in_flight)?;
         let unit_price = self.price(&order.item_id).await?;
         let total_price = unit_price
             .checked_mul(u64::from(order.quantity))
@@ -221,6 +238,7 @@ impl Coordinator {
         if let Some(existing) = existing {
             return same_order(existing, &order);
         }
+        reservation.keep();
         self.inner.relay.nudge();
         tracing::info!(
             tx_id = %transaction_id,
@@ -279,9 +297,22 @@ impl Coordinator {
             .store
             .write(move |conn| store::apply(conn, &event))
             .await?;
-        let Some((transaction, actions)) = applied else {
+        let Some(store::Applied {
+            transaction,
+            actions,
+            ended,
+        }) = applied
+        else {
             return Ok(());
         };
+        if ended {
+            let _ = self
+                .inner
+                .sagas_in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+        }
         if transaction.mode() == SagaMode::Orchestration && !view::is_terminal(transaction.status()) {
             // The orchestrator wrote its next command.
             self.inner.relay.nudge();
@@ -301,6 +332,39 @@ impl Coordinator {
             event: event_type as i32,
         });
         Ok(())
+    }
+}
+
+/// A place among the sagas in flight, given back on drop unless kept.
+struct Reservation<'a> {
+    in_flight: &'a AtomicU64,
+    kept: bool,
+}
+
+impl<'a> Reservation<'a> {
+    fn take(in_flight: &'a AtomicU64, limit: u64) -> Result<Reservation<'a>, CoordinatorError> {
+        let before = in_flight.fetch_add(1, Ordering::Relaxed);
+        let reservation = Reservation {
+            in_flight,
+            kept: false,
+        };
+        if before >= limit {
+            return Err(CoordinatorError::Overloaded { in_flight: before });
+        }
+        Ok(reservation)
+    }
+
+    /// The saga started: it holds the place until it ends.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

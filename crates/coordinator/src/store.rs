@@ -114,13 +114,19 @@ pub(crate) fn get(conn: &Connection, transaction_id: &str) -> Result<Option<Tran
     body.map(|b| decode(&b)).transpose()
 }
 
+/// What applying one event did.
+pub(crate) struct Applied {
+    pub transaction: Transaction,
+    /// Compensation actions the orchestrator took, for the log.
+    pub actions: Vec<PlanAction>,
+    /// The saga reached a terminal state with this event.
+    pub ended: bool,
+}
+
 /// Applies a saga event to its transaction's view and, for an orchestration
 /// saga, decides what comes next; `None` when it changed nothing (a
 /// redelivery).
-pub(crate) fn apply(
-    conn: &Connection,
-    event: &Envelope,
-) -> Result<Option<(Transaction, Vec<PlanAction>)>, CoordinatorError> {
+pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applied>, CoordinatorError> {
     let existing = get(conn, &event.transaction_id)?;
     let is_new = existing.is_none();
     let mut transaction = existing.unwrap_or_else(|| view::from_event(event));
@@ -157,7 +163,22 @@ pub(crate) fn apply(
     } else {
         Vec::new()
     };
-    Ok(Some((transaction, actions)))
+    let ended = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default())
+        && view::is_terminal(transaction.status());
+    Ok(Some(Applied {
+        transaction,
+        actions,
+        ended,
+    }))
+}
+
+/// How many sagas have not ended.
+pub(crate) fn unfinished(conn: &Connection) -> Result<u64, CoordinatorError> {
+    Ok(status_counts(conn)?
+        .into_iter()
+        .filter(|(_, status, _)| !view::is_terminal(TransactionStatus::try_from(*status).unwrap_or_default()))
+        .map(|(_, _, count)| count)
+        .sum())
 }
 
 /// A page of transactions, newest first, below the sequence number `before`.

@@ -91,6 +91,9 @@ pub struct MeshConfig {
     pub retry_max: Duration,
     /// Deliveries each handler instance takes at once.
     pub max_in_flight: u32,
+    /// Sagas in progress at once; past it `Purchase` answers
+    /// RESOURCE_EXHAUSTED.
+    pub max_sagas_in_flight: u64,
     /// How long a stop waits for work in progress.
     pub grace: Duration,
 }
@@ -108,6 +111,7 @@ impl MeshConfig {
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             max_in_flight: 256,
+            max_sagas_in_flight: 10_000,
             grace: Duration::from_secs(10),
         }
     }
@@ -236,7 +240,13 @@ pub async fn run(
         None
     };
     let coordinator = if matches!(role, Role::All | Role::Coordinator { .. }) {
-        let coordinator = Coordinator::open(dir, durability, inventory_channel, config.mode)?;
+        let coordinator = Coordinator::open(
+            dir,
+            durability,
+            inventory_channel,
+            config.mode,
+            config.max_sagas_in_flight,
+        )?;
         services.coordinator = Some(CoordinatorService::new(coordinator.clone()));
         Some(coordinator)
     } else {
