@@ -11,7 +11,9 @@ use sagamesh_proto::v1::{
     ReplayDeadLetterRequest, SagaMode, TransactionStatus,
 };
 
-use crate::support::{Clients, Process, eventually, in_both_modes, mode_arg, wait_serving};
+use tokio::sync::Mutex;
+
+use crate::support::{Clients, MarkerCounts, Process, eventually, in_both_modes, mode_arg, wait_serving};
 
 /// Router, coordinator and every handler, each its own process.
 struct Deployment {
@@ -403,8 +405,84 @@ async fn every_transaction(clients: &Clients) -> Vec<sagamesh_proto::v1::Transac
     }
 }
 
+/// SIGTERM: the mesh stops taking work, finishes or hands back what it
+/// holds, flushes its outboxes and exits 0; after a restart every saga ends
+/// and nothing is lost or doubled.
+async fn sigterm_drains_and_exits_cleanly(mode: SagaMode) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let args = [
+        "up",
+        "--data-dir",
+        data.as_str(),
+        "--no-demo-data",
+        "--mode",
+        mode_arg(mode),
+    ];
+    let counts: MarkerCounts = Arc::new(Default::default());
+    let mut mesh = Process::try_start("mesh", &args, &[], "127.0.0.1:0", Some(counts.clone())).unwrap();
+    let clients = Clients::new(mesh.address);
+    wait_serving(&clients).await;
+    clients.create_user("olga", 100_000).await;
+    clients.create_item("lamp", 3, 10_000).await;
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let mut buyers = Vec::new();
+    for _ in 0..8 {
+        let (clients, accepted) = (clients.clone(), accepted.clone());
+        buyers.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                let request = PurchaseRequest {
+                    user_id: "olga".into(),
+                    item_id: "lamp".into(),
+                    quantity: 1,
+                    idempotency_key: String::new(),
+                };
+                match clients.coordinator.clone().purchase(request).await {
+                    Ok(response) => accepted.lock().await.push(response.into_inner().transaction_id),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    eventually("purchases to be under way", || {
+        let accepted = accepted.clone();
+        async move { (accepted.lock().await.len() >= 100).then_some(()) }
+    })
+    .await;
+    mesh.terminate();
+    let status = mesh.wait_exit().await;
+    assert!(status.success(), "a graceful stop exits 0, not {status:?}");
+    assert!(
+        counts[3].load(Ordering::Relaxed) >= 1,
+        "the handlers report that they drained"
+    );
+    for buyer in buyers {
+        let _ = buyer.await;
+    }
+
+    let mesh = Process::start("mesh", &args, &[]);
+    let clients = Clients::new(mesh.address);
+    wait_serving(&clients).await;
+    let accepted = accepted.lock().await.clone();
+    let all = every_transaction(&clients).await;
+    assert!(
+        accepted
+            .iter()
+            .all(|id| all.iter().any(|t| &t.transaction_id == id)),
+        "every accepted purchase is recorded"
+    );
+    for transaction in &all {
+        let (_, done) = clients.follow(&transaction.transaction_id).await;
+        assert_eq!(done.status(), TransactionStatus::Completed, "{done:?}");
+    }
+    let total = all.len() as u64;
+    assert_eq!(clients.balance("olga").await, 100_000 - 3 * total);
+    assert_eq!(clients.held("olga", "lamp").await, total);
+}
+
 in_both_modes!(
     separate_processes_run_the_saga_and_recover_a_dead_letter,
     a_handler_in_the_wrong_mode_is_refused_and_exits,
     a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock,
+    sigterm_drains_and_exits_cleanly,
 );

@@ -302,14 +302,15 @@ pub fn binary() -> PathBuf {
 }
 
 /// Log lines a test may want to count, by a phrase they contain.
-pub const LOG_MARKERS: [&str; 3] = [
+pub const LOG_MARKERS: [&str; 4] = [
     "fault injection: dropping",
     "delivering again",
     "moved to the dead-letter store",
+    "drained:",
 ];
 
 /// How often each of [`LOG_MARKERS`] appeared in a process's log.
-pub type MarkerCounts = Arc<[AtomicUsize; 3]>;
+pub type MarkerCounts = Arc<[AtomicUsize; 4]>;
 
 impl Process {
     /// Starts `sagamesh <args>` listening on an ephemeral port and waits
@@ -378,6 +379,25 @@ impl Process {
                 Err(format!("no address logged within {DEADLINE:?}"))
             }
         }
+    }
+
+    /// SIGTERM: a graceful stop.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit by itself; returns its exit status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        eventually("the process to exit", || {
+            let status = child.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await
     }
 
     /// SIGKILL: no chance to flush anything.

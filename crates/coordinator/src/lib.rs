@@ -155,9 +155,10 @@ impl Coordinator {
             shutdown.clone(),
         )
         .await?;
+        let drained = client.drained();
         self.inner
             .relay
-            .start(self.inner.store.clone(), client.publisher(), tasks, shutdown);
+            .start(self.inner.store.clone(), client.into_publisher(), tasks, drained);
         Ok(())
     }
 

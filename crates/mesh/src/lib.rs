@@ -176,9 +176,12 @@ pub async fn run(
         .local_addr()
         .map_err(|e| MeshError::Serve(e.to_string()))?;
     let tasks = TaskTracker::new();
-    // Background tasks (relays, router streams) stop with the servers: an
-    // open Attach stream would otherwise hold the server's drain open.
+    // A stop runs in order: the server stops accepting; handlers finish the
+    // deliveries in hand, hand the rest back and flush their outboxes, which
+    // ends their Attach streams; then the server is done and the router
+    // (which those last publishes still needed) stops.
     let drain = shutdown.child_token();
+    let router_stop = CancellationToken::new();
     let mut services = Services::default();
     let own = channel(&address.to_string())?;
     let dir = &config.data_dir;
@@ -193,7 +196,7 @@ pub async fn run(
         router_config.retry_base = config.retry_base;
         router_config.retry_max = config.retry_max;
         router_config.drop_stream_probability = config.faults.drop_stream_probability();
-        let router = Router::start(Arc::new(log), router_config, &tasks, drain.clone()).await?;
+        let router = Router::start(Arc::new(log), router_config, &tasks, router_stop.clone()).await?;
         services.router = Some(router.service().into_server());
     }
     let (router_channel, inventory_channel) = match &role {
@@ -299,7 +302,8 @@ pub async fn run(
             Err(e)
         }
     };
-    // Servers are down: wait for the background tasks.
+    // Servers are down: stop the router and wait for every task.
+    router_stop.cancel();
     drain.cancel();
     tasks.close();
     if tokio::time::timeout(config.grace, tasks.wait()).await.is_err() {

@@ -34,6 +34,8 @@ const PUBLISH_QUEUE: usize = 256;
 const ACK_QUEUE: usize = 4096;
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How long a stop waits for deliveries in hand and the last publishes.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -92,6 +94,7 @@ impl Publisher {
 /// A running attachment.
 pub struct RouterClient {
     publisher: Publisher,
+    drained: CancellationToken,
 }
 
 enum Done {
@@ -128,22 +131,34 @@ impl RouterClient {
             .max_encoding_message_size(16 * 1024 * 1024);
         let first = attach(&client, &hello).await?;
         let (jobs, job_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let drained = CancellationToken::new();
         let connection = Connection {
             client,
             hello,
             handler,
             tasks: tasks.clone(),
             shutdown,
+            drained: drained.clone(),
             jobs: job_rx,
+            publishers_gone: false,
         };
         tasks.spawn(connection.run(first));
         Ok(RouterClient {
             publisher: Publisher { jobs },
+            drained,
         })
     }
 
-    pub fn publisher(&self) -> Publisher {
-        self.publisher.clone()
+    /// Takes the publisher: the stream stays open on a stop until every
+    /// publisher taken is dropped, so the holder can flush first.
+    pub fn into_publisher(self) -> Publisher {
+        self.publisher
+    }
+
+    /// Cancelled during a stop once no delivery is being handled: nothing
+    /// more will be written to the outbox by this instance's handler.
+    pub fn drained(&self) -> CancellationToken {
+        self.drained.clone()
     }
 }
 
@@ -183,7 +198,18 @@ struct Connection {
     handler: Arc<dyn Handler>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Cancelled once no delivery is being handled any more during a stop:
+    /// the relay's cue to flush the outbox one last time.
+    drained: CancellationToken,
     jobs: mpsc::Receiver<PublishJob>,
+    /// Every `Publisher` is gone (the relay finished): no publish can come.
+    publishers_gone: bool,
+}
+
+/// What one stream ended with.
+enum Ended {
+    Broke,
+    Stopped,
 }
 
 impl Connection {
@@ -196,7 +222,7 @@ impl Connection {
                 Some(current) => current,
                 None => {
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
+                        _ = self.shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     match attach(&self.client, &self.hello).await {
@@ -212,20 +238,22 @@ impl Connection {
             generation += 1;
             backoff = RECONNECT_MIN;
             let started = Instant::now();
-            let stop = self.serve(current, generation).await;
-            if stop {
-                return;
+            match self.serve(current, generation).await {
+                Ended::Stopped => break,
+                Ended::Broke => tracing::warn!(
+                    service = %self.hello.service,
+                    after_ms = started.elapsed().as_millis() as u64,
+                    "router stream ended; reattaching"
+                ),
             }
-            tracing::warn!(
-                service = %self.hello.service,
-                after_ms = started.elapsed().as_millis() as u64,
-                "router stream ended; reattaching"
-            );
         }
+        self.drained.cancel();
     }
 
-    /// Serves one stream until it breaks (false) or shutdown (true).
-    async fn serve(&mut self, attached: Attached, generation: u64) -> bool {
+    /// Serves one stream until it breaks, or until a stop has drained it:
+    /// deliveries in hand are finished and acked, new ones are handed back
+    /// (nacked), and the relay's last publishes are through.
+    async fn serve(&mut self, attached: Attached, generation: u64) -> Ended {
         let Attached {
             outbound,
             mut inbound,
@@ -233,14 +261,46 @@ impl Connection {
         let (done_tx, mut done_rx) = mpsc::channel::<Done>(ACK_QUEUE);
         let mut pending: HashMap<u64, oneshot::Sender<Result<PublishResponse, ClientError>>> = HashMap::new();
         let mut next_request = 1u64;
+        let mut handling = 0usize;
+        let mut handed_back = 0usize;
+        let mut stop_by: Option<tokio::time::Instant> = None;
         let group = self.hello.group.clone();
-        let broke = loop {
+        let ended = loop {
+            if stop_by.is_some() {
+                if handling == 0 {
+                    self.drained.cancel();
+                }
+                if handling == 0 && self.publishers_gone && pending.is_empty() {
+                    tracing::info!(
+                        service = %self.hello.service,
+                        handed_back,
+                        "drained: deliveries in hand finished, the rest handed back, outbox flushed"
+                    );
+                    break Ended::Stopped;
+                }
+            }
+            let deadline = stop_by.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN_GRACE);
             tokio::select! {
-                _ = self.shutdown.cancelled() => break false,
+                _ = self.shutdown.cancelled(), if stop_by.is_none() => {
+                    stop_by = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+                }
+                _ = tokio::time::sleep_until(deadline), if stop_by.is_some() => {
+                    tracing::warn!(service = %self.hello.service, handling, "stop grace period over; closing the stream");
+                    break Ended::Stopped;
+                }
                 message = inbound.message() => match message {
                     Ok(Some(AttachResponse { kind: Some(kind) })) => match kind {
                         attach_response::Kind::Deliveries(batch) => {
                             for delivery in batch.deliveries {
+                                if stop_by.is_some() {
+                                    // Stopping: hand it back for another instance.
+                                    handed_back += 1;
+                                    let nack = Nack { delivery_id: delivery.delivery_id, reason: "the instance is stopping".into() };
+                                    if outbound.send(AttachRequest { kind: Some(attach_request::Kind::Nack(nack)) }).await.is_err() {
+                                        break;
+                                    }
+                                    continue;
+                                }
                                 let Some(envelope) = delivery.envelope else { continue };
                                 let handler = self.handler.clone();
                                 let done = done_tx.clone();
@@ -252,6 +312,7 @@ impl Connection {
                                     attempt = delivery.attempt,
                                 );
                                 let id = delivery.delivery_id;
+                                handling += 1;
                                 self.tasks.spawn(async move {
                                     let outcome = handler.handle(envelope, delivery.attempt).await;
                                     let message = match outcome {
@@ -273,14 +334,14 @@ impl Connection {
                         attach_response::Kind::Welcome(_) => {}
                     },
                     Ok(Some(AttachResponse { kind: None })) => {}
-                    Ok(None) => break true,
+                    Ok(None) => break Ended::Broke,
                     Err(status) => {
                         // A failed publish is answered with an error on the
                         // stream, which also ends it.
                         for (_, reply) in pending.drain() {
                             let _ = reply.send(Err(ClientError::Publish(status.message().to_owned())));
                         }
-                        break true;
+                        break Ended::Broke;
                     }
                 },
                 Some(first) = done_rx.recv() => {
@@ -295,29 +356,33 @@ impl Connection {
                     while let Ok(more) = done_rx.try_recv() {
                         collect(more);
                     }
+                    handling = handling.saturating_sub(acks.len() + nacks.len());
                     if !acks.is_empty() {
                         let ack = AttachRequest { kind: Some(attach_request::Kind::Ack(Ack { delivery_ids: acks })) };
-                        if outbound.send(ack).await.is_err() { break true; }
+                        if outbound.send(ack).await.is_err() { break Ended::Broke; }
                     }
                     for (delivery_id, reason) in nacks {
                         let nack = AttachRequest { kind: Some(attach_request::Kind::Nack(Nack { delivery_id, reason })) };
                         if outbound.send(nack).await.is_err() { break; }
                     }
                 }
-                Some(job) = self.jobs.recv() => {
-                    let request_id = next_request;
-                    next_request += 1;
-                    pending.insert(request_id, job.reply);
-                    let publish = AttachRequest {
-                        kind: Some(attach_request::Kind::Publish(PublishRequest { request_id, events: job.events })),
-                    };
-                    if outbound.send(publish).await.is_err() { break true; }
-                }
+                job = self.jobs.recv(), if !self.publishers_gone => match job {
+                    Some(job) => {
+                        let request_id = next_request;
+                        next_request += 1;
+                        pending.insert(request_id, job.reply);
+                        let publish = AttachRequest {
+                            kind: Some(attach_request::Kind::Publish(PublishRequest { request_id, events: job.events })),
+                        };
+                        if outbound.send(publish).await.is_err() { break Ended::Broke; }
+                    }
+                    None => self.publishers_gone = true,
+                },
             }
         };
         for (_, reply) in pending.drain() {
             let _ = reply.send(Err(ClientError::Publish("the router stream broke".into())));
         }
-        !broke
+        ended
     }
 }

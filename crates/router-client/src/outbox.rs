@@ -55,15 +55,16 @@ impl OutboxRelay {
         }
     }
 
-    /// Starts relaying `store`'s outbox through `publisher`.
+    /// Starts relaying `store`'s outbox through `publisher` until `stop`;
+    /// then it relays what is left and drops the publisher.
     pub fn start(
         &self,
         store: Store,
         publisher: Publisher,
         tasks: &tokio_util::task::TaskTracker,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) {
-        tasks.spawn(relay(store, publisher, self.nudge.clone(), shutdown));
+        tasks.spawn(relay(store, publisher, self.nudge.clone(), stop));
     }
 
     /// Tells the relay that new events were committed.
@@ -98,7 +99,7 @@ struct Progress {
 /// How long confirmed events may wait before their rows are deleted.
 const DELETE_EVERY: Duration = Duration::from_millis(250);
 
-async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, shutdown: CancellationToken) {
+async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: CancellationToken) {
     let mut progress = Progress {
         published_through: 0,
         deleted_through: 0,
@@ -118,9 +119,13 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, shutdown:
                             tracing::warn!(error = %e.0, "could not delete relayed outbox rows");
                         }
                     }
-                    _ = shutdown.cancelled() => {
-                        // One last pass, so a clean stop leaves an empty outbox.
-                        let _ = relay_batch(&store, &publisher, &mut progress).await;
+                    _ = stop.cancelled() => {
+                        // Last passes, so a clean stop leaves an empty outbox.
+                        while let Ok(n) = relay_batch(&store, &publisher, &mut progress).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
                         let _ = delete_confirmed(&store, &mut progress).await;
                         return;
                     }
@@ -130,7 +135,7 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, shutdown:
                 tracing::warn!(error = %e.0, "outbox relay failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(RELAY_RETRY) => {}
-                    _ = shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                 }
             }
         }

@@ -108,7 +108,8 @@ pub async fn start<O: StepOwner>(
         shutdown.clone(),
     )
     .await?;
-    relay.start(store, client.publisher(), tasks, shutdown);
+    let drained = client.drained();
+    relay.start(store, client.into_publisher(), tasks, drained);
     Ok(())
 }
 

@@ -93,7 +93,13 @@ pub async fn start(
         shutdown.clone(),
     )
     .await?;
-    relay.start(compensation.store.clone(), client.publisher(), tasks, shutdown);
+    let drained = client.drained();
+    relay.start(
+        compensation.store.clone(),
+        client.into_publisher(),
+        tasks,
+        drained,
+    );
     Ok(())
 }
 
