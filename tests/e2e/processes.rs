@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sagamesh_proto::v1::{
-    EventType, GetStatsRequest, ListDeadLettersRequest, ListTransactionsRequest, PurchaseRequest,
-    ReplayDeadLetterRequest, SagaMode, TransactionStatus,
+    EventType, GetLogRequest, GetStatsRequest, ListDeadLettersRequest, ListNotificationsRequest,
+    ListTransactionsRequest, LogStatus, NotificationKind, PurchaseRequest, ReplayDeadLetterRequest, SagaMode,
+    TransactionStatus,
 };
 
 use tokio::sync::Mutex;
@@ -32,6 +33,11 @@ const HANDLERS: [&str; 5] = [
 
 impl Deployment {
     fn start(dir: &Path, mode: SagaMode) -> Deployment {
+        Deployment::start_with(dir, mode, &[])
+    }
+
+    /// Starts every process; `coordinator_env` goes to the coordinator.
+    fn start_with(dir: &Path, mode: SagaMode, coordinator_env: &[(&str, &str)]) -> Deployment {
         let mut deployment = Deployment {
             processes: HashMap::new(),
             dir: dir.to_path_buf(),
@@ -71,7 +77,7 @@ impl Deployment {
                 "--mode",
                 mode_arg(mode),
             ],
-            &[],
+            coordinator_env,
         );
         deployment.processes.insert("coordinator", coordinator);
         deployment
@@ -480,9 +486,97 @@ async fn sigterm_drains_and_exits_cleanly(mode: SagaMode) {
     assert_eq!(clients.held("olga", "lamp").await, total);
 }
 
+/// A saga whose step's service is down for good is failed after its
+/// deadline: the money and the items come back at once, the late step is
+/// undone when its service returns, and the steps after it never run.
+async fn a_stalled_saga_is_failed_and_compensated_after_its_deadline(mode: SagaMode) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Deployment::start_with(dir.path(), mode, &[("SAGAMESH_SAGA_DEADLINE_MS", "800")]);
+    let front = mesh.clients("coordinator");
+    let wallets = mesh.clients("wallets");
+    let inventory = mesh.clients("inventory");
+    let notifications = mesh.clients("notifications");
+    wait_serving(&front).await;
+    wallets.create_user("pia", 1_000).await;
+    inventory.create_item("harp", 250, 4).await;
+
+    mesh.processes.get_mut("purchase-log").unwrap().kill();
+    let id = front.purchase("pia", "harp", 2).await;
+    let compensating = eventually("the saga to time out", || {
+        let front = front.clone();
+        let id = id.clone();
+        async move {
+            let t = front.transaction(&id).await;
+            (t.status() == TransactionStatus::Compensating).then_some(t)
+        }
+    })
+    .await;
+    assert!(
+        compensating.failure_reason.contains("deadline exceeded"),
+        "{}",
+        compensating.failure_reason
+    );
+    assert!(
+        compensating.failure_reason.contains("log_record"),
+        "{}",
+        compensating.failure_reason
+    );
+    // The refund and the items do not wait for the service that is down.
+    eventually("the money and the items to come back", || {
+        let (wallets, inventory) = (wallets.clone(), inventory.clone());
+        async move {
+            let back = wallets.balance("pia").await == 1_000
+                && inventory.held("pia", "harp").await == 0
+                && inventory.stock("harp").await == 4;
+            back.then_some(())
+        }
+    })
+    .await;
+
+    // The service comes back: its late step runs and is undone; nothing
+    // after it runs.
+    mesh.start_handler("purchase-log", &[]);
+    let (_, done) = front.follow(&id).await;
+    assert_eq!(done.status(), TransactionStatus::Failed, "{done:?}");
+    assert!(
+        done.failure_reason.contains("deadline exceeded"),
+        "{}",
+        done.failure_reason
+    );
+    let log = mesh
+        .clients("purchase-log")
+        .logs
+        .clone()
+        .get_log(GetLogRequest {
+            transaction_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(log.status(), LogStatus::LogFailedByCompensation);
+    let sent = notifications
+        .notifications
+        .clone()
+        .list_notifications(ListNotificationsRequest {
+            user_id: "pia".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications;
+    assert!(
+        sent.iter()
+            .all(|n| n.kind() != NotificationKind::PurchaseConfirmation),
+        "no confirmation after the saga timed out: {sent:?}"
+    );
+    assert_eq!(wallets.balance("pia").await, 1_000);
+    assert_eq!(inventory.stock("harp").await, 4);
+}
+
 in_both_modes!(
     separate_processes_run_the_saga_and_recover_a_dead_letter,
     a_handler_in_the_wrong_mode_is_refused_and_exits,
     a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock,
     sigterm_drains_and_exits_cleanly,
+    a_stalled_saga_is_failed_and_compensated_after_its_deadline,
 );

@@ -103,6 +103,10 @@ struct Common {
     /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "SAGAMESH_MAX_SAGAS_IN_FLIGHT", default_value_t = 10_000)]
     max_sagas_in_flight: u64,
+    /// A saga that makes no progress for this long is failed and
+    /// compensated (0: never).
+    #[arg(long, env = "SAGAMESH_SAGA_DEADLINE_MS", default_value_t = 300_000)]
+    saga_deadline_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -185,6 +189,8 @@ impl Common {
         }
         config.retry_base = Duration::from_millis(self.retry_base_ms);
         config.max_sagas_in_flight = self.max_sagas_in_flight;
+        config.saga_deadline =
+            (self.saga_deadline_ms > 0).then(|| Duration::from_millis(self.saga_deadline_ms));
         config.retry_max = Duration::from_millis(self.retry_max_ms);
         Ok(config)
     }

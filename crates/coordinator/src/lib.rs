@@ -17,7 +17,7 @@ mod watchers;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::inventory_client::InventoryClient;
@@ -77,6 +77,9 @@ pub struct CoordinatorConfig {
     pub mode: SagaMode,
     /// Deliveries of saga events this instance takes at once.
     pub max_in_flight: u32,
+    /// A saga that makes no progress for this long is failed and
+    /// compensated; `None` never gives up.
+    pub saga_deadline: Option<Duration>,
 }
 
 /// The coordinator's state; cheap to clone.
@@ -159,7 +162,59 @@ impl Coordinator {
         self.inner
             .relay
             .start(self.inner.store.clone(), client.into_publisher(), tasks, drained);
+        if let Some(deadline) = config.saga_deadline {
+            tasks.spawn(self.clone().watch_deadlines(deadline, shutdown));
+        }
         Ok(())
+    }
+
+    /// Fails the sagas that stopped moving: a step whose service is down
+    /// for good must not hold money forever.
+    async fn watch_deadlines(self, deadline: Duration, shutdown: CancellationToken) {
+        let every = (deadline / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let before_ms = SystemTime::now()
+                .checked_sub(deadline)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            let stalled = match self
+                .inner
+                .store
+                .read(move |conn| store::stalled(conn, before_ms, 256))
+                .await
+            {
+                Ok(stalled) => stalled,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for stalled sagas");
+                    continue;
+                }
+            };
+            for tx_id in stalled {
+                let id = tx_id.clone();
+                let timed_out = self
+                    .inner
+                    .store
+                    .write(move |conn| store::time_out(conn, &id, before_ms, deadline))
+                    .await;
+                match timed_out {
+                    Ok(true) => {
+                        tracing::error!(
+                            tx_id = %tx_id,
+                            "saga made no progress within {deadline:?}; failing and compensating it"
+                        );
+                        self.inner.relay.nudge();
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(tx_id = %tx_id, error = %e, "could not time a saga out"),
+                }
+            }
+        }
     }
 
     /// Starts a purchase saga; returns its transaction (an existing one when

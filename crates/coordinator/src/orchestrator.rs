@@ -43,7 +43,11 @@ pub(crate) fn react(conn: &Connection, event: &Envelope) -> rusqlite::Result<Vec
         return Ok(Vec::new());
     };
     let purchase = payload.purchase().cloned().unwrap_or_default();
+    let state = load(conn, &event.transaction_id)?;
     match sagamesh_saga::step_outcome(payload.event_type()) {
+        // Once compensating (a late success after a timeout), no step runs
+        // forward; the plan undoes this one too.
+        Some((_, false)) if state.is_some() => return Ok(Vec::new()),
         Some((step, false)) => {
             if let Some(next) = sagamesh_saga::next_step(step) {
                 let command = sagamesh_saga::execute_command(next, purchase);
@@ -54,13 +58,13 @@ pub(crate) fn react(conn: &Connection, event: &Envelope) -> rusqlite::Result<Vec
         Some((_, true)) => {}
         None if matches!(
             payload,
-            Payload::StepCompensated(_) | Payload::StepCompensationFailed(_)
+            Payload::StepCompensated(_) | Payload::StepCompensationFailed(_) | Payload::SagaTimedOut(_)
         ) => {}
         None => return Ok(Vec::new()),
     }
     // The purchase travels in every event; the stored plan needs only its
     // own progress.
-    let state = load(conn, &event.transaction_id)?.map(|(_, plan)| (purchase, plan));
+    let state = state.map(|(_, plan)| (purchase, plan));
     let Some((_, plan, actions)) = advance(conn, event, GROUP, state)? else {
         return Ok(Vec::new());
     };

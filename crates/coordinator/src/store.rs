@@ -7,7 +7,10 @@
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
-use sagamesh_proto::v1::{Envelope, SagaMode, Transaction, TransactionStatus};
+use sagamesh_proto::v1::envelope::Payload;
+use sagamesh_proto::v1::{
+    Envelope, PurchaseDetails, SagaMode, SagaTimedOut, Step, StepStatus, Transaction, TransactionStatus,
+};
 use sagamesh_router_client::{OUTBOX_MIGRATION, push_outbox};
 use sagamesh_saga::PlanAction;
 
@@ -46,7 +49,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         transaction_id TEXT PRIMARY KEY,
         plan TEXT NOT NULL
     ) WITHOUT ROWID",
+    // When each saga last moved, for saga deadlines.
+    "ALTER TABLE transactions ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX transactions_by_progress ON transactions (status, updated_ms)",
 ];
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
 
 fn decode(body: &[u8]) -> Result<Transaction, CoordinatorError> {
     Transaction::decode(body).map_err(|e| CoordinatorError::Corrupt(e.to_string()))
@@ -88,8 +101,8 @@ pub(crate) fn insert(
         return Ok(Some(existing));
     }
     conn.prepare_cached(
-        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         transaction.transaction_id,
@@ -97,7 +110,8 @@ pub(crate) fn insert(
         transaction.status,
         key,
         transaction.mode,
-        transaction.encode_to_vec()
+        transaction.encode_to_vec(),
+        now_ms()
     ])?;
     count(conn, transaction.mode, transaction.status, 1)?;
     for event in first_events {
@@ -136,23 +150,28 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applie
     }
     if is_new {
         conn.prepare_cached(
-            "INSERT INTO transactions (transaction_id, user_id, status, mode, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO transactions (transaction_id, user_id, status, mode, body, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
             transaction.transaction_id,
             transaction.user_id,
             transaction.status,
             transaction.mode,
-            transaction.encode_to_vec()
+            transaction.encode_to_vec(),
+            now_ms()
         ])?;
         count(conn, transaction.mode, transaction.status, 1)?;
     } else {
-        conn.prepare_cached("UPDATE transactions SET status = ?2, body = ?3 WHERE transaction_id = ?1")?
-            .execute(params![
-                transaction.transaction_id,
-                transaction.status,
-                transaction.encode_to_vec()
-            ])?;
+        conn.prepare_cached(
+            "UPDATE transactions SET status = ?2, body = ?3, updated_ms = ?4 WHERE transaction_id = ?1",
+        )?
+        .execute(params![
+            transaction.transaction_id,
+            transaction.status,
+            transaction.encode_to_vec(),
+            now_ms()
+        ])?;
         if before != transaction.status {
             count(conn, transaction.mode, before, -1)?;
             count(conn, transaction.mode, transaction.status, 1)?;
@@ -170,6 +189,89 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applie
         actions,
         ended,
     }))
+}
+
+/// Sagas still going forward that have not moved since `before_ms`.
+pub(crate) fn stalled(
+    conn: &Connection,
+    before_ms: i64,
+    limit: usize,
+) -> Result<Vec<String>, CoordinatorError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT transaction_id FROM transactions
+         WHERE status IN (?1, ?2) AND updated_ms < ?3 ORDER BY updated_ms LIMIT ?4",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            TransactionStatus::Initiated as i32,
+            TransactionStatus::InProgress as i32,
+            before_ms,
+            limit as i64
+        ],
+        |row| row.get(0),
+    )?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Gives up on a stalled saga: puts `SagaTimedOut` in the outbox, unless
+/// it moved meanwhile. Returns whether it timed the saga out.
+pub(crate) fn time_out(
+    conn: &Connection,
+    transaction_id: &str,
+    before_ms: i64,
+    deadline: std::time::Duration,
+) -> Result<bool, CoordinatorError> {
+    let updated_ms: Option<i64> = conn
+        .prepare_cached("SELECT updated_ms FROM transactions WHERE transaction_id = ?1")?
+        .query_row([transaction_id], |row| row.get(0))
+        .optional()?;
+    let Some(transaction) = get(conn, transaction_id)? else {
+        return Ok(false);
+    };
+    let moving = matches!(
+        transaction.status(),
+        TransactionStatus::Initiated | TransactionStatus::InProgress
+    );
+    if !moving || updated_ms.is_none_or(|ms| ms >= before_ms) {
+        return Ok(false);
+    }
+    let pending = sagamesh_saga::STEPS
+        .into_iter()
+        .find(|step| {
+            !transaction
+                .steps
+                .iter()
+                .any(|s| s.step == *step as i32 && s.status() == StepStatus::Success)
+        })
+        .unwrap_or(Step::UserValidation);
+    let purchase = PurchaseDetails {
+        user_id: transaction.user_id.clone(),
+        item_id: transaction.item_id.clone(),
+        quantity: transaction.quantity,
+        unit_price: transaction.unit_price,
+        total_price: transaction.total_price,
+        mode: transaction.mode,
+    };
+    let reason = format!(
+        "deadline exceeded: no progress for {:.1}s while waiting for {}",
+        deadline.as_secs_f64(),
+        pending.name()
+    );
+    let event = Envelope::new(
+        transaction_id,
+        "",
+        crate::GROUP,
+        Payload::SagaTimedOut(SagaTimedOut {
+            purchase: Some(purchase),
+            pending_step: pending as i32,
+            reason,
+        }),
+    );
+    push_outbox(conn, &event)?;
+    // Not again until the event is back and has moved the saga.
+    conn.prepare_cached("UPDATE transactions SET updated_ms = ?2 WHERE transaction_id = ?1")?
+        .execute(params![transaction_id, now_ms()])?;
+    Ok(true)
 }
 
 /// How many sagas have not ended.

@@ -78,19 +78,49 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
                 error: error.clone(),
             },
         );
-        if failed {
-            view.status = TransactionStatus::Compensating as i32;
-            view.failure_reason = error;
-        } else if step == Step::Notification {
-            view.status = TransactionStatus::Completed as i32;
-        } else {
-            view.status = TransactionStatus::InProgress as i32;
+        // Statuses only move forward: an outcome that comes late (after a
+        // timeout started compensating) updates its step, not the saga.
+        let moving = matches!(
+            view.status(),
+            TransactionStatus::Initiated | TransactionStatus::InProgress
+        );
+        if moving {
+            if failed {
+                view.status = TransactionStatus::Compensating as i32;
+                view.failure_reason = error;
+            } else if step == Step::Notification {
+                view.status = TransactionStatus::Completed as i32;
+            } else {
+                view.status = TransactionStatus::InProgress as i32;
+            }
         }
         return true;
     }
     match payload {
+        Payload::SagaTimedOut(timed_out) if !is_terminal(view.status()) => {
+            view.status = TransactionStatus::Compensating as i32;
+            view.failure_reason = timed_out.reason.clone();
+            if !view.steps.iter().any(|s| s.step == timed_out.pending_step) {
+                set_step(
+                    view,
+                    StepRecord {
+                        step: timed_out.pending_step,
+                        status: StepStatus::StepFailed as i32,
+                        executed_at: event.occurred_at,
+                        duration: None,
+                        error: timed_out.reason.clone(),
+                    },
+                );
+            }
+        }
         Payload::StepCompensated(done) => {
-            if let Some(record) = view.steps.iter_mut().find(|s| s.step == done.step) {
+            // Only what ran can be undone; a step fenced off before it ran
+            // keeps its record.
+            if let Some(record) = view
+                .steps
+                .iter_mut()
+                .find(|s| s.step == done.step && s.status() != StepStatus::StepFailed)
+            {
                 record.status = StepStatus::Compensated as i32;
                 record.error.clear();
             }

@@ -94,6 +94,8 @@ pub struct MeshConfig {
     /// Sagas in progress at once; past it `Purchase` answers
     /// RESOURCE_EXHAUSTED.
     pub max_sagas_in_flight: u64,
+    /// A saga without progress for this long is failed and compensated.
+    pub saga_deadline: Option<Duration>,
     /// How long a stop waits for work in progress.
     pub grace: Duration,
 }
@@ -112,6 +114,7 @@ impl MeshConfig {
             retry_max: Duration::from_secs(5),
             max_in_flight: 256,
             max_sagas_in_flight: 10_000,
+            saga_deadline: Some(Duration::from_secs(300)),
             grace: Duration::from_secs(10),
         }
     }
@@ -354,6 +357,7 @@ async fn attach(
         let coordinator_config = CoordinatorConfig {
             mode: config.mode,
             max_in_flight: config.max_in_flight,
+            saga_deadline: config.saga_deadline,
         };
         coordinator
             .start(router, coordinator_config, tasks, drain.clone())

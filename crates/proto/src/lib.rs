@@ -43,6 +43,7 @@ impl Payload {
             Payload::ExecuteLogRecord(_) => EventType::ExecuteLogRecord,
             Payload::ExecuteNotification(_) => EventType::ExecuteNotification,
             Payload::DeadLettered(_) => EventType::DeadLettered,
+            Payload::SagaTimedOut(_) => EventType::SagaTimedOut,
         }
     }
 
@@ -71,6 +72,7 @@ impl Payload {
             | Payload::ExecuteLogRecord(e)
             | Payload::ExecuteNotification(e) => e.purchase.as_ref(),
             Payload::DeadLettered(_) => None,
+            Payload::SagaTimedOut(e) => e.purchase.as_ref(),
         }
     }
 }

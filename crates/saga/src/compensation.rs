@@ -1,12 +1,20 @@
 //! The compensation policy as a pure state machine, shared by the
-//! choreography compensation handler and the orchestrating coordinator:
-//! undo the steps that succeeded, newest first (LIFO); retry an undo that
-//! reports failure a few times; then record it as failed and go on with the
-//! others (best effort); finish with the lists of undone and failed steps.
+//! choreography compensation handler and the orchestrating coordinator.
+//!
+//! After a step fails: undo the steps that succeeded, newest first (LIFO);
+//! retry an undo that reports failure a few times, then record it as failed
+//! and go on with the others (best effort); finish with the lists of undone
+//! and failed steps.
+//!
+//! After a saga times out, which steps ran is not known (a late step may
+//! still run), so every step is asked at once to undo itself or, if it never
+//! ran, to fence itself off. Each request queues behind that step's trigger
+//! in the owner's ordered stream, so a step that runs late is undone right
+//! after; one owner being down holds back only its own step, not the refund.
 
 use sagamesh_proto::v1::Step;
 
-use crate::steps_to_compensate;
+use crate::{STEPS, steps_to_compensate};
 
 /// Tries of one step's compensation before it is given up as failed.
 pub const MAX_COMPENSATION_ATTEMPTS: u32 = 3;
@@ -16,10 +24,11 @@ pub const MAX_COMPENSATION_ATTEMPTS: u32 = 3;
 pub struct CompensationPlan {
     pub failed_step: Step,
     pub reason: String,
-    /// Steps still to undo, newest first; the head is being undone.
-    pub remaining: Vec<Step>,
-    /// The attempt of the head's undo now in flight.
-    pub attempt: u32,
+    /// Steps still to undo with their current attempt, newest first; in a
+    /// LIFO plan only the head is in flight.
+    pub remaining: Vec<(Step, u32)>,
+    /// All remaining steps are in flight at once (after a timeout).
+    pub parallel: bool,
     pub compensated: Vec<Step>,
     pub failed: Vec<Step>,
     pub finished: bool,
@@ -37,48 +46,92 @@ pub enum PlanAction {
 }
 
 impl CompensationPlan {
-    /// Starts compensating after `failed_step` failed.
+    /// Starts compensating after `failed_step` failed: LIFO.
     pub fn start(failed_step: Step, reason: String) -> (CompensationPlan, Vec<PlanAction>) {
+        let remaining = steps_to_compensate(failed_step)
+            .into_iter()
+            .map(|s| (s, 1))
+            .collect();
+        CompensationPlan::new(failed_step, reason, remaining, false)
+    }
+
+    /// Starts compensating a saga that timed out waiting for `pending`:
+    /// every step at once.
+    pub fn timed_out(pending: Step, reason: String) -> (CompensationPlan, Vec<PlanAction>) {
+        let remaining = STEPS.iter().rev().map(|s| (*s, 1)).collect();
+        CompensationPlan::new(pending, reason, remaining, true)
+    }
+
+    fn new(
+        failed_step: Step,
+        reason: String,
+        remaining: Vec<(Step, u32)>,
+        parallel: bool,
+    ) -> (CompensationPlan, Vec<PlanAction>) {
         let mut plan = CompensationPlan {
             failed_step,
             reason,
-            remaining: steps_to_compensate(failed_step),
-            attempt: 1,
+            remaining,
+            parallel,
             compensated: Vec::new(),
             failed: Vec::new(),
             finished: false,
         };
-        let actions = plan.next();
+        let actions = if plan.parallel {
+            let mut actions: Vec<PlanAction> = plan
+                .remaining
+                .iter()
+                .map(|(step, attempt)| PlanAction::Compensate {
+                    step: *step,
+                    attempt: *attempt,
+                })
+                .collect();
+            actions.extend(plan.finish_if_done());
+            actions
+        } else {
+            plan.next()
+        };
         (plan, actions)
     }
 
-    /// The head's owner undid it. Stale answers (another step, or after the
-    /// end) change nothing.
-    pub fn on_compensated(&mut self, step: Step) -> Vec<PlanAction> {
-        if self.finished || self.remaining.first() != Some(&step) {
-            return Vec::new();
+    /// The position of `step` if it is in flight now.
+    fn in_flight(&self, step: Step) -> Option<usize> {
+        match self.remaining.iter().position(|(s, _)| *s == step) {
+            Some(0) => Some(0),
+            Some(position) if self.parallel => Some(position),
+            _ => None,
         }
-        self.remaining.remove(0);
+    }
+
+    /// The step's owner undid it. Stale answers (a step not in flight, or
+    /// after the end) change nothing.
+    pub fn on_compensated(&mut self, step: Step) -> Vec<PlanAction> {
+        let Some(position) = self.in_flight(step).filter(|_| !self.finished) else {
+            return Vec::new();
+        };
+        self.remaining.remove(position);
         self.compensated.push(step);
-        self.attempt = 1;
         self.next()
     }
 
-    /// The head's owner could not undo it on `attempt`.
+    /// The step's owner could not undo it on `attempt`.
     pub fn on_compensation_failed(&mut self, step: Step, attempt: u32, reason: &str) -> Vec<PlanAction> {
-        if self.finished || self.remaining.first() != Some(&step) || attempt != self.attempt {
+        let Some(position) = self.in_flight(step).filter(|_| !self.finished) else {
+            return Vec::new();
+        };
+        let current = &mut self.remaining[position].1;
+        if attempt != *current {
             return Vec::new();
         }
-        if self.attempt < MAX_COMPENSATION_ATTEMPTS {
-            self.attempt += 1;
+        if *current < MAX_COMPENSATION_ATTEMPTS {
+            *current += 1;
             return vec![PlanAction::Compensate {
                 step,
-                attempt: self.attempt,
+                attempt: *current,
             }];
         }
-        self.remaining.remove(0);
+        self.remaining.remove(position);
         self.failed.push(step);
-        self.attempt = 1;
         let mut actions = vec![PlanAction::GaveUp {
             step,
             reason: reason.to_owned(),
@@ -91,16 +144,26 @@ impl CompensationPlan {
         !self.failed.is_empty()
     }
 
+    /// After a step is done: the next request (LIFO), or the end.
     fn next(&mut self) -> Vec<PlanAction> {
+        if self.parallel {
+            return self.finish_if_done();
+        }
         match self.remaining.first() {
-            Some(step) => vec![PlanAction::Compensate {
+            Some((step, attempt)) => vec![PlanAction::Compensate {
                 step: *step,
-                attempt: self.attempt,
+                attempt: *attempt,
             }],
-            None => {
-                self.finished = true;
-                vec![PlanAction::Finish]
-            }
+            None => self.finish_if_done(),
+        }
+    }
+
+    fn finish_if_done(&mut self) -> Vec<PlanAction> {
+        if self.remaining.is_empty() && !self.finished {
+            self.finished = true;
+            vec![PlanAction::Finish]
+        } else {
+            Vec::new()
         }
     }
 
@@ -113,11 +176,16 @@ impl CompensationPlan {
                 .collect::<Vec<_>>()
                 .join(",")
         };
+        let remaining: Vec<String> = self
+            .remaining
+            .iter()
+            .map(|(s, attempt)| format!("{}:{attempt}", *s as i32))
+            .collect();
         format!(
             "{}|{}|{}|{}|{}|{}|{}",
             self.failed_step as i32,
-            self.attempt,
-            steps(&self.remaining),
+            u8::from(self.parallel),
+            remaining.join(","),
             steps(&self.compensated),
             steps(&self.failed),
             u8::from(self.finished),
@@ -132,10 +200,21 @@ impl CompensationPlan {
         let steps = |list: &str| -> Option<Vec<Step>> {
             list.split(',').filter(|s| !s.is_empty()).map(step).collect()
         };
+        let failed_step = step(parts.next()?)?;
+        let parallel = parts.next()? == "1";
+        let remaining = parts
+            .next()?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|entry| {
+                let (s, attempt) = entry.split_once(':')?;
+                Some((step(s)?, attempt.parse().ok()?))
+            })
+            .collect::<Option<Vec<_>>>()?;
         Some(CompensationPlan {
-            failed_step: step(parts.next()?)?,
-            attempt: parts.next()?.parse().ok()?,
-            remaining: steps(parts.next()?)?,
+            failed_step,
+            parallel,
+            remaining,
             compensated: steps(parts.next()?)?,
             failed: steps(parts.next()?)?,
             finished: parts.next()? == "1",
@@ -220,11 +299,31 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_asks_every_step_at_once() {
+        let (mut plan, actions) = CompensationPlan::timed_out(Step::LogRecord, "deadline".into());
+        assert_eq!(actions.len(), 4);
+        assert_eq!(
+            actions[0],
+            PlanAction::Compensate {
+                step: Step::Notification,
+                attempt: 1
+            }
+        );
+        // The refund does not wait for the step whose service is down.
+        assert_eq!(plan.on_compensated(Step::UserValidation), vec![]);
+        assert_eq!(plan.on_compensated(Step::Notification), vec![]);
+        assert_eq!(plan.on_compensated(Step::ItemGrant), vec![]);
+        assert_eq!(plan.on_compensated(Step::LogRecord), vec![PlanAction::Finish]);
+    }
+
+    #[test]
     fn encodes_and_decodes() {
         let (mut plan, _) = CompensationPlan::start(Step::Notification, "a|b".into());
         plan.on_compensated(Step::LogRecord);
         plan.on_compensation_failed(Step::ItemGrant, 1, "no");
         assert_eq!(CompensationPlan::decode(&plan.encode()), Some(plan));
+        let (timed_out, _) = CompensationPlan::timed_out(Step::ItemGrant, "late".into());
+        assert_eq!(CompensationPlan::decode(&timed_out.encode()), Some(timed_out));
         assert_eq!(CompensationPlan::decode("garbage"), None);
     }
 }

@@ -55,6 +55,7 @@ pub fn subscriptions() -> Vec<Subscription> {
                 NotificationFailed,
                 StepCompensated,
                 StepCompensationFailed,
+                SagaTimedOut,
             ],
         },
         Subscription {
@@ -131,7 +132,7 @@ mod tests {
     #[test]
     fn the_coordinator_sees_every_event() {
         let coordinator = subscription("coordinator").unwrap();
-        assert_eq!(coordinator.event_types.len(), 22);
+        assert_eq!(coordinator.event_types.len(), 23);
         assert!(coordinator.event_types.contains(&EventType::ExecuteNotification));
     }
 

@@ -105,6 +105,12 @@ pub fn advance(
             let actions = plan.on_compensation_failed(step, failed.attempt, &failed.reason);
             (purchase, plan, actions)
         }
+        (Payload::SagaTimedOut(timed_out), None) => {
+            let pending = Step::try_from(timed_out.pending_step).unwrap_or(Step::Unspecified);
+            let purchase = timed_out.purchase.clone().unwrap_or_default();
+            let (plan, actions) = CompensationPlan::timed_out(pending, timed_out.reason.clone());
+            (purchase, plan, actions)
+        }
         (payload, None) => {
             let Some((failed_step, true)) = sagamesh_saga::step_outcome(payload.event_type()) else {
                 return Ok(None);

@@ -279,9 +279,14 @@ impl<O: StepOwner> StepHandler<O> {
                 if !claim(conn, &cause.transaction_id, &format!("compensate#{attempt}"))? {
                     return Ok::<_, StepError>(None);
                 }
+                // A step that never ran is fenced off instead: its trigger,
+                // should it still come (a saga that timed out), finds the
+                // step claimed and does nothing.
+                let never_ran = claim(conn, &cause.transaction_id, "step")?;
                 let executed_at = SystemTime::now();
                 let started = Instant::now();
                 let result = match fault {
+                    _ if never_ran => Ok("the step never ran; fenced off".to_owned()),
                     Some(_) => Err(format!(
                         "injected failure in the compensation of {}",
                         O::STEP.name()

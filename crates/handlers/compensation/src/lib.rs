@@ -165,9 +165,7 @@ impl CompensationHandler {
         let Some((purchase, plan, actions)) = advance(conn, event, GROUP, state)? else {
             return Ok(Vec::new());
         };
-        if !actions.is_empty() || starting {
-            save(conn, tx_id, &purchase, &plan)?;
-        }
+        save(conn, tx_id, &purchase, &plan)?;
         Ok(actions)
     }
 }
