@@ -9,4 +9,5 @@ mod interop;
 mod overload;
 mod processes;
 mod router;
+mod storage;
 mod support;
