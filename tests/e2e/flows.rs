@@ -354,6 +354,37 @@ async fn stats_and_lists_reflect_the_sagas(mode: SagaMode) {
     assert_eq!(only_failed.transactions[0].transaction_id, failed);
 }
 
+/// Transient errors are retried with backoff and show as attempts on the
+/// step; they never turn into business failures.
+async fn transient_errors_are_retried_and_shown(mode: SagaMode) {
+    let mesh = Mesh::start_with(mode, |config| {
+        config.faults = sagamesh_saga::Faults::parse("item_grant=error@0.7").unwrap();
+        config.max_attempts = 60;
+        config.retry_base = std::time::Duration::from_millis(1);
+        config.retry_max = std::time::Duration::from_millis(5);
+    })
+    .await;
+    let c = &mesh.clients;
+    c.create_user("ivan", 1_000).await;
+    c.create_item("cape", 10, 100).await;
+    let mut retried = 0;
+    for _ in 0..10 {
+        let id = c.purchase("ivan", "cape", 1).await;
+        let (_, done) = c.follow(&id).await;
+        assert_eq!(done.status(), TransactionStatus::Completed, "{done:?}");
+        let grant = done.steps.iter().find(|s| s.step() == Step::ItemGrant).unwrap();
+        assert!(grant.attempts >= 1);
+        if grant.attempts > 1 {
+            retried += 1;
+        }
+    }
+    assert!(
+        retried > 0,
+        "with 70% transient errors some grants took more than one attempt"
+    );
+    assert_eq!(c.balance("ivan").await, 900);
+}
+
 in_both_modes!(
     a_purchase_completes_and_moves_money_and_stock,
     business_failures_undo_what_succeeded,
@@ -361,4 +392,5 @@ in_both_modes!(
     a_failed_notification_undoes_every_earlier_step,
     a_compensation_that_cannot_succeed_needs_attention,
     stats_and_lists_reflect_the_sagas,
+    transient_errors_are_retried_and_shown,
 );

@@ -76,6 +76,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
                 executed_at: timing.executed_at,
                 duration: timing.duration,
                 error: error.clone(),
+                attempts: timing.attempts.max(1),
             },
         );
         // Statuses only move forward: an outcome that comes late (after a
@@ -109,6 +110,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
                         executed_at: event.occurred_at,
                         duration: None,
                         error: timed_out.reason.clone(),
+                        attempts: 0,
                     },
                 );
             }

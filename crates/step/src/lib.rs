@@ -144,7 +144,7 @@ struct Done {
 }
 
 impl<O: StepOwner> Handler for StepHandler<O> {
-    fn handle(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), String>> {
+    fn handle(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let Some(payload) = event.payload.as_ref() else {
                 return Ok(());
@@ -167,7 +167,7 @@ impl<O: StepOwner> Handler for StepHandler<O> {
                 _ => payload.event_type() == sagamesh_saga::step_input(O::STEP),
             };
             if triggered {
-                return self.execute(&event, purchase).await;
+                return self.execute(&event, purchase, attempt).await;
             }
             Ok(())
         })
@@ -175,7 +175,12 @@ impl<O: StepOwner> Handler for StepHandler<O> {
 }
 
 impl<O: StepOwner> StepHandler<O> {
-    async fn execute(&self, cause: &Envelope, purchase: PurchaseDetails) -> Result<(), String> {
+    async fn execute(
+        &self,
+        cause: &Envelope,
+        purchase: PurchaseDetails,
+        attempts: u32,
+    ) -> Result<(), String> {
         let fault = self.faults.step(O::STEP, &cause.transaction_id);
         if fault == Some(Fault::Error) {
             return Err(format!("injected error in {}", O::STEP.name()));
@@ -204,6 +209,7 @@ impl<O: StepOwner> StepHandler<O> {
                 let timing = StepTiming {
                     executed_at: Some(sagamesh_proto::timestamp(executed_at)),
                     duration: Some(sagamesh_proto::duration(elapsed)),
+                    attempts,
                 };
                 let (payload, failed, summary) = match outcome {
                     Outcome::Success { mut event, summary } => {
@@ -297,6 +303,7 @@ impl<O: StepOwner> StepHandler<O> {
                 let timing = Some(StepTiming {
                     executed_at: Some(sagamesh_proto::timestamp(executed_at)),
                     duration: Some(sagamesh_proto::duration(elapsed)),
+                    attempts: 1,
                 });
                 let step = O::STEP as i32;
                 let purchase = Some(purchase);
