@@ -8,9 +8,9 @@ use std::time::Duration;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::event_router_client::EventRouterClient;
 use sagamesh_proto::v1::{
-    Ack, AttachRequest, AttachResponse, Delivery, DiscardDeadLetterRequest, Envelope, EventType, Hello,
-    ListDeadLettersRequest, Nack, PublishRequest, PurchaseDetails, PurchaseInitiated,
-    ReplayDeadLetterRequest, SagaMode, Step, attach_request, attach_response,
+    Ack, AttachRequest, AttachResponse, Delivery, DiscardDeadLetterRequest, Envelope, EventType,
+    GetDeadLetterRequest, Hello, ListDeadLettersRequest, Nack, PublishRequest, PurchaseDetails,
+    PurchaseInitiated, ReplayDeadLetterRequest, SagaMode, Step, attach_request, attach_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -283,8 +283,16 @@ async fn an_event_that_keeps_failing_becomes_a_dead_letter() {
     assert_eq!(letters[0].last_error, "test says no");
     assert_eq!(letters[0].envelope.as_ref().unwrap().event_id, poison.event_id);
 
-    // Replay: delivered again with a fresh attempt count; an ack removes it.
     let id = letters[0].id;
+    let inspected = client
+        .clone()
+        .get_dead_letter(GetDeadLetterRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inspected, letters[0], "a dead letter can be inspected on its own");
+
+    // Replay: delivered again with a fresh attempt count; an ack removes it.
     client
         .clone()
         .replay_dead_letter(ReplayDeadLetterRequest { id })
@@ -316,6 +324,12 @@ async fn an_event_that_keeps_failing_becomes_a_dead_letter() {
     let unknown = client
         .clone()
         .replay_dead_letter(ReplayDeadLetterRequest { id: 999 })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let unknown = client
+        .clone()
+        .get_dead_letter(GetDeadLetterRequest { id: 999 })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sagamesh_proto::v1::event_router_server::{EventRouter, EventRouterServer};
 use sagamesh_proto::v1::{
     AttachRequest, AttachResponse, DeadLetter, DiscardDeadLetterRequest, DiscardDeadLetterResponse, Envelope,
-    ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse,
+    GetDeadLetterRequest, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse,
     ReplayDeadLetterRequest, ReplayDeadLetterResponse, attach_request, attach_response,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -240,6 +240,21 @@ impl EventRouter for RouterService {
             dead_letters: letters.into_iter().map(to_proto).collect(),
             next_before_id,
         }))
+    }
+
+    async fn get_dead_letter(
+        &self,
+        request: Request<GetDeadLetterRequest>,
+    ) -> Result<Response<DeadLetter>, Status> {
+        let id = request.into_inner().id;
+        let letter = self
+            .router
+            .log
+            .get_dead_letter(id)
+            .await
+            .map_err(log_status)?
+            .ok_or_else(|| Status::not_found(format!("there is no dead letter {id}")))?;
+        Ok(Response::new(to_proto(letter)))
     }
 
     async fn replay_dead_letter(
