@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 use crate::cli::Mode;
 use tonic::transport::{Channel, Endpoint};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct BenchArgs {
     /// Starts a mesh in this process in that mode (or each mode in turn,
     /// printed side by side) instead of using `--target`.
@@ -37,6 +37,16 @@ pub struct BenchArgs {
     /// Purchases to run (after the warmup).
     #[arg(long, default_value_t = 2_000)]
     count: usize,
+    /// Runs for this many seconds instead of `--count` purchases.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Runs once per concurrency (e.g. `1,4,16,64,256`) and writes the
+    /// curve to `<out>.json` and `<out>.svg`.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Where a sweep writes its JSON and SVG (without extension).
+    #[arg(long, default_value = "bench-sweep")]
+    out: String,
     /// Purchases in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -104,6 +114,19 @@ struct Results {
     stages: Vec<Option<Histogram<u64>>>,
     errors: BTreeMap<String, u64>,
     outcomes: BTreeMap<&'static str, u64>,
+    /// CPU time of this whole process while measuring: with a mesh of its
+    /// own, the mesh and the load generator together.
+    cpu: Option<Duration>,
+}
+
+/// The CPU time this process has used, from `/proc/self/stat` (Linux).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (user, system): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    // /proc reports in USER_HZ, which Linux fixes at 100 per second.
+    Some(Duration::from_millis((user + system) * 10))
 }
 
 fn histogram() -> Histogram<u64> {
@@ -115,8 +138,11 @@ fn micros(d: Duration) -> u64 {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    if args.concurrency == 0 || args.count == 0 {
-        return Err("--count and --concurrency must be at least 1".into());
+    if args.concurrency == 0 || args.count == 0 || args.sweep.contains(&0) {
+        return Err("--count, --concurrency and every --sweep value must be at least 1".into());
+    }
+    if !args.sweep.is_empty() {
+        return sweep(&args).await;
     }
     let modes = match args.mode {
         None => {
@@ -141,6 +167,107 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             println!("  {line}");
         }
     }
+    Ok(())
+}
+
+/// One point of a sweep.
+struct Point {
+    mode: &'static str,
+    concurrency: usize,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs the bench once per concurrency (and mode) and writes the curve.
+async fn sweep(args: &BenchArgs) -> Result<(), String> {
+    let modes: Vec<Option<Mode>> = match args.mode {
+        None => vec![None],
+        Some(BenchMode::Choreography) => vec![Some(Mode::Choreography)],
+        Some(BenchMode::Orchestration) => vec![Some(Mode::Orchestration)],
+        Some(BenchMode::Both) => vec![Some(Mode::Choreography), Some(Mode::Orchestration)],
+    };
+    let mut points = Vec::new();
+    for mode in modes {
+        for &concurrency in &args.sweep {
+            let mut point_args = args.clone();
+            point_args.concurrency = concurrency;
+            let (results, elapsed) = match mode {
+                Some(mode) => bench_own_mesh(&point_args, mode).await?,
+                None => bench_target(&point_args, &args.target).await?,
+            };
+            report(&point_args, &results, elapsed, mode);
+            let e2e = results.end_to_end.as_ref().expect("measured runs have histograms");
+            points.push(Point {
+                mode: mode.map_or("target", mode_name),
+                concurrency,
+                rate: e2e.len() as f64 / elapsed.as_secs_f64(),
+                p50_ms: ms(e2e.value_at_quantile(0.5)),
+                p99_ms: ms(e2e.value_at_quantile(0.99)),
+            });
+        }
+    }
+    let json: Vec<String> = points
+        .iter()
+        .map(|p| {
+            format!(
+                "{{\"mode\":\"{}\",\"concurrency\":{},\"purchases_per_second\":{:.1},\"e2e_p50_ms\":{:.3},\"e2e_p99_ms\":{:.3}}}",
+                p.mode, p.concurrency, p.rate, p.p50_ms, p.p99_ms
+            )
+        })
+        .collect();
+    let json_path = format!("{}.json", args.out);
+    std::fs::write(&json_path, format!("[\n  {}\n]\n", json.join(",\n  ")))
+        .map_err(|e| format!("cannot write {json_path}: {e}"))?;
+    let svg_path = format!("{}.svg", args.out);
+    chart(&points, &svg_path).map_err(|e| format!("cannot draw {svg_path}: {e}"))?;
+    println!("sweep written to {json_path} and {svg_path}");
+    Ok(())
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Choreography => "choreography",
+        Mode::Orchestration => "orchestration",
+    }
+}
+
+/// Throughput against concurrency, one line per mode.
+fn chart(points: &[Point], path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+
+    let max_rate = points.iter().map(|p| p.rate).fold(1.0, f64::max) * 1.15;
+    let max_concurrency = points.iter().map(|p| p.concurrency).max().unwrap_or(1) as f64;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("sagamesh: completed purchases/s by concurrency (durable)", ("sans-serif", 20))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((1f64..max_concurrency * 1.5).log_scale(), 0f64..max_rate)?;
+    chart
+        .configure_mesh()
+        .x_desc("concurrency (purchases in flight)")
+        .y_desc("purchases/s")
+        .draw()?;
+    let mut modes: Vec<&str> = points.iter().map(|p| p.mode).collect();
+    modes.dedup();
+    for (index, mode) in modes.into_iter().enumerate() {
+        let color = Palette99::pick(index).to_rgba();
+        let series: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.mode == mode)
+            .map(|p| (p.concurrency as f64, p.rate))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))?
+            .label(mode)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(series.into_iter().map(|xy| Circle::new(xy, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+    root.present()?;
     Ok(())
 }
 
@@ -195,7 +322,8 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
 
     let run_id = run_suffix();
     let users = args.concurrency;
-    let total = args.count + args.warmup;
+    // Enough money and stock for any run, timed or counted, at price 1.
+    let budget: u64 = 1 << 40;
     let item_ok = format!("bench-{run_id}-item");
     let item_empty = format!("bench-{run_id}-sold-out");
     let mut wallets = WalletsClient::new(channel.clone());
@@ -203,13 +331,13 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
         wallets
             .create_user(CreateUserRequest {
                 user_id: format!("bench-{run_id}-user-{i}"),
-                balance: total as u64 * 10,
+                balance: budget,
             })
             .await
             .map_err(|e| format!("cannot create bench users: {}", e.message()))?;
     }
     let mut inventory = InventoryClient::new(channel.clone());
-    for (item_id, stock) in [(&item_ok, total as u64 * 2), (&item_empty, 0)] {
+    for (item_id, stock) in [(&item_ok, budget), (&item_empty, 0)] {
         inventory
             .create_item(CreateItemRequest {
                 item_id: item_id.clone(),
@@ -230,19 +358,13 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
         stages: SEED_STAGES.iter().map(|_| Some(histogram())).collect(),
         ..Default::default()
     }));
+    let cpu_before = process_cpu();
     let started = Instant::now();
-    drive(
-        &channel,
-        args,
-        &run_id,
-        &item_ok,
-        &item_empty,
-        args.count,
-        Some(results.clone()),
-    )
-    .await;
+    let count = if args.duration.is_some() { usize::MAX } else { args.count };
+    drive(&channel, args, &run_id, &item_ok, &item_empty, count, Some(results.clone())).await;
     let elapsed = started.elapsed();
-    let results = std::mem::take(&mut *results.lock().await);
+    let mut results = std::mem::take(&mut *results.lock().await);
+    results.cpu = cpu_before.zip(process_cpu()).map(|(before, after)| after.saturating_sub(before));
     Ok((results, elapsed))
 }
 
@@ -265,8 +387,20 @@ async fn drive(
     results: Option<Arc<Mutex<Results>>>,
 ) {
     let next = Arc::new(AtomicUsize::new(0));
+    let until = args.duration.map(|secs| Instant::now() + Duration::from_secs(secs));
+    // A progress bar on a terminal for the measured part (hidden otherwise).
+    let progress = match (&results, until) {
+        (None, _) => indicatif::ProgressBar::hidden(),
+        (Some(_), Some(_)) => indicatif::ProgressBar::new_spinner(),
+        (Some(_), None) => indicatif::ProgressBar::new(count as u64),
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} purchases, {per_sec} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
+        let progress = progress.clone();
         let client = PurchaseCoordinatorClient::new(channel.clone());
         let next = next.clone();
         let results = results.clone();
@@ -276,7 +410,7 @@ async fn drive(
             let mut client = client;
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= count {
+                if n >= count || until.is_some_and(|until| Instant::now() >= until) {
                     return;
                 }
                 let fails = match scenario {
@@ -292,6 +426,7 @@ async fn drive(
                 let outcome = one_purchase(&mut client, user_id.clone(), item_id).await;
                 if let Some(results) = &results {
                     record(&mut *results.lock().await, outcome);
+                    progress.inc(1);
                 }
             }
         }));
@@ -299,6 +434,7 @@ async fn drive(
     for worker in workers {
         let _ = worker.await;
     }
+    progress.finish_and_clear();
 }
 
 struct Measured {
@@ -464,6 +600,12 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
         ms(rpc.value_at_quantile(0.5)),
         ms(rpc.value_at_quantile(0.99))
     );
+    if let (Some(cpu), Some(_)) = (results.cpu, mode) {
+        println!(
+            "  CPU per purchase {:.3} ms (the mesh and this load generator, one process)",
+            cpu.as_secs_f64() * 1000.0 / done.max(1) as f64
+        );
+    }
     let outcomes: Vec<String> = results.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  outcomes         {}", outcomes.join(", "));
     if results.errors.is_empty() {
