@@ -113,6 +113,17 @@ pub async fn start<O: StepOwner>(
     Ok(())
 }
 
+/// The handler `start` attaches, on its own: for benchmarks and tests that
+/// drive a step without a router. Its outbox is not relayed.
+pub fn handler<O: StepOwner>(owner: Arc<O>, store: Store, faults: Faults) -> impl Handler {
+    StepHandler {
+        owner,
+        store,
+        relay: OutboxRelay::new(),
+        faults,
+    }
+}
+
 struct StepHandler<O> {
     owner: Arc<O>,
     store: Store,
