@@ -385,6 +385,44 @@ async fn transient_errors_are_retried_and_shown(mode: SagaMode) {
     assert_eq!(c.balance("ivan").await, 900);
 }
 
+/// A compensation request that keeps failing transiently is dead-lettered;
+/// that counts as a failed attempt, so the plan retries, gives up, undoes
+/// the rest and ends the saga NEEDS_ATTENTION instead of waiting forever.
+async fn a_dead_lettered_compensation_ends_in_needs_attention(mode: SagaMode) {
+    let mesh = Mesh::start_with(mode, |config| {
+        config.faults =
+            sagamesh_saga::Faults::parse("log_record=fail,item_grant.compensation=error").unwrap();
+        config.max_attempts = 2;
+        config.retry_base = std::time::Duration::from_millis(1);
+        config.retry_max = std::time::Duration::from_millis(5);
+    })
+    .await;
+    let c = &mesh.clients;
+    c.create_user("jude", 1_000).await;
+    c.create_item("orb", 100, 5).await;
+    let id = c.purchase("jude", "orb", 1).await;
+    let (_, done) = c.follow(&id).await;
+    assert_eq!(done.status(), TransactionStatus::NeedsAttention, "{done:?}");
+    assert_eq!(
+        c.balance("jude").await,
+        1_000,
+        "the payment is refunded all the same"
+    );
+    let stats = c
+        .coordinator
+        .clone()
+        .get_stats(sagamesh_proto::v1::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.compensation_failures, 1);
+    assert_eq!(
+        stats.dead_letters,
+        u64::from(sagamesh_saga::MAX_COMPENSATION_ATTEMPTS),
+        "each attempt was dead-lettered"
+    );
+}
+
 in_both_modes!(
     a_purchase_completes_and_moves_money_and_stock,
     business_failures_undo_what_succeeded,
@@ -393,4 +431,5 @@ in_both_modes!(
     a_compensation_that_cannot_succeed_needs_attention,
     stats_and_lists_reflect_the_sagas,
     transient_errors_are_retried_and_shown,
+    a_dead_lettered_compensation_ends_in_needs_attention,
 );

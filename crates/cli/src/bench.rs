@@ -197,7 +197,10 @@ async fn sweep(args: &BenchArgs) -> Result<(), String> {
                 None => bench_target(&point_args, &args.target).await?,
             };
             report(&point_args, &results, elapsed, mode);
-            let e2e = results.end_to_end.as_ref().expect("measured runs have histograms");
+            let e2e = results
+                .end_to_end
+                .as_ref()
+                .expect("measured runs have histograms");
             points.push(Point {
                 mode: mode.map_or("target", mode_name),
                 concurrency,
@@ -241,7 +244,10 @@ fn chart(points: &[Point], path: &str) -> Result<(), Box<dyn std::error::Error>>
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("sagamesh: completed purchases/s by concurrency (durable)", ("sans-serif", 20))
+        .caption(
+            "sagamesh: completed purchases/s by concurrency (durable)",
+            ("sans-serif", 20),
+        )
         .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -266,7 +272,11 @@ fn chart(points: &[Point], path: &str) -> Result<(), Box<dyn std::error::Error>>
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         chart.draw_series(series.into_iter().map(|xy| Circle::new(xy, 4, color.filled())))?;
     }
-    chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }
@@ -360,11 +370,26 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
     }));
     let cpu_before = process_cpu();
     let started = Instant::now();
-    let count = if args.duration.is_some() { usize::MAX } else { args.count };
-    drive(&channel, args, &run_id, &item_ok, &item_empty, count, Some(results.clone())).await;
+    let count = if args.duration.is_some() {
+        usize::MAX
+    } else {
+        args.count
+    };
+    drive(
+        &channel,
+        args,
+        &run_id,
+        &item_ok,
+        &item_empty,
+        count,
+        Some(results.clone()),
+    )
+    .await;
     let elapsed = started.elapsed();
     let mut results = std::mem::take(&mut *results.lock().await);
-    results.cpu = cpu_before.zip(process_cpu()).map(|(before, after)| after.saturating_sub(before));
+    results.cpu = cpu_before
+        .zip(process_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     Ok((results, elapsed))
 }
 
@@ -387,7 +412,9 @@ async fn drive(
     results: Option<Arc<Mutex<Results>>>,
 ) {
     let next = Arc::new(AtomicUsize::new(0));
-    let until = args.duration.map(|secs| Instant::now() + Duration::from_secs(secs));
+    let until = args
+        .duration
+        .map(|secs| Instant::now() + Duration::from_secs(secs));
     // A progress bar on a terminal for the measured part (hidden otherwise).
     let progress = match (&results, until) {
         (None, _) => indicatif::ProgressBar::hidden(),
@@ -395,8 +422,10 @@ async fn drive(
         (Some(_), None) => indicatif::ProgressBar::new(count as u64),
     };
     progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} purchases, {per_sec} ({elapsed})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} purchases, {per_sec} ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {

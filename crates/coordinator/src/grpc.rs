@@ -263,7 +263,11 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::KeyReused { .. } => Status::failed_precondition(e.to_string()),
             CoordinatorError::Pricing(_) => Status::unavailable(e.to_string()),
             CoordinatorError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
-            CoordinatorError::Corrupt(_) | CoordinatorError::Store(_) => {
+            CoordinatorError::Corrupt(_) => {
+                tracing::error!(error = %e, "coordinator store holds a damaged record");
+                Status::data_loss("a stored transaction is damaged")
+            }
+            CoordinatorError::Store(_) => {
                 tracing::error!(error = %e, "coordinator store failed");
                 Status::unavailable("the coordinator's store is unavailable; try again")
             }

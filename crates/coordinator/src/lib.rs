@@ -108,7 +108,7 @@ impl Coordinator {
     /// `max_sagas_in_flight` bounds the sagas that have not ended: past it,
     /// `Purchase` is refused at once, so a burst cannot grow every queue
     /// behind it without bound.
-    pub fn open(
+    pub async fn open(
         data_dir: &Path,
         durability: Durability,
         inventory: Channel,
@@ -116,6 +116,12 @@ impl Coordinator {
         max_sagas_in_flight: u64,
     ) -> Result<Coordinator, StoreError> {
         let store = Store::open(&data_dir.join("coordinator.db"), durability, store::MIGRATIONS)?;
+        // Counted before anything is served, so admission holds from the
+        // first request.
+        let unfinished = store.read(store::unfinished).await.map_err(|e| match e {
+            CoordinatorError::Store(e) => e,
+            other => StoreError::Commit(other.to_string()),
+        })?;
         Ok(Coordinator {
             inner: Arc::new(Inner {
                 store,
@@ -126,7 +132,7 @@ impl Coordinator {
                 steps: stats::StepStats::new(),
                 compensation_failures: AtomicU64::new(0),
                 dead_letters: AtomicU64::new(0),
-                sagas_in_flight: AtomicU64::new(0),
+                sagas_in_flight: AtomicU64::new(unfinished),
                 max_sagas_in_flight,
             }),
         })
@@ -140,8 +146,6 @@ impl Coordinator {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<(), ClientError> {
-        let unfinished = self.inner.store.read(store::unfinished).await.unwrap_or(0);
-        self.inner.sagas_in_flight.store(unfinished, Ordering::Relaxed);
         let subscription =
             sagamesh_saga::subscription(GROUP).expect("the coordinator group is in the topology");
         let client = RouterClient::start(
@@ -237,7 +241,7 @@ impl Coordinator {
         }
         // Reserve a place first, so concurrent purchases cannot all slip
         // past the check; the reservation is released unless a saga starts.
-        let reservation = Reservation::take(&self.inner.sagas_in_flight, self.inner.max_sagas_in_flight)?;
+        let reservation = Reservation::take(self.inner.clone())?;
         let unit_price = self.price(&order.item_id).await?;
         let total_price = unit_price
             .checked_mul(u64::from(order.quantity))
@@ -286,15 +290,24 @@ impl Coordinator {
             first_events.push(first_events[0].caused(GROUP, command));
         }
         let record = transaction.clone();
-        let existing = self
-            .inner
-            .store
-            .write(move |conn| store::insert(conn, &record, &first_events))
-            .await?;
+        // The write and its effect on the count finish together even if the
+        // caller goes away meanwhile.
+        let inner = self.inner.clone();
+        let existing = tokio::spawn(async move {
+            let existing = inner
+                .store
+                .write(move |conn| store::insert(conn, &record, &first_events))
+                .await?;
+            if existing.is_none() {
+                reservation.keep();
+            }
+            Ok::<_, CoordinatorError>(existing)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Store(StoreError::Commit(e.to_string())))??;
         if let Some(existing) = existing {
             return same_order(existing, &order);
         }
-        reservation.keep();
         self.inner.relay.nudge();
         tracing::info!(
             tx_id = %transaction_id,
@@ -392,18 +405,16 @@ impl Coordinator {
 }
 
 /// A place among the sagas in flight, given back on drop unless kept.
-struct Reservation<'a> {
-    in_flight: &'a AtomicU64,
+struct Reservation {
+    inner: Arc<Inner>,
     kept: bool,
 }
 
-impl<'a> Reservation<'a> {
-    fn take(in_flight: &'a AtomicU64, limit: u64) -> Result<Reservation<'a>, CoordinatorError> {
-        let before = in_flight.fetch_add(1, Ordering::Relaxed);
-        let reservation = Reservation {
-            in_flight,
-            kept: false,
-        };
+impl Reservation {
+    fn take(inner: Arc<Inner>) -> Result<Reservation, CoordinatorError> {
+        let before = inner.sagas_in_flight.fetch_add(1, Ordering::Relaxed);
+        let limit = inner.max_sagas_in_flight;
+        let reservation = Reservation { inner, kept: false };
         if before >= limit {
             return Err(CoordinatorError::Overloaded { in_flight: before });
         }
@@ -416,10 +427,10 @@ impl<'a> Reservation<'a> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.kept {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.inner.sagas_in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

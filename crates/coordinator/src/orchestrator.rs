@@ -17,14 +17,12 @@ use sagamesh_step::compensation::advance;
 
 use crate::GROUP;
 
-fn load(conn: &Connection, tx_id: &str) -> rusqlite::Result<Option<(PurchaseDetails, CompensationPlan)>> {
+fn load(conn: &Connection, tx_id: &str) -> rusqlite::Result<Option<CompensationPlan>> {
     let plan: Option<String> = conn
         .prepare_cached("SELECT plan FROM orchestrations WHERE transaction_id = ?1")?
         .query_row([tx_id], |row| row.get(0))
         .optional()?;
-    Ok(plan
-        .and_then(|p| CompensationPlan::decode(&p))
-        .map(|plan| (PurchaseDetails::default(), plan)))
+    Ok(plan.and_then(|p| CompensationPlan::decode(&p)))
 }
 
 fn save(conn: &Connection, tx_id: &str, plan: &CompensationPlan) -> rusqlite::Result<()> {
@@ -38,11 +36,14 @@ fn save(conn: &Connection, tx_id: &str, plan: &CompensationPlan) -> rusqlite::Re
 
 /// Reacts to one newly applied event of an orchestration saga; returns the
 /// compensation actions taken, for the log.
-pub(crate) fn react(conn: &Connection, event: &Envelope) -> rusqlite::Result<Vec<PlanAction>> {
+pub(crate) fn react(
+    conn: &Connection,
+    event: &Envelope,
+    purchase: PurchaseDetails,
+) -> rusqlite::Result<Vec<PlanAction>> {
     let Some(payload) = event.payload.as_ref() else {
         return Ok(Vec::new());
     };
-    let purchase = payload.purchase().cloned().unwrap_or_default();
     let state = load(conn, &event.transaction_id)?;
     match sagamesh_saga::step_outcome(payload.event_type()) {
         // Once compensating (a late success after a timeout), no step runs
@@ -58,13 +59,16 @@ pub(crate) fn react(conn: &Connection, event: &Envelope) -> rusqlite::Result<Vec
         Some((_, true)) => {}
         None if matches!(
             payload,
-            Payload::StepCompensated(_) | Payload::StepCompensationFailed(_) | Payload::SagaTimedOut(_)
+            Payload::StepCompensated(_)
+                | Payload::StepCompensationFailed(_)
+                | Payload::SagaTimedOut(_)
+                | Payload::DeadLettered(_)
         ) => {}
         None => return Ok(Vec::new()),
     }
-    // The purchase travels in every event; the stored plan needs only its
-    // own progress.
-    let state = state.map(|(_, plan)| (purchase, plan));
+    // The purchase comes from the saga's record; the stored plan needs only
+    // its own progress.
+    let state = state.map(|plan| (purchase, plan));
     let Some((_, plan, actions)) = advance(conn, event, GROUP, state)? else {
         return Ok(Vec::new());
     };

@@ -177,8 +177,11 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applie
             count(conn, transaction.mode, transaction.status, 1)?;
         }
     }
-    let actions = if transaction.mode() == SagaMode::Orchestration {
-        orchestrator::react(conn, event)?
+    // A saga that had already ended needs no more decisions (a timeout
+    // decided on a lagging view, a late answer).
+    let was_moving = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default());
+    let actions = if transaction.mode() == SagaMode::Orchestration && was_moving {
+        orchestrator::react(conn, event, purchase_of(&transaction))?
     } else {
         Vec::new()
     };
@@ -189,6 +192,18 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applie
         actions,
         ended,
     }))
+}
+
+/// What a saga buys, as its events carry it.
+fn purchase_of(transaction: &Transaction) -> PurchaseDetails {
+    PurchaseDetails {
+        user_id: transaction.user_id.clone(),
+        item_id: transaction.item_id.clone(),
+        quantity: transaction.quantity,
+        unit_price: transaction.unit_price,
+        total_price: transaction.total_price,
+        mode: transaction.mode,
+    }
 }
 
 /// Sagas still going forward that have not moved since `before_ms`.
@@ -244,14 +259,7 @@ pub(crate) fn time_out(
                 .any(|s| s.step == *step as i32 && s.status() == StepStatus::Success)
         })
         .unwrap_or(Step::UserValidation);
-    let purchase = PurchaseDetails {
-        user_id: transaction.user_id.clone(),
-        item_id: transaction.item_id.clone(),
-        quantity: transaction.quantity,
-        unit_price: transaction.unit_price,
-        total_price: transaction.total_price,
-        mode: transaction.mode,
-    };
+    let purchase = purchase_of(&transaction);
     let reason = format!(
         "deadline exceeded: no progress for {:.1}s while waiting for {}",
         deadline.as_secs_f64(),

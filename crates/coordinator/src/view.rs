@@ -136,6 +136,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
                 );
             }
         }
+        Payload::PurchaseFailed(_) if is_terminal(view.status()) => {}
         Payload::PurchaseFailed(failed) => {
             view.status = if failed.needs_attention {
                 TransactionStatus::NeedsAttention

@@ -252,7 +252,8 @@ pub async fn run(
             inventory_channel,
             config.mode,
             config.max_sagas_in_flight,
-        )?;
+        )
+        .await?;
         services.coordinator = Some(CoordinatorService::new(coordinator.clone()));
         Some(coordinator)
     } else {

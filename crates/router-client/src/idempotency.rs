@@ -22,3 +22,9 @@ pub fn claim(conn: &Connection, transaction_id: &str, action: &str) -> rusqlite:
         .execute(params![transaction_id, action])?;
     Ok(inserted == 1)
 }
+
+/// Whether an action was claimed for a transaction.
+pub fn claimed(conn: &Connection, transaction_id: &str, action: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM processed WHERE transaction_id = ?1 AND action = ?2")?
+        .exists(params![transaction_id, action])
+}

@@ -6,13 +6,15 @@
 //! events into its own store's `outbox` table in the same transaction as the
 //! business change; the [`OutboxRelay`] publishes them afterwards and deletes
 //! them once the router confirmed them durable. A crash between the two loses
-//! nothing (the relay publishes again on restart) and doubles nothing (the
-//! router dedupes by event id).
+//! nothing (the relay publishes again on restart) and doubles nothing: the
+//! router dedupes by event id while it still holds the event, and past that
+//! every service claims its effects per transaction, so a late duplicate has
+//! no effect.
 
 mod connection;
 mod idempotency;
 mod outbox;
 
 pub use connection::{BoxFuture, ClientError, Handler, HandlerConfig, Publisher, RouterClient};
-pub use idempotency::{PROCESSED_MIGRATION, claim};
+pub use idempotency::{PROCESSED_MIGRATION, claim, claimed};
 pub use outbox::{OUTBOX_MIGRATION, OutboxRelay, push_outbox};

@@ -126,6 +126,11 @@ impl EventRouter for RouterService {
         // publish answers.
         let capacity = hello.max_in_flight.clamp(1, 4096) as usize + STREAM_PUBLISH_QUEUE;
         let (outbound, outbound_rx) = mpsc::channel(capacity);
+        // The core holds the only strong sender, so when it detaches the
+        // instance (a full or broken stream, fault injection) the response
+        // stream ends and the handler reattaches instead of waiting on a
+        // stream nobody feeds. The tasks below send through weak handles.
+        let weak = outbound.downgrade();
         let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         let (reply, welcome) = oneshot::channel();
         self.router
@@ -133,7 +138,7 @@ impl EventRouter for RouterService {
             .send(Command::Attach {
                 instance,
                 hello,
-                outbound: outbound.clone(),
+                outbound,
                 reply,
             })
             .await
@@ -146,7 +151,7 @@ impl EventRouter for RouterService {
         // so acks keep flowing while a publish waits for its commit.
         let (publishes, mut publish_rx) = mpsc::channel::<PublishRequest>(STREAM_PUBLISH_QUEUE);
         let service = self.clone();
-        let answers = outbound.clone();
+        let answers = weak.clone();
         tokio::spawn(async move {
             while let Some(publish) = publish_rx.recv().await {
                 let answer = service
@@ -155,6 +160,7 @@ impl EventRouter for RouterService {
                     .map(|response| AttachResponse {
                         kind: Some(attach_response::Kind::Published(response)),
                     });
+                let Some(answers) = answers.upgrade() else { break };
                 if answers.send(answer).await.is_err() {
                     break;
                 }
@@ -185,11 +191,13 @@ impl EventRouter for RouterService {
                         continue;
                     }
                     Some(attach_request::Kind::Hello(_)) | None => {
-                        let _ = outbound
-                            .send(Err(Status::invalid_argument(
-                                "only the first message on an Attach stream may be a hello",
-                            )))
-                            .await;
+                        if let Some(outbound) = weak.upgrade() {
+                            let _ = outbound
+                                .send(Err(Status::invalid_argument(
+                                    "only the first message on an Attach stream may be a hello",
+                                )))
+                                .await;
+                        }
                         break;
                     }
                 };
@@ -307,5 +315,9 @@ fn to_proto(letter: sagamesh_log::DeadLetter) -> DeadLetter {
 
 fn log_status(e: sagamesh_log::LogError) -> Status {
     tracing::error!(error = %e, "event log error");
-    Status::unavailable("the event log is unavailable; try again")
+    match e {
+        // Retrying cannot fix a damaged record.
+        sagamesh_log::LogError::Corrupt { .. } => Status::data_loss("the event log holds a damaged record"),
+        sagamesh_log::LogError::Storage(_) => Status::unavailable("the event log is unavailable; try again"),
+    }
 }

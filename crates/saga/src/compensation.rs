@@ -140,6 +140,11 @@ impl CompensationPlan {
         actions
     }
 
+    /// The attempt in flight for `step`, if its undo is in flight.
+    pub fn attempt_of(&self, step: Step) -> Option<u32> {
+        self.in_flight(step).map(|position| self.remaining[position].1)
+    }
+
     pub fn needs_attention(&self) -> bool {
         !self.failed.is_empty()
     }

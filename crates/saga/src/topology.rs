@@ -56,6 +56,11 @@ pub fn subscriptions() -> Vec<Subscription> {
                 StepCompensated,
                 StepCompensationFailed,
                 SagaTimedOut,
+                // A saga that completed is never timed out after the fact.
+                PurchaseCompleted,
+                // A compensation request that was dead-lettered counts as a
+                // failed attempt.
+                DeadLettered,
             ],
         },
         Subscription {

@@ -201,7 +201,16 @@ fn commit_batch(
             began = Err(e.to_string());
             continue;
         }
-        let (keep, complete) = job(conn);
+        // A panicking job must not take the writer down with it: its
+        // savepoint is rolled back and its caller sees the write fail.
+        let Ok((keep, complete)) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)))
+        else {
+            tracing::error!("a store write panicked; rolled back");
+            if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
+                began = Err(e.to_string());
+            }
+            continue;
+        };
         let end = if keep {
             "RELEASE job"
         } else {

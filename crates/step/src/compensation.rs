@@ -5,7 +5,7 @@
 
 use rusqlite::Connection;
 use sagamesh_proto::v1::envelope::Payload;
-use sagamesh_proto::v1::{CompensationCompleted, Envelope, PurchaseDetails, PurchaseFailed, Step};
+use sagamesh_proto::v1::{CompensationCompleted, Envelope, EventType, PurchaseDetails, PurchaseFailed, Step};
 use sagamesh_router_client::push_outbox;
 use sagamesh_saga::{CompensationPlan, MAX_COMPENSATION_ATTEMPTS, PlanAction};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,6 +103,24 @@ pub fn advance(
         (Payload::StepCompensationFailed(failed), Some((purchase, mut plan))) => {
             let step = Step::try_from(failed.step).unwrap_or(Step::Unspecified);
             let actions = plan.on_compensation_failed(step, failed.attempt, &failed.reason);
+            (purchase, plan, actions)
+        }
+        // A compensation request that could not be delivered or processed
+        // counts as a failed attempt, so the plan retries or gives up
+        // instead of waiting forever.
+        (Payload::DeadLettered(letter), Some((purchase, mut plan))) => {
+            let step = match EventType::try_from(letter.event) {
+                Ok(EventType::CompensateUserValidation) => Step::UserValidation,
+                Ok(EventType::CompensateItemGrant) => Step::ItemGrant,
+                Ok(EventType::CompensateLogRecord) => Step::LogRecord,
+                Ok(EventType::CompensateNotification) => Step::Notification,
+                _ => return Ok(None),
+            };
+            let Some(attempt) = plan.attempt_of(step) else {
+                return Ok(None);
+            };
+            let reason = format!("the request was dead-lettered: {}", letter.last_error);
+            let actions = plan.on_compensation_failed(step, attempt, &reason);
             (purchase, plan, actions)
         }
         (Payload::SagaTimedOut(timed_out), None) => {

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
+use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, SagaMode};
 use sagamesh_router_client::{
     BoxFuture, ClientError, Handler, HandlerConfig, OUTBOX_MIGRATION, OutboxRelay, PROCESSED_MIGRATION,
-    RouterClient, claim,
+    RouterClient, claim, claimed,
 };
 use sagamesh_saga::{CompensationPlan, PlanAction};
 use sagamesh_sqlite::{Durability, Store, StoreError};
@@ -157,10 +158,29 @@ impl CompensationHandler {
             return Ok(Vec::new());
         }
         let tx_id = &event.transaction_id;
+        match event.payload.as_ref() {
+            Some(Payload::PurchaseCompleted(_)) => {
+                claim(conn, tx_id, "completed")?;
+                return Ok(Vec::new());
+            }
+            // Per-transaction order: a completion published first is seen
+            // first, so a timeout decided on a lagging view undoes nothing.
+            Some(Payload::SagaTimedOut(_)) if claimed(conn, tx_id, "completed")? => return Ok(Vec::new()),
+            _ => {}
+        }
         let state = load(conn, tx_id)?;
         let starting = state.is_none();
-        if starting && !claim(conn, tx_id, "start")? {
-            return Ok(Vec::new());
+        if starting {
+            // Only a step's failure or a timeout starts a compensation.
+            let starts = matches!(event.payload, Some(Payload::SagaTimedOut(_)))
+                || event
+                    .payload
+                    .as_ref()
+                    .and_then(|p| sagamesh_saga::step_outcome(p.event_type()))
+                    .is_some_and(|(_, failed)| failed);
+            if !starts || !claim(conn, tx_id, "start")? {
+                return Ok(Vec::new());
+            }
         }
         let Some((purchase, plan, actions)) = advance(conn, event, GROUP, state)? else {
             return Ok(Vec::new());
