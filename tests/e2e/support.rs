@@ -46,10 +46,7 @@ pub(crate) use in_both_modes;
 
 /// The `--mode` value of a saga mode.
 pub fn mode_arg(mode: SagaMode) -> &'static str {
-    match mode {
-        SagaMode::Orchestration => "orchestration",
-        _ => "choreography",
-    }
+    mode.name()
 }
 
 /// How long any awaited condition may take before the test fails.

@@ -202,7 +202,7 @@ async fn sweep(args: &BenchArgs) -> Result<(), String> {
                 .as_ref()
                 .expect("measured runs have histograms");
             points.push(Point {
-                mode: mode.map_or("target", mode_name),
+                mode: mode.map_or("target", |m| m.saga_mode().name()),
                 concurrency,
                 rate: e2e.len() as f64 / elapsed.as_secs_f64(),
                 p50_ms: ms(e2e.value_at_quantile(0.5)),
@@ -226,13 +226,6 @@ async fn sweep(args: &BenchArgs) -> Result<(), String> {
     chart(&points, &svg_path).map_err(|e| format!("cannot draw {svg_path}: {e}"))?;
     println!("sweep written to {json_path} and {svg_path}");
     Ok(())
-}
-
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Choreography => "choreography",
-        Mode::Orchestration => "orchestration",
-    }
 }
 
 /// Throughput against concurrency, one line per mode.
@@ -571,11 +564,7 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
         Scenario::Failure => "failure",
         Scenario::Mixed => "mixed",
     };
-    let mode_name = match mode {
-        Some(Mode::Orchestration) => "orchestration",
-        Some(Mode::Choreography) => "choreography",
-        None => "of the target mesh",
-    };
+    let mode_name = mode.map_or("of the target mesh", |m| m.saga_mode().name());
     let line = format!(
         "{:<14} {rate:>11.1} {:>8.2} ms {:>7.2} ms",
         mode.map_or("target", |_| mode_name),

@@ -64,7 +64,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
     if let Some((step, failed)) = sagamesh_saga::step_outcome(event_type) {
         let timing = payload.timing().cloned().unwrap_or_default();
         let (status, error) = if failed {
-            (StepStatus::StepFailed, failure_reason(payload))
+            (StepStatus::StepFailed, payload.failure_reason().to_owned())
         } else {
             (StepStatus::Success, String::new())
         };
@@ -155,16 +155,6 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
         _ => {}
     }
     true
-}
-
-fn failure_reason(payload: &Payload) -> String {
-    match payload {
-        Payload::UserValidationFailed(e) => e.reason.clone(),
-        Payload::ItemGrantFailed(e) => e.reason.clone(),
-        Payload::LogFailed(e) => e.reason.clone(),
-        Payload::NotificationFailed(e) => e.reason.clone(),
-        _ => String::new(),
-    }
 }
 
 /// Replaces the record of a step, keeping the steps in saga order.

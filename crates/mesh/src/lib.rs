@@ -263,7 +263,7 @@ pub async fn run(
     let names = services.names();
     // The server must be up before in-process handlers attach to it.
     let server = tasks.spawn(server::serve(services, listener, shutdown.clone()));
-    tracing::info!(%address, mode = mode_name(config.mode), services = ?names, "sagamesh listening on {address}");
+    tracing::info!(%address, mode = config.mode.name(), services = ?names, "sagamesh listening on {address}");
 
     let attached = attach(
         &config,
@@ -397,17 +397,10 @@ async fn demo_data(wallets: Option<&Wallets>, inventory: Option<&Inventory>) -> 
     Ok(())
 }
 
-pub fn mode_name(mode: SagaMode) -> &'static str {
-    match mode {
-        SagaMode::Orchestration => "orchestration",
-        _ => "choreography",
-    }
-}
-
 /// The seed's startup summary: the active mode, and which handler reacts to
 /// which events in it.
 fn log_summary(role: &Role, mode: SagaMode) {
-    tracing::info!("Current saga pattern mode = {}", mode_name(mode));
+    tracing::info!("Current saga pattern mode = {}", mode.name());
     let shown: Vec<&str> = match role {
         Role::All | Role::Router => vec![],
         Role::Coordinator { .. } => vec!["PurchaseCoordinator (orchestrator)"],

@@ -96,6 +96,17 @@ impl Payload {
         *slot = Some(value);
     }
 
+    /// The reason a step's failure event gives; empty for other events.
+    pub fn failure_reason(&self) -> &str {
+        match self {
+            Payload::UserValidationFailed(e) => &e.reason,
+            Payload::ItemGrantFailed(e) => &e.reason,
+            Payload::LogFailed(e) => &e.reason,
+            Payload::NotificationFailed(e) => &e.reason,
+            _ => "",
+        }
+    }
+
     /// The step timing of a step's outcome event.
     pub fn timing(&self) -> Option<&v1::StepTiming> {
         match self {
@@ -177,6 +188,17 @@ impl TraceContext {
 /// 16 hex digits from the random part of a UUIDv7.
 fn new_span_id() -> String {
     format!("{:016x}", uuid::Uuid::now_v7().as_u64_pair().1)
+}
+
+impl v1::SagaMode {
+    /// The lowercase name used by `--mode` and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::SagaMode::Choreography => "choreography",
+            v1::SagaMode::Orchestration => "orchestration",
+            v1::SagaMode::Unspecified => "unspecified",
+        }
+    }
 }
 
 impl Step {

@@ -278,9 +278,9 @@ impl Core {
         if mode != self.config.mode {
             return Err(Status::failed_precondition(format!(
                 "this mesh runs in {} mode, but service '{}' runs in {} mode; start it with the mesh's mode",
-                mode_name(self.config.mode),
+                self.config.mode.name(),
                 hello.service,
-                mode_name(mode)
+                mode.name()
             )));
         }
         let max_in_flight = hello.max_in_flight;
@@ -302,7 +302,7 @@ impl Core {
                 return Err(Status::failed_precondition(format!(
                     "group '{}' is not a subscription of this {} mesh (its groups: {})",
                     hello.group,
-                    mode_name(self.config.mode),
+                    self.config.mode.name(),
                     known.join(", ")
                 )));
             };
@@ -753,13 +753,5 @@ impl Core {
             }
             let _ = commands.send(Command::CursorsSaved).await;
         });
-    }
-}
-
-fn mode_name(mode: SagaMode) -> &'static str {
-    match mode {
-        SagaMode::Choreography => "choreography",
-        SagaMode::Orchestration => "orchestration",
-        SagaMode::Unspecified => "an unspecified",
     }
 }

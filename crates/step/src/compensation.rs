@@ -133,13 +133,7 @@ pub fn advance(
             let Some((failed_step, true)) = sagamesh_saga::step_outcome(payload.event_type()) else {
                 return Ok(None);
             };
-            let reason = match payload {
-                Payload::UserValidationFailed(e) => e.reason.clone(),
-                Payload::ItemGrantFailed(e) => e.reason.clone(),
-                Payload::LogFailed(e) => e.reason.clone(),
-                Payload::NotificationFailed(e) => e.reason.clone(),
-                _ => String::new(),
-            };
+            let reason = payload.failure_reason().to_owned();
             let purchase = payload.purchase().cloned().unwrap_or_default();
             let (plan, actions) = CompensationPlan::start(failed_step, reason);
             (purchase, plan, actions)
