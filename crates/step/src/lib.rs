@@ -210,18 +210,14 @@ impl<O: StepOwner> StepHandler<O> {
                 if !claim(conn, &cause.transaction_id, "step")? {
                     return Ok::<_, StepError>(None);
                 }
-                let executed_at = SystemTime::now();
-                let started = Instant::now();
-                let outcome = match fault {
-                    Some(_) => Outcome::Failure(format!("injected failure in {}", O::STEP.name())),
-                    None => owner.execute(conn, &cause.transaction_id, &purchase)?,
-                };
-                let elapsed = started.elapsed();
-                let timing = StepTiming {
-                    executed_at: Some(sagamesh_proto::timestamp(executed_at)),
-                    duration: Some(sagamesh_proto::duration(elapsed)),
-                    attempts,
-                };
+                let (outcome, timing, millis) = timed(attempts, || match fault {
+                    Some(_) => Ok(Outcome::Failure(format!(
+                        "injected failure in {}",
+                        O::STEP.name()
+                    ))),
+                    None => owner.execute(conn, &cause.transaction_id, &purchase),
+                });
+                let outcome = outcome?;
                 let (payload, failed, summary) = match outcome {
                     Outcome::Success { mut event, summary } => {
                         event.set_timing(timing);
@@ -237,7 +233,7 @@ impl<O: StepOwner> StepHandler<O> {
                 Ok(Some(Done {
                     failed,
                     summary,
-                    millis: elapsed.as_secs_f64() * 1000.0,
+                    millis,
                 }))
             })
             .await
@@ -300,22 +296,16 @@ impl<O: StepOwner> StepHandler<O> {
                 // should it still come (a saga that timed out), finds the
                 // step claimed and does nothing.
                 let never_ran = claim(conn, &cause.transaction_id, "step")?;
-                let executed_at = SystemTime::now();
-                let started = Instant::now();
-                let result = match fault {
-                    _ if never_ran => Ok("the step never ran; fenced off".to_owned()),
-                    Some(_) => Err(format!(
+                let (result, timing, millis) = timed(1, || match fault {
+                    _ if never_ran => Ok(Ok("the step never ran; fenced off".to_owned())),
+                    Some(_) => Ok(Err(format!(
                         "injected failure in the compensation of {}",
                         O::STEP.name()
-                    )),
-                    None => owner.compensate(conn, &cause.transaction_id, &purchase)?,
-                };
-                let elapsed = started.elapsed();
-                let timing = Some(StepTiming {
-                    executed_at: Some(sagamesh_proto::timestamp(executed_at)),
-                    duration: Some(sagamesh_proto::duration(elapsed)),
-                    attempts: 1,
+                    ))),
+                    None => owner.compensate(conn, &cause.transaction_id, &purchase),
                 });
+                let result = result?;
+                let timing = Some(timing);
                 let step = O::STEP as i32;
                 let purchase = Some(purchase);
                 let (payload, failed, summary) = match result {
@@ -344,7 +334,7 @@ impl<O: StepOwner> StepHandler<O> {
                 Ok(Some(Done {
                     failed,
                     summary,
-                    millis: elapsed.as_secs_f64() * 1000.0,
+                    millis,
                 }))
             })
             .await
@@ -378,6 +368,21 @@ impl<O: StepOwner> StepHandler<O> {
         }
         Ok(())
     }
+}
+
+/// Runs `f` and says when it ran and for how long (also in milliseconds,
+/// for the log line).
+fn timed<T>(attempts: u32, f: impl FnOnce() -> T) -> (T, StepTiming, f64) {
+    let executed_at = SystemTime::now();
+    let started = Instant::now();
+    let value = f();
+    let elapsed = started.elapsed();
+    let timing = StepTiming {
+        executed_at: Some(sagamesh_proto::timestamp(executed_at)),
+        duration: Some(sagamesh_proto::duration(elapsed)),
+        attempts,
+    };
+    (value, timing, elapsed.as_secs_f64() * 1000.0)
 }
 
 fn title(step: Step) -> &'static str {
