@@ -9,6 +9,7 @@
 
 mod grpc;
 mod orchestrator;
+mod queries;
 mod stats;
 mod store;
 mod view;
@@ -50,6 +51,8 @@ pub enum CoordinatorError {
     Overloaded { in_flight: u64 },
     #[error("cannot price the purchase: the inventory service answered {0}")]
     Pricing(String),
+    #[error("{0}")]
+    BadPage(String),
     #[error("a stored transaction could not be decoded: {0}")]
     Corrupt(String),
     #[error(transparent)]

@@ -77,6 +77,10 @@ pub(crate) enum Command {
     },
     /// A cursor save finished.
     CursorsSaved,
+    /// A replayed dead letter was deleted (or stored again as a new one).
+    ReplayEnded {
+        id: u64,
+    },
 }
 
 /// One event waiting for (or in) delivery to one group.
@@ -270,6 +274,9 @@ impl Core {
                 self.dispatch(group);
             }
             Command::CursorsSaved => self.saving_cursors = false,
+            Command::ReplayEnded { id } => {
+                self.replaying.remove(&id);
+            }
         }
     }
 
@@ -416,12 +423,14 @@ impl Core {
                 group.unacked.remove(&offset);
             }
             if let Some(id) = done.replay_of {
-                self.replaying.remove(&id);
-                let log = self.log.clone();
+                // It stays marked as replaying until it is deleted, so a
+                // second replay request meanwhile is refused.
+                let (log, commands) = (self.log.clone(), self.commands.clone());
                 tokio::spawn(async move {
                     if let Err(e) = log.delete_dead_letter(id).await {
                         tracing::warn!(error = %e, dead_letter = id, "could not delete a replayed dead letter");
                     }
+                    let _ = commands.send(Command::ReplayEnded { id }).await;
                 });
             }
         }
@@ -501,6 +510,7 @@ impl Core {
                 }
                 if let Some(old) = replay_of {
                     let _ = log.delete_dead_letter(old).await;
+                    let _ = commands.send(Command::ReplayEnded { id: old }).await;
                 }
                 let _ = commands
                     .send(Command::DeadLettered {
@@ -509,9 +519,6 @@ impl Core {
                     })
                     .await;
             });
-            if let Some(old) = replay_of {
-                self.replaying.remove(&old);
-            }
             return;
         }
         if delay {

@@ -1,0 +1,184 @@
+//! The read side of the coordinator: pages of transactions, the counts of
+//! `GetStats`, and the live updates of `StreamTransaction` (the current
+//! state, then each change, ending after a terminal state).
+
+use std::sync::atomic::Ordering;
+
+use sagamesh_proto::v1::{
+    ModeStats, SagaMode, Stats, StatusCount, Transaction, TransactionStatus, TransactionUpdate,
+};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::{Coordinator, CoordinatorError, store, view};
+
+/// Updates waiting to be sent to one watcher. When full, the forwarder
+/// waits; the broadcast behind it absorbs the burst.
+const STREAM_QUEUE: usize = 16;
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: u32 = 1_000;
+
+impl Coordinator {
+    /// A page of transactions, newest first, and the token of the next page
+    /// (empty on the last one).
+    pub async fn list(
+        &self,
+        status: Option<TransactionStatus>,
+        user_id: String,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<Transaction>, String), CoordinatorError> {
+        let user_id = if user_id.is_empty() {
+            None
+        } else {
+            sagamesh_saga::validate_id("user_id", &user_id)?;
+            Some(user_id)
+        };
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n as usize,
+            n => {
+                return Err(CoordinatorError::BadPage(format!(
+                    "page_size must be between 1 and {MAX_PAGE_SIZE}, not {n}"
+                )));
+            }
+        };
+        let before = if page_token.is_empty() {
+            i64::MAX
+        } else {
+            page_token.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                CoordinatorError::BadPage("page_token is not one this service returned".into())
+            })?
+        };
+        let page = self
+            .inner
+            .store
+            .read(move |conn| store::list(conn, status, user_id.as_deref(), before, limit))
+            .await?;
+        let next_page_token = match page.last() {
+            Some((seq, _)) if page.len() == limit => seq.to_string(),
+            _ => String::new(),
+        };
+        Ok((page.into_iter().map(|(_, t)| t).collect(), next_page_token))
+    }
+
+    /// The transaction now, then one update per change; the channel closes
+    /// after a terminal state. `NoSuchTransaction` before anything is sent.
+    pub async fn watch(
+        &self,
+        transaction_id: String,
+    ) -> Result<mpsc::Receiver<Result<TransactionUpdate, CoordinatorError>>, CoordinatorError> {
+        // Subscribe first, so no change is missed between read and subscribe.
+        let mut watch = self.inner.watchers.watch(&transaction_id);
+        let current = self.transaction(transaction_id.clone()).await?;
+        let coordinator = self.clone();
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        tokio::spawn(async move {
+            let mut seen = current.history.len();
+            let done = view::is_terminal(current.status());
+            let first = TransactionUpdate {
+                transaction: Some(current),
+                event: 0,
+            };
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            loop {
+                let update = match watch.updates.recv().await {
+                    Ok(update) => (*update).clone(),
+                    // Too slow for the changes: read the state again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match coordinator.transaction(transaction_id.clone()).await {
+                            Ok(transaction) => TransactionUpdate {
+                                transaction: Some(transaction),
+                                event: 0,
+                            },
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(transaction) = update.transaction.as_ref() else {
+                    continue;
+                };
+                if transaction.history.len() <= seen {
+                    continue;
+                }
+                seen = transaction.history.len();
+                let done = view::is_terminal(transaction.status());
+                if tx.send(Ok(update)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Counts per status, overall and per mode, and step durations.
+    pub async fn stats(&self) -> Result<Stats, CoordinatorError> {
+        let counts = self.inner.store.read(store::status_counts).await?;
+        let all: Vec<(i32, u64)> = counts.iter().fold(Vec::new(), |mut all, (_, status, count)| {
+            match all.iter_mut().find(|(s, _)| s == status) {
+                Some((_, total)) => *total += count,
+                None => all.push((*status, *count)),
+            }
+            all
+        });
+        let (total, by_status, success_rate) = figures(&all);
+        let by_mode = [SagaMode::Choreography, SagaMode::Orchestration]
+            .into_iter()
+            .map(|mode| {
+                let counts: Vec<(i32, u64)> = counts
+                    .iter()
+                    .filter(|(m, _, _)| *m == mode as i32)
+                    .map(|(_, s, n)| (*s, *n))
+                    .collect();
+                let (total, by_status, success_rate) = figures(&counts);
+                ModeStats {
+                    mode: mode as i32,
+                    total,
+                    by_status,
+                    success_rate,
+                }
+            })
+            .collect();
+        Ok(Stats {
+            total,
+            by_status,
+            success_rate,
+            step_durations: self.inner.steps.snapshot(),
+            compensation_failures: self.inner.compensation_failures.load(Ordering::Relaxed),
+            by_mode,
+            dead_letters: self.inner.dead_letters.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Total, counts per status and success rate of `(status, count)` pairs.
+fn figures(counts: &[(i32, u64)]) -> (u64, Vec<StatusCount>, f64) {
+    let total = counts.iter().map(|(_, n)| n).sum();
+    let of = |status: TransactionStatus| {
+        counts
+            .iter()
+            .find(|(s, _)| *s == status as i32)
+            .map_or(0, |(_, n)| *n)
+    };
+    let completed = of(TransactionStatus::Completed);
+    let ended = completed + of(TransactionStatus::Failed) + of(TransactionStatus::NeedsAttention);
+    let mut by_status: Vec<StatusCount> = counts
+        .iter()
+        .map(|(status, count)| StatusCount {
+            status: *status,
+            count: *count,
+        })
+        .collect();
+    by_status.sort_by_key(|c| c.status);
+    let success_rate = if ended == 0 {
+        0.0
+    } else {
+        completed as f64 / ended as f64
+    };
+    (total, by_status, success_rate)
+}
