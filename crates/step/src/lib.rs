@@ -186,6 +186,33 @@ impl<O: StepOwner> Handler for StepHandler<O> {
 }
 
 impl<O: StepOwner> StepHandler<O> {
+    /// Runs `body` once per transaction and `action`: in one local
+    /// transaction it claims the action, runs the business change and puts
+    /// the outcome event in the outbox; then it nudges the relay. `None`
+    /// when the action was done before (a redelivery).
+    async fn once(
+        &self,
+        cause: &Envelope,
+        action: String,
+        body: impl FnOnce(&Connection, &str) -> Result<(Payload, Done), StepError> + Send + 'static,
+    ) -> Result<Option<Done>, String> {
+        let cause = cause.clone();
+        let done = self
+            .store
+            .write(move |conn| {
+                if !claim(conn, &cause.transaction_id, &action)? {
+                    return Ok::<_, StepError>(None);
+                }
+                let (payload, done) = body(conn, &cause.transaction_id)?;
+                push_outbox(conn, &cause.caused(O::GROUP, payload))?;
+                Ok(Some(done))
+            })
+            .await
+            .map_err(|e| e.0)?;
+        self.relay.nudge();
+        Ok(done)
+    }
+
     async fn execute(
         &self,
         cause: &Envelope,
@@ -197,7 +224,6 @@ impl<O: StepOwner> StepHandler<O> {
             return Err(format!("injected error in {}", O::STEP.name()));
         }
         let tx_id = cause.transaction_id.clone();
-        let cause = cause.clone();
         let owner = self.owner.clone();
         tracing::debug!(
             "[{}] Starting {} for transaction: {tx_id}",
@@ -205,17 +231,13 @@ impl<O: StepOwner> StepHandler<O> {
             O::STEP.name()
         );
         let done = self
-            .store
-            .write(move |conn| {
-                if !claim(conn, &cause.transaction_id, "step")? {
-                    return Ok::<_, StepError>(None);
-                }
+            .once(cause, "step".to_owned(), move |conn, tx_id| {
                 let (outcome, timing, millis) = timed(attempts, || match fault {
                     Some(_) => Ok(Outcome::Failure(format!(
                         "injected failure in {}",
                         O::STEP.name()
                     ))),
-                    None => owner.execute(conn, &cause.transaction_id, &purchase),
+                    None => owner.execute(conn, tx_id, &purchase),
                 });
                 let outcome = outcome?;
                 let (payload, failed, summary) = match outcome {
@@ -229,16 +251,16 @@ impl<O: StepOwner> StepHandler<O> {
                         reason,
                     ),
                 };
-                push_outbox(conn, &cause.caused(O::GROUP, payload))?;
-                Ok(Some(Done {
-                    failed,
-                    summary,
-                    millis,
-                }))
+                Ok((
+                    payload,
+                    Done {
+                        failed,
+                        summary,
+                        millis,
+                    },
+                ))
             })
-            .await
-            .map_err(|e| e.0)?;
-        self.relay.nudge();
+            .await?;
         match done {
             None => tracing::info!(
                 "[{}] Already done for transaction {tx_id}; redelivery ignored",
@@ -284,25 +306,20 @@ impl<O: StepOwner> StepHandler<O> {
             ));
         }
         let tx_id = cause.transaction_id.clone();
-        let cause = cause.clone();
         let owner = self.owner.clone();
         let done = self
-            .store
-            .write(move |conn| {
-                if !claim(conn, &cause.transaction_id, &format!("compensate#{attempt}"))? {
-                    return Ok::<_, StepError>(None);
-                }
+            .once(cause, format!("compensate#{attempt}"), move |conn, tx_id| {
                 // A step that never ran is fenced off instead: its trigger,
                 // should it still come (a saga that timed out), finds the
                 // step claimed and does nothing.
-                let never_ran = claim(conn, &cause.transaction_id, "step")?;
+                let never_ran = claim(conn, tx_id, "step")?;
                 let (result, timing, millis) = timed(1, || match fault {
                     _ if never_ran => Ok(Ok("the step never ran; fenced off".to_owned())),
                     Some(_) => Ok(Err(format!(
                         "injected failure in the compensation of {}",
                         O::STEP.name()
                     ))),
-                    None => owner.compensate(conn, &cause.transaction_id, &purchase),
+                    None => owner.compensate(conn, tx_id, &purchase),
                 });
                 let result = result?;
                 let timing = Some(timing);
@@ -330,16 +347,16 @@ impl<O: StepOwner> StepHandler<O> {
                         reason,
                     ),
                 };
-                push_outbox(conn, &cause.caused(O::GROUP, payload))?;
-                Ok(Some(Done {
-                    failed,
-                    summary,
-                    millis,
-                }))
+                Ok((
+                    payload,
+                    Done {
+                        failed,
+                        summary,
+                        millis,
+                    },
+                ))
             })
-            .await
-            .map_err(|e| e.0)?;
-        self.relay.nudge();
+            .await?;
         match done {
             None => {}
             Some(Done {
