@@ -364,10 +364,15 @@ impl Coordinator {
         };
         let dead_lettered = u64::from(event_type == EventType::DeadLettered);
         let tx_id = event.transaction_id.clone();
-        let applied = self
+        // Staged: watchers see the new status while the fsync runs. The
+        // event is acked only once durable, so a machine crash in between
+        // redelivers it and the view is rebuilt from it. A command the
+        // orchestrator wrote here and that got out before a crash is
+        // written again on redelivery; the step's claim absorbs the repeat.
+        let (applied, synced) = self
             .inner
             .store
-            .write(move |conn| store::apply(conn, &event))
+            .write_staged(move |conn| store::apply(conn, &event))
             .await?;
         let Some(store::Applied {
             transaction,
@@ -375,6 +380,7 @@ impl Coordinator {
             ended,
         }) = applied
         else {
+            synced.durable().await?;
             return Ok(());
         };
         if ended {
@@ -385,10 +391,8 @@ impl Coordinator {
                     Some(n.saturating_sub(1))
                 });
         }
-        if transaction.mode() == SagaMode::Orchestration && !view::is_terminal(transaction.status()) {
-            // The orchestrator wrote its next command.
-            self.inner.relay.nudge();
-        }
+        let orchestrating =
+            transaction.mode() == SagaMode::Orchestration && !view::is_terminal(transaction.status());
         sagamesh_step::compensation::log_actions("PurchaseCoordinator", &tx_id, &actions);
         if let (Some((step, _)), Some(duration)) = (sagamesh_saga::step_outcome(event_type), timing) {
             self.inner.steps.record(step, duration);
@@ -403,6 +407,11 @@ impl Coordinator {
             transaction: Some(transaction),
             event: event_type as i32,
         });
+        synced.durable().await?;
+        if orchestrating {
+            // The orchestrator wrote its next command.
+            self.inner.relay.nudge();
+        }
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! The embedded event log: the router's log in one SQLite file.
 //!
 //! Appends go through the shared group-commit writer of `sagamesh-sqlite`,
-//! so concurrent publishes share one fsync. The `events` table's
+//! so concurrent publishes share one fsync, and are staged: readable as soon
+//! as committed, durable once the writer's fsync that follows is done. The `events` table's
 //! AUTOINCREMENT key is the offset (never reused, even after truncation), and
 //! the unique `event_id` column dedupes publishes.
 
@@ -11,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
-use sagamesh_log::{Appended, BoxFuture, DeadLetter, EventLog, LogError, Offset, StoredEvent};
+use sagamesh_log::{Appended, Appending, BoxFuture, DeadLetter, EventLog, LogError, Offset, StoredEvent};
 use sagamesh_proto::v1::Envelope;
 use sagamesh_sqlite::{Durability, Store, StoreError};
 
@@ -125,10 +126,11 @@ fn list_dead(
 }
 
 impl EventLog for SqliteLog {
-    fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>> {
+    fn append_staged(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Appending, LogError>> {
         Box::pin(async move {
-            self.store
-                .write(move |conn| {
+            let (outcomes, synced) = self
+                .store
+                .write_staged(move |conn| {
                     let mut insert = conn.prepare_cached(
                         "INSERT INTO events (event_id, body) VALUES (?1, ?2)
                          ON CONFLICT (event_id) DO NOTHING",
@@ -145,7 +147,11 @@ impl EventLog for SqliteLog {
                     Ok::<_, Failure>(appended)
                 })
                 .await
-                .map_err(|f| f.0)
+                .map_err(|f| f.0)?;
+            Ok(Appending {
+                outcomes,
+                durable: Box::pin(async move { synced.durable().await.map_err(storage) }),
+            })
         })
     }
 

@@ -5,6 +5,8 @@
 //! - an `append` that returned is durable, in order, and deduplicated by event
 //!   id (an event already in the log is reported as a duplicate, not stored
 //!   twice);
+//! - an `append_staged` that returned is in order, deduplicated and survives
+//!   the process; once its `durable` future resolved it is durable too;
 //! - offsets grow with every append and are never reused;
 //! - a cursor saved for a group is the offset below which that group has
 //!   acked everything; it survives a restart;
@@ -57,9 +59,29 @@ pub struct DeadLetter {
     pub dead_at: SystemTime,
 }
 
+/// Events appended in order, that survive the process but maybe not yet the
+/// machine.
+pub struct Appending {
+    pub outcomes: Vec<Appended>,
+    /// Resolves once the events survive a crash of the machine.
+    pub durable: BoxFuture<'static, Result<(), LogError>>,
+}
+
 pub trait EventLog: Send + Sync + 'static {
+    /// Appends the events in order; returns once they are in the log, before
+    /// they are necessarily durable (see [`Appending::durable`]). The router
+    /// delivers them at that point and confirms them to their publishers
+    /// only once durable.
+    fn append_staged(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Appending, LogError>>;
+
     /// Appends the events in order; returns once they are durable.
-    fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>>;
+    fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>> {
+        Box::pin(async move {
+            let appending = self.append_staged(events).await?;
+            appending.durable.await?;
+            Ok(appending.outcomes)
+        })
+    }
 
     /// Up to `limit` events with offsets at or above `from`, in order.
     fn read(&self, from: Offset, limit: usize) -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>>;

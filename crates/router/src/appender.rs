@@ -1,14 +1,20 @@
 //! The one task that appends to the log, so that publishes from every stream
 //! share commits and reach the core in offset order.
 //!
-//! While one append is being made durable, new publishes queue; the next
-//! append takes all of them at once (group commit). Only after the append
-//! returned are the publishers answered and the events handed to the core
-//! for delivery.
+//! While one append is being written, new publishes queue; the next append
+//! takes all of them at once (group commit).
+//!
+//! An append is handed to the core for delivery as soon as it is committed,
+//! and its publishers are answered only once its fsync is done (by the
+//! [`confirm`] task, in order). Delivering before the fsync is safe because
+//! a publisher keeps its own durable copy of an event (its outbox) until
+//! that answer: if the machine dies in between, the publisher publishes the
+//! event again with the same id, and consumers dedupe by id. It takes the
+//! router's fsync off the path of every saga step.
 
 use std::sync::Arc;
 
-use sagamesh_log::{Appended, EventLog, StoredEvent};
+use sagamesh_log::{Appended, Appending, BoxFuture, EventLog, LogError, StoredEvent};
 use sagamesh_proto::v1::Envelope;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,12 +34,23 @@ pub(crate) struct Append {
     pub reply: oneshot::Sender<AppendResult>,
 }
 
+/// Appends committed but not yet answered. When full, the appender waits.
+const CONFIRM_QUEUE: usize = 64;
+
+/// The answers to one append's publishers, sent once it is durable.
+struct Confirmation {
+    durable: BoxFuture<'static, Result<(), LogError>>,
+    replies: Vec<(oneshot::Sender<AppendResult>, (u32, u32))>,
+}
+
 pub(crate) async fn run(
     log: Arc<dyn EventLog>,
     mut requests: mpsc::Receiver<Append>,
     core: mpsc::Sender<Command>,
     shutdown: CancellationToken,
 ) {
+    let (confirmations, pending) = mpsc::channel(CONFIRM_QUEUE);
+    tokio::spawn(confirm(pending));
     let mut batch: Vec<Append> = Vec::new();
     loop {
         let first = tokio::select! {
@@ -55,8 +72,11 @@ pub(crate) async fn run(
             }
         }
         let events: Vec<Arc<Envelope>> = batch.iter().flat_map(|a| a.events.iter().cloned()).collect();
-        match log.append(events.clone()).await {
-            Ok(appended) => {
+        match log.append_staged(events.clone()).await {
+            Ok(Appending {
+                outcomes: appended,
+                durable,
+            }) => {
                 let stored: Vec<StoredEvent> = events
                     .into_iter()
                     .zip(&appended)
@@ -72,15 +92,25 @@ pub(crate) async fn run(
                     return;
                 }
                 let mut outcomes = appended.into_iter();
-                for append in batch.drain(..) {
-                    let (mut new, mut duplicates) = (0, 0);
-                    for outcome in outcomes.by_ref().take(append.events.len()) {
-                        match outcome {
-                            Appended::New(_) => new += 1,
-                            Appended::Duplicate => duplicates += 1,
+                let replies = batch
+                    .drain(..)
+                    .map(|append| {
+                        let (mut new, mut duplicates) = (0, 0);
+                        for outcome in outcomes.by_ref().take(append.events.len()) {
+                            match outcome {
+                                Appended::New(_) => new += 1,
+                                Appended::Duplicate => duplicates += 1,
+                            }
                         }
-                    }
-                    let _ = append.reply.send(Ok((new, duplicates)));
+                        (append.reply, (new, duplicates))
+                    })
+                    .collect();
+                if confirmations
+                    .send(Confirmation { durable, replies })
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
             }
             Err(e) => {
@@ -89,6 +119,19 @@ pub(crate) async fn run(
                     let _ = append.reply.send(Err(e.to_string()));
                 }
             }
+        }
+    }
+}
+
+/// Answers each append's publishers once it is durable, in append order.
+async fn confirm(mut pending: mpsc::Receiver<Confirmation>) {
+    while let Some(Confirmation { durable, replies }) = pending.recv().await {
+        let outcome = durable.await.map_err(|e| {
+            tracing::error!(error = %e, "event log sync failed");
+            e.to_string()
+        });
+        for (reply, counts) in replies {
+            let _ = reply.send(outcome.clone().map(|()| counts));
         }
     }
 }

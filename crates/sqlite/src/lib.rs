@@ -10,8 +10,17 @@
 //!
 //! Reads run on a second connection and thread, so they never wait behind a
 //! commit (WAL readers see the last committed state).
+//!
+//! A commit and its fsync are two steps here: SQLite commits with
+//! `synchronous = NORMAL` (no fsync) and the writer then syncs the WAL file
+//! itself. Most callers wait for both ([`Store::write`]). A caller whose
+//! result is already backed by a durable copy elsewhere may act between the
+//! two ([`Store::write_staged`]): the router delivers an event while its
+//! fsync runs, because the event's publisher keeps its own durable copy until
+//! the router confirms the sync.
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -38,12 +47,35 @@ pub enum StoreError {
     Open { path: String, source: rusqlite::Error },
 }
 
-/// Runs after the batch's commit, with its outcome.
+/// Runs after the batch's commit (or its sync), with the outcome.
 type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
 /// A queued write: runs inside a savepoint, says whether to keep it, and
 /// hands back what to do once the commit is known.
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection) -> Finish + Send>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// What a write job asks of the writer once it ran.
+struct Finish {
+    keep: bool,
+    /// Called once the batch is committed (visible, not yet synced).
+    committed: Option<Completion>,
+    /// Called once the batch is synced (durable as the store promises).
+    synced: Completion,
+}
+
+/// Resolves once a staged write is as durable as the store promises.
+#[must_use = "a staged write is not durable until `durable` resolves"]
+pub struct Synced(oneshot::Receiver<Result<(), String>>);
+
+impl Synced {
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Commit(e)),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
 
 /// Most writes committed together; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
@@ -70,17 +102,19 @@ impl Store {
             })
         };
         let writer = open(path)?;
-        let synchronous = match durability {
-            Durability::Machine => "FULL",
-            Durability::Process => "NORMAL",
-        };
-        writer.execute_batch(&format!(
+        // NORMAL: a commit writes the WAL without fsync; the writer syncs
+        // the WAL itself when the durability asks for it (see `Syncer`).
+        writer.execute_batch(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = {synchronous};
+             PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
-             PRAGMA foreign_keys = ON;"
-        ))?;
+             PRAGMA foreign_keys = ON;",
+        )?;
         migrate(&writer, migrations)?;
+        let syncer = Syncer {
+            wal_path: durability_wal(path, durability),
+            wal: None,
+        };
         let reader = open(path)?;
         reader.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")?;
 
@@ -92,7 +126,7 @@ impl Store {
         let (reads, read_rx) = mpsc::channel(READ_QUEUE);
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
-            .spawn(move || run_writer(writer, write_rx))
+            .spawn(move || run_writer(writer, syncer, write_rx))
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         std::thread::Builder::new()
             .name(format!("{name}-reader"))
@@ -114,15 +148,49 @@ impl Store {
         let job: WriteJob = Box::new(move |conn| {
             let result = f(conn);
             let keep = result.is_ok();
-            let complete: Completion = Box::new(move |commit| {
-                let result = match (result, commit) {
-                    (Ok(value), Ok(())) => Ok(value),
-                    (Ok(_), Err(e)) => Err(E::from(StoreError::Commit(e.to_owned()))),
-                    (Err(e), _) => Err(e),
-                };
-                let _ = tx.send(result);
+            let synced: Completion = Box::new(move |outcome| {
+                let _ = tx.send(settle(result, outcome));
             });
-            (keep, complete)
+            Finish {
+                keep,
+                committed: None,
+                synced,
+            }
+        });
+        self.writes
+            .send(job)
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        rx.await.map_err(|_| E::from(StoreError::Closed))?
+    }
+
+    /// Like [`Store::write`], but returns as soon as the transaction is
+    /// committed, before its fsync: its effects are visible and survive the
+    /// process dying. The returned [`Synced`] resolves once it also survives
+    /// the machine. Use it only where whatever acts on the result early can
+    /// be redone from a durable copy kept elsewhere.
+    pub async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    where
+        F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = f(conn);
+            let keep = result.is_ok();
+            let (sync_tx, sync_rx) = oneshot::channel();
+            let committed: Completion = Box::new(move |outcome| {
+                let _ = tx.send(settle(result, outcome).map(|value| (value, Synced(sync_rx))));
+            });
+            let synced: Completion = Box::new(move |outcome| {
+                let _ = sync_tx.send(outcome.map_err(str::to_owned));
+            });
+            Finish {
+                keep,
+                committed: Some(committed),
+                synced,
+            }
         });
         self.writes
             .send(job)
@@ -150,6 +218,57 @@ impl Store {
     }
 }
 
+/// A job's own result combined with the outcome of its commit.
+fn settle<R, E: From<StoreError>>(result: Result<R, E>, outcome: Result<(), &str>) -> Result<R, E> {
+    match (result, outcome) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Ok(_), Err(e)) => Err(E::from(StoreError::Commit(e.to_owned()))),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// The WAL path whose fsync makes commits durable, if the durability asks
+/// for fsyncs at all.
+fn durability_wal(path: &Path, durability: Durability) -> Option<PathBuf> {
+    match durability {
+        Durability::Machine => {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            Some(wal.into())
+        }
+        Durability::Process => None,
+    }
+}
+
+/// Makes committed transactions survive the machine by syncing the WAL
+/// file, which holds every commit since the last checkpoint (checkpoints
+/// sync on their own). Syncing it after a batch is what
+/// `synchronous = FULL` does inside each commit, moved out so that staged
+/// writes can be answered in between.
+struct Syncer {
+    /// `None` under `Durability::Process`: nothing to sync.
+    wal_path: Option<PathBuf>,
+    /// Opened at the first sync; SQLite keeps the file while it is open.
+    wal: Option<File>,
+}
+
+impl Syncer {
+    fn sync(&mut self) -> Result<(), String> {
+        let Some(path) = &self.wal_path else {
+            return Ok(());
+        };
+        if self.wal.is_none() {
+            let file = File::open(path).map_err(|e| format!("cannot open the WAL for sync: {e}"))?;
+            self.wal = Some(file);
+        }
+        let Some(wal) = &self.wal else {
+            unreachable!("opened above")
+        };
+        wal.sync_data()
+            .map_err(|e| format!("fsync of the WAL failed: {e}"))
+    }
+}
+
 fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), StoreError> {
     let applied: usize = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     for (version, sql) in migrations.iter().enumerate().skip(applied) {
@@ -161,9 +280,10 @@ fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
+fn run_writer(conn: Connection, mut syncer: Syncer, mut jobs: mpsc::Receiver<WriteJob>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    let mut synced: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -172,14 +292,22 @@ fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
-        let outcome = commit_batch(&conn, &mut batch, &mut completions);
+        let mut outcome = commit_batch(&conn, &mut batch, &mut completions, &mut synced);
         if let Err(e) = &outcome {
-            tracing::error!(error = %e, writes = completions.len(), "store commit failed");
+            tracing::error!(error = %e, writes = synced.len(), "store commit failed");
             let _ = conn.execute_batch("ROLLBACK");
         }
-        let outcome = outcome.as_ref().map(|_| ()).map_err(String::as_str);
         for complete in completions.drain(..) {
-            complete(outcome);
+            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+        if outcome.is_ok() {
+            outcome = syncer.sync();
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, writes = synced.len(), "store sync failed");
+            }
+        }
+        for complete in synced.drain(..) {
+            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         }
     }
 }
@@ -188,7 +316,8 @@ fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
 fn commit_batch(
     conn: &Connection,
     batch: &mut Vec<WriteJob>,
-    completions: &mut Vec<Completion>,
+    committed: &mut Vec<Completion>,
+    synced: &mut Vec<Completion>,
 ) -> Result<(), String> {
     let mut began = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string());
     for job in batch.drain(..) {
@@ -203,15 +332,14 @@ fn commit_batch(
         }
         // A panicking job must not take the writer down with it: its
         // savepoint is rolled back and its caller sees the write fail.
-        let Ok((keep, complete)) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)))
-        else {
+        let Ok(finish) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) else {
             tracing::error!("a store write panicked; rolled back");
             if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
                 began = Err(e.to_string());
             }
             continue;
         };
-        let end = if keep {
+        let end = if finish.keep {
             "RELEASE job"
         } else {
             "ROLLBACK TO job; RELEASE job"
@@ -219,7 +347,8 @@ fn commit_batch(
         if let Err(e) = conn.execute_batch(end) {
             began = Err(e.to_string());
         }
-        completions.push(complete);
+        committed.extend(finish.committed);
+        synced.push(finish.synced);
     }
     began?;
     conn.execute_batch("COMMIT").map_err(|e| e.to_string())
@@ -228,5 +357,66 @@ fn commit_batch(
 fn run_reader(conn: Connection, mut jobs: mpsc::Receiver<ReadJob>) {
     while let Some(job) = jobs.blocking_recv() {
         job(&conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIGRATIONS: &[&str] = &["CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"];
+
+    fn insert(body: &'static str) -> impl FnOnce(&Connection) -> Result<i64, StoreError> {
+        move |conn| {
+            conn.execute("INSERT INTO notes (body) VALUES (?1)", [body])?;
+            Ok(conn.last_insert_rowid())
+        }
+    }
+
+    async fn count(store: &Store) -> i64 {
+        store
+            .read(|conn| Ok::<_, StoreError>(conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_staged_write_is_visible_at_once_and_durable_after_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
+        let (id, synced) = store.write_staged(insert("first")).await.unwrap();
+        assert_eq!(id, 1);
+        assert_eq!(count(&store).await, 1, "committed before the sync");
+        synced.durable().await.unwrap();
+        assert_eq!(store.write(insert("second")).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failing_staged_write_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
+        let failing = store.write_staged(|conn| {
+            conn.execute("INSERT INTO notes (body) VALUES ('lost')", [])?;
+            Err::<(), _>(StoreError::Commit("refused".into()))
+        });
+        let kept = store.write_staged(insert("kept"));
+        let (failing, kept) = tokio::join!(failing, kept);
+        assert!(matches!(failing, Err(StoreError::Commit(reason)) if reason == "refused"));
+        kept.unwrap().1.durable().await.unwrap();
+        assert_eq!(count(&store).await, 1);
+    }
+
+    #[tokio::test]
+    async fn writes_survive_reopening_under_both_durabilities() {
+        for durability in [Durability::Machine, Durability::Process] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("notes.db");
+            {
+                let store = Store::open(&path, durability, MIGRATIONS).unwrap();
+                store.write(insert("kept")).await.unwrap();
+            }
+            let store = Store::open(&path, durability, MIGRATIONS).unwrap();
+            assert_eq!(count(&store).await, 1, "{durability:?}");
+        }
     }
 }
