@@ -8,8 +8,10 @@
 //! answers every caller. So "the write returned Ok" always means "it is on
 //! disk" (group commit), and many concurrent sagas share one fsync.
 //!
-//! Reads run on a second connection and thread, so they never wait behind a
-//! commit (WAL readers see the last committed state).
+//! Reads run on their own connections, so they never wait behind a commit
+//! (WAL readers see the last committed state). They run right on the
+//! caller's thread: a read takes microseconds, far less than handing it to
+//! another thread and waking the caller again would cost.
 //!
 //! A commit and its fsync are two steps here: SQLite commits with
 //! `synchronous = NORMAL` (no fsync) and the writer then syncs the WAL file
@@ -21,6 +23,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +46,8 @@ pub enum StoreError {
     Commit(String),
     #[error("the store is closed or could not run the write")]
     Closed,
+    #[error("a read failed unexpectedly (it panicked)")]
+    ReadPanicked,
     #[error("could not open the store at {path}: {source}")]
     Open { path: String, source: rusqlite::Error },
 }
@@ -52,7 +57,6 @@ type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
 /// A queued write: runs inside a savepoint, says whether to keep it, and
 /// hands back what to do once the commit is known.
 type WriteJob = Box<dyn FnOnce(&Connection) -> Finish + Send>;
-type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
 /// What a write job asks of the writer once it ran.
 struct Finish {
@@ -81,27 +85,61 @@ impl Synced {
 const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer. When full, callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
-/// Reads waiting for the reader. When full, callers wait.
-const READ_QUEUE: usize = 1024;
+/// Idle read connections kept open; more are opened while reads overlap.
+const IDLE_READERS: usize = 4;
 
 /// A handle to one SQLite file; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     writes: mpsc::Sender<WriteJob>,
-    reads: mpsc::Sender<ReadJob>,
+    readers: Arc<Readers>,
+}
+
+/// Read connections, taken by a read and given back after it.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Connection, StoreError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => open_reader(&self.path),
+        }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    Connection::open(path).map_err(|source| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let reader = open_connection(path)?;
+    reader.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")?;
+    Ok(reader)
 }
 
 impl Store {
     /// Opens (or creates) the file, applies the migrations not yet applied
     /// (tracked in `PRAGMA user_version`) and starts the writer and reader.
     pub fn open(path: &Path, durability: Durability, migrations: &[&str]) -> Result<Store, StoreError> {
-        let open = |path: &Path| {
-            Connection::open(path).map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })
-        };
-        let writer = open(path)?;
+        let writer = open_connection(path)?;
         // NORMAL: a commit writes the WAL without fsync; the writer syncs
         // the WAL itself when the durability asks for it (see `Syncer`).
         writer.execute_batch(
@@ -115,24 +153,21 @@ impl Store {
             wal_path: durability_wal(path, durability),
             wal: None,
         };
-        let reader = open(path)?;
-        reader.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")?;
+        let readers = Arc::new(Readers {
+            path: path.to_owned(),
+            idle: Mutex::new(vec![open_reader(path)?]),
+        });
 
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
-        let (reads, read_rx) = mpsc::channel(READ_QUEUE);
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
             .spawn(move || run_writer(writer, syncer, write_rx))
             .map_err(|e| StoreError::Commit(e.to_string()))?;
-        std::thread::Builder::new()
-            .name(format!("{name}-reader"))
-            .spawn(move || run_reader(reader, read_rx))
-            .map_err(|e| StoreError::Commit(e.to_string()))?;
-        Ok(Store { writes, reads })
+        Ok(Store { writes, readers })
     }
 
     /// Runs `f` in a write transaction shared with other callers. Returns
@@ -199,22 +234,20 @@ impl Store {
         rx.await.map_err(|_| E::from(StoreError::Closed))?
     }
 
-    /// Runs `f` on the read connection, which sees the last commit.
+    /// Runs `f` on a read connection, which sees the last commit, on the
+    /// caller's thread (keep reads short: a page, not a scan).
     pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: ReadJob = Box::new(move |conn| {
-            let _ = tx.send(f(conn));
-        });
-        self.reads
-            .send(job)
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        rx.await.map_err(|_| E::from(StoreError::Closed))?
+        let conn = self.readers.take().map_err(E::from)?;
+        // A panicking read loses its connection, not the caller's task.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&conn)))
+            .map_err(|_| E::from(StoreError::ReadPanicked))?;
+        self.readers.give_back(conn);
+        result
     }
 }
 
@@ -352,12 +385,6 @@ fn commit_batch(
     }
     began?;
     conn.execute_batch("COMMIT").map_err(|e| e.to_string())
-}
-
-fn run_reader(conn: Connection, mut jobs: mpsc::Receiver<ReadJob>) {
-    while let Some(job) = jobs.blocking_recv() {
-        job(&conn);
-    }
 }
 
 #[cfg(test)]
