@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
-use sagamesh_log::{Appended, Appending, BoxFuture, DeadLetter, EventLog, LogError, Offset, StoredEvent};
+use sagamesh_log::{
+    Appended, Appending, BoxFuture, DeadLetter, DeadLetterStore, EventLog, LogError, Offset, StoredEvent,
+};
 use sagamesh_proto::v1::Envelope;
 use sagamesh_sqlite::{Durability, Store, StoreError};
 
@@ -221,7 +223,9 @@ impl EventLog for SqliteLog {
                 .map_err(|f| f.0)
         })
     }
+}
 
+impl DeadLetterStore for SqliteLog {
     fn put_dead_letter(
         &self,
         group: String,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
 
-use crate::{Appended, EventLog};
+use crate::{Appended, DeadLetterStore, EventLog};
 
 fn event(tx: &str) -> Arc<Envelope> {
     Arc::new(Envelope::new(
@@ -57,7 +57,7 @@ pub async fn cursors_and_truncate(log: &dyn EventLog) {
 }
 
 /// Dead letters are stored, listed newest first, fetched and deleted.
-pub async fn dead_letters(log: &dyn EventLog) {
+pub async fn dead_letters(log: &dyn DeadLetterStore) {
     let first = log
         .put_dead_letter("g".into(), event("d1"), 5, "boom".into())
         .await

@@ -67,7 +67,7 @@ pub struct Appending {
     pub durable: BoxFuture<'static, Result<(), LogError>>,
 }
 
-pub trait EventLog: Send + Sync + 'static {
+pub trait EventLog: DeadLetterStore {
     /// Appends the events in order; returns once they are in the log, before
     /// they are necessarily durable (see [`Appending::durable`]). The router
     /// delivers them at that point and confirms them to their publishers
@@ -94,7 +94,12 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Forgets the events below `offset` (every group has acked them).
     fn truncate(&self, offset: Offset) -> BoxFuture<'_, Result<(), LogError>>;
+}
 
+/// Where events that a group could not process are kept until someone
+/// replays or discards them. The embedded log keeps them in its own file;
+/// on NATS they live in a JetStream stream of their own.
+pub trait DeadLetterStore: Send + Sync + 'static {
     /// Stores a dead letter; returns its id.
     fn put_dead_letter(
         &self,
