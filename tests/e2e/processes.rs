@@ -206,6 +206,67 @@ async fn separate_processes_run_the_saga_and_recover_a_dead_letter(mode: SagaMod
     assert_eq!(inventory.held("kim", "lance").await, 3);
 }
 
+/// On NATS the router keeps nothing itself: SIGKILLed with sagas in flight
+/// and restarted on an empty directory, it resumes from JetStream, every
+/// saga completes, and it never wrote a file.
+#[tokio::test]
+async fn a_router_on_nats_restarts_from_an_empty_directory_and_loses_no_saga() {
+    crate::support::on_nats(
+        "a_router_on_nats_restarts_from_an_empty_directory_and_loses_no_saga",
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut mesh = Deployment::start(dir.path(), SagaMode::Choreography);
+            let front = mesh.clients("coordinator");
+            wait_serving(&front).await;
+            mesh.clients("wallets").create_user("kim", 100_000).await;
+            mesh.clients("inventory").create_item("arrow", 1, 10_000).await;
+            // With the notifier down, every saga waits in the router for it.
+            mesh.processes.get_mut("notifications").unwrap().kill();
+            let mut started = Vec::new();
+            for _ in 0..60 {
+                started.push(front.purchase("kim", "arrow", 1).await);
+            }
+            let last = started.last().unwrap().clone();
+            eventually("the last saga to wait for its notification", || {
+                let (front, last) = (front.clone(), last.clone());
+                async move {
+                    let history = front.transaction(&last).await.history;
+                    history
+                        .iter()
+                        .any(|h| h.event() == EventType::LogRecorded)
+                        .then_some(())
+                }
+            })
+            .await;
+            let address = mesh.address("router");
+            mesh.processes.get_mut("router").unwrap().kill();
+            let fresh = dir.path().join("router-after-restart");
+            let fresh_arg = fresh.to_str().unwrap().to_owned();
+            let router = eventually("the router to restart on its address", || {
+                let (address, fresh_arg) = (address.clone(), fresh_arg.clone());
+                async move {
+                    let args = ["router", "--data-dir", &fresh_arg, "--max-attempts", "2"];
+                    Process::try_start("router", &args, &[], &address, None).ok()
+                }
+            })
+            .await;
+            mesh.processes.insert("router", router);
+            mesh.start_handler("notifications", &[]);
+            for id in &started {
+                let (_, done) = front.follow(id).await;
+                assert_eq!(done.status(), TransactionStatus::Completed, "{done:?}");
+            }
+            assert_eq!(mesh.clients("wallets").balance("kim").await, 100_000 - 60);
+            assert_eq!(mesh.clients("inventory").held("kim", "arrow").await, 60);
+            let written: Vec<_> = std::fs::read_dir(&fresh)
+                .map(|entries| entries.filter_map(Result::ok).map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(written.is_empty(), "the router wrote {written:?}");
+        },
+    )
+    .await;
+}
+
 /// A handler whose mode is not the mesh's is refused by the router and
 /// stops with the router's reason; the mesh's sagas never reach it.
 async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use sagamesh_mesh::{MeshConfig, Role};
+use sagamesh_mesh::{Bus, MeshConfig, Role};
 use sagamesh_proto::v1::event_router_client::EventRouterClient;
 use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::notifications_client::NotificationsClient;
@@ -24,25 +24,88 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// Declares, for each named `async fn(SagaMode)` test body in scope, a
-/// module with one test per saga mode: one body, both modes.
+/// module with one test per saga mode and event backend: one body, both
+/// modes, on the embedded log and on NATS JetStream.
 macro_rules! in_both_modes {
     ($($body:ident),* $(,)?) => {
         $(
             mod $body {
+                use sagamesh_proto::v1::SagaMode;
+
                 #[tokio::test]
                 async fn choreography() {
-                    super::$body(sagamesh_proto::v1::SagaMode::Choreography).await
+                    super::$body(SagaMode::Choreography).await
                 }
 
                 #[tokio::test]
                 async fn orchestration() {
-                    super::$body(sagamesh_proto::v1::SagaMode::Orchestration).await
+                    super::$body(SagaMode::Orchestration).await
+                }
+
+                #[tokio::test]
+                async fn choreography_on_nats() {
+                    let name = concat!(stringify!($body), "::choreography_on_nats");
+                    crate::support::on_nats(name, super::$body(SagaMode::Choreography)).await
+                }
+
+                #[tokio::test]
+                async fn orchestration_on_nats() {
+                    let name = concat!(stringify!($body), "::orchestration_on_nats");
+                    crate::support::on_nats(name, super::$body(SagaMode::Orchestration)).await
                 }
             }
         )*
     };
 }
 pub(crate) use in_both_modes;
+
+/// Where the router of the meshes a test starts keeps its events.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Embedded,
+    /// NATS JetStream, in a namespace of the test's own.
+    Nats {
+        url: String,
+        namespace: String,
+    },
+}
+
+tokio::task_local! {
+    /// The backend of the test body running in this task (see [`on_nats`]).
+    static BACKEND: Backend;
+}
+
+/// The backend of the running test body: the embedded log unless the body
+/// runs inside [`on_nats`].
+pub fn backend() -> Backend {
+    BACKEND.try_with(Backend::clone).unwrap_or(Backend::Embedded)
+}
+
+/// Runs a test body with every mesh it starts on NATS JetStream, in a
+/// namespace of its own that is deleted afterwards. Without a NATS server
+/// the body is skipped with a printed reason, except in CI, where that is a
+/// failure.
+pub async fn on_nats(name: &str, body: impl std::future::Future<Output = ()>) {
+    static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
+    let url = std::env::var("SAGAMESH_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let namespace = format!(
+        "e2e-{}-{}",
+        std::process::id(),
+        NAMESPACES.fetch_add(1, Ordering::Relaxed)
+    );
+    let streams = match sagamesh_jetstream::JetStream::connect(&url, &namespace).await {
+        Ok(streams) => streams,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping {name}: no NATS server ({e})");
+            return;
+        }
+        Err(e) => panic!("{name}: NATS must run in CI: {e}"),
+    };
+    BACKEND.scope(Backend::Nats { url, namespace }, body).await;
+    if let Err(e) = streams.delete().await {
+        eprintln!("{name}: could not delete its streams: {e}");
+    }
+}
 
 /// The `--mode` value of a saga mode.
 pub fn mode_arg(mode: SagaMode) -> &'static str {
@@ -252,6 +315,9 @@ impl Mesh {
         config.mode = mode;
         config.demo_data = false;
         config.grace = Duration::from_secs(2);
+        if let Backend::Nats { url, namespace } = backend() {
+            config.bus = Some(Bus { url, namespace });
+        }
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("local address");
@@ -333,9 +399,15 @@ impl Process {
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .env_remove("SAGAMESH_FAULTS")
+            .env_remove("SAGAMESH_BUS")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Backend::Nats { url, namespace } = backend() {
+            command
+                .env("SAGAMESH_BUS", url)
+                .env("SAGAMESH_BUS_NAMESPACE", namespace);
+        }
         for (key, value) in env {
             command.env(key, value);
         }

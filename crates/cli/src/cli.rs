@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sagamesh_mesh::{HandlerService, MeshConfig, Role};
+use sagamesh_mesh::{Bus, HandlerService, MeshConfig, Role};
 use sagamesh_proto::v1::SagaMode;
 use sagamesh_saga::Faults;
 use tokio_util::sync::CancellationToken;
@@ -35,12 +35,16 @@ enum Command {
         #[arg(long)]
         no_demo_data: bool,
         #[command(flatten)]
+        bus: BusArgs,
+        #[command(flatten)]
         common: Common,
     },
     /// Runs only the event router.
     Router {
         #[arg(long, env = "SAGAMESH_LISTEN", default_value = "127.0.0.1:50060")]
         listen: SocketAddr,
+        #[command(flatten)]
+        bus: BusArgs,
         #[command(flatten)]
         common: Common,
     },
@@ -107,6 +111,35 @@ struct Common {
     /// compensated (0: never).
     #[arg(long, env = "SAGAMESH_SAGA_DEADLINE_MS", default_value_t = 300_000)]
     saga_deadline_ms: u64,
+}
+
+/// Where the router keeps its events.
+#[derive(Args)]
+struct BusArgs {
+    /// Keeps the router's events in NATS JetStream at this address (e.g.
+    /// `nats://127.0.0.1:4222`) instead of the embedded log; the router is
+    /// then stateless.
+    #[arg(long, env = "SAGAMESH_BUS")]
+    bus: Option<String>,
+    /// Names this mesh's JetStream streams, so meshes can share a server.
+    #[arg(long, env = "SAGAMESH_BUS_NAMESPACE", default_value = "sagamesh")]
+    bus_namespace: String,
+}
+
+impl BusArgs {
+    fn apply(&self, config: &mut MeshConfig) -> Result<(), String> {
+        let Some(url) = &self.bus else { return Ok(()) };
+        if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+            return Err(format!(
+                "--bus must be a NATS address such as nats://127.0.0.1:4222, not '{url}'"
+            ));
+        }
+        config.bus = Some(Bus {
+            url: url.clone(),
+            namespace: self.bus_namespace.clone(),
+        });
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -208,13 +241,19 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Up {
             listen,
             no_demo_data,
+            bus,
             common,
         } => {
             let mut config = common.config()?;
             config.demo_data = !no_demo_data;
+            bus.apply(&mut config)?;
             (Role::All, listen, config)
         }
-        Command::Router { listen, common } => (Role::Router, listen, common.config()?),
+        Command::Router { listen, bus, common } => {
+            let mut config = common.config()?;
+            bus.apply(&mut config)?;
+            (Role::Router, listen, config)
+        }
         Command::Coordinator {
             listen,
             router,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::stream::{self, RawMessageErrorKind, RetentionPolicy, StorageType};
@@ -57,7 +58,7 @@ pub enum BusError {
 /// One mesh's streams on one NATS server; cheap to clone.
 #[derive(Clone)]
 pub struct JetStream {
-    context: Context,
+    context: Arc<Context>,
     namespace: String,
     events: Arc<stream::Stream>,
     dead: Arc<stream::Stream>,
@@ -75,7 +76,7 @@ pub struct Consumed {
 }
 
 /// Acks one consumed event to JetStream.
-pub struct Receipt(Acker);
+pub struct Receipt(Box<Acker>);
 
 impl Receipt {
     /// Tells JetStream the group is done with the event. Fire and forget: an
@@ -133,7 +134,7 @@ impl JetStream {
         )
         .await?;
         Ok(JetStream {
-            context,
+            context: Arc::new(context),
             namespace: namespace.to_owned(),
             events: Arc::new(events),
             dead: Arc::new(dead),
@@ -211,23 +212,30 @@ impl JetStream {
             .await
             .map_err(storage)?;
         let messages = consumer.messages().await.map_err(storage)?;
-        Ok(messages.map(|message| {
+        Ok(messages.then(|message| async move {
             let message = message.map_err(storage)?;
             let (sequence, delivered) = {
                 let info = message.info().map_err(storage)?;
                 (info.stream_sequence, info.delivered.max(1) as u32)
             };
             let (message, acker) = message.split();
-            let envelope = Envelope::decode(message.payload).map_err(|e| LogError::Corrupt {
-                offset: sequence,
-                reason: e.to_string(),
-            })?;
-            Ok(Consumed {
-                envelope: Arc::new(envelope),
-                sequence,
-                delivered,
-                receipt: Receipt(acker),
-            })
+            match Envelope::decode(message.payload) {
+                Ok(envelope) => Ok(Consumed {
+                    envelope: Arc::new(envelope),
+                    sequence,
+                    delivered,
+                    receipt: Receipt(Box::new(acker)),
+                }),
+                Err(e) => {
+                    // Not ours to deliver, and no redelivery will mend it:
+                    // JetStream is told to stop offering it.
+                    let _ = acker.ack_with(AckKind::Term).await;
+                    Err(LogError::Corrupt {
+                        offset: sequence,
+                        reason: e.to_string(),
+                    })
+                }
+            }
         }))
     }
 

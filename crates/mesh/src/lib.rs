@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use sagamesh_coordinator::{Coordinator, CoordinatorConfig, CoordinatorService};
 use sagamesh_inventory::{Inventory, InventoryService};
+use sagamesh_jetstream::JetStream;
 use sagamesh_log_sqlite::SqliteLog;
 use sagamesh_notifications::{Notifications, NotificationsService};
 use sagamesh_proto::v1::{Item, SagaMode};
 use sagamesh_purchase_log::{PurchaseLog, PurchaseLogsService};
-use sagamesh_router::{Router, RouterConfig};
+use sagamesh_router::{Backend, Router, RouterConfig};
 use sagamesh_saga::Faults;
 use sagamesh_sqlite::Durability;
 use sagamesh_step::StepConfig;
@@ -75,10 +76,22 @@ pub enum Role {
     },
 }
 
+/// A NATS JetStream server holding the router's events instead of the
+/// embedded log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bus {
+    /// `nats://host:port`.
+    pub url: String,
+    /// Names this mesh's streams, so several meshes share one server.
+    pub namespace: String,
+}
+
 /// Settings shared by every role.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub data_dir: PathBuf,
+    /// Where the router keeps events: JetStream, or the embedded log (`None`).
+    pub bus: Option<Bus>,
     pub durability: Durability,
     pub mode: SagaMode,
     pub faults: Faults,
@@ -104,6 +117,7 @@ impl MeshConfig {
     pub fn new(data_dir: PathBuf) -> MeshConfig {
         MeshConfig {
             data_dir,
+            bus: None,
             durability: Durability::Machine,
             mode: SagaMode::Choreography,
             faults: Faults::default(),
@@ -128,6 +142,8 @@ pub enum MeshError {
     Store(#[from] sagamesh_sqlite::StoreError),
     #[error(transparent)]
     Log(#[from] sagamesh_log::LogError),
+    #[error(transparent)]
+    Bus(#[from] sagamesh_jetstream::BusError),
     #[error(transparent)]
     Router(#[from] sagamesh_router_client::ClientError),
     #[error("{0} is not a valid address: {1}")]
@@ -192,14 +208,21 @@ pub async fn run(
 
     let runs_router = matches!(role, Role::All | Role::Router);
     if runs_router {
-        let log = SqliteLog::open(&dir.join("router.db"), durability)?;
+        let backend = match &config.bus {
+            Some(bus) => {
+                let streams = JetStream::connect(&bus.url, &bus.namespace).await?;
+                tracing::info!(url = %bus.url, namespace = %bus.namespace, "the router keeps its events in NATS JetStream");
+                Backend::JetStream(streams)
+            }
+            None => Backend::Embedded(Arc::new(SqliteLog::open(&dir.join("router.db"), durability)?)),
+        };
         let mut router_config = RouterConfig::new(config.mode, sagamesh_saga::subscriptions());
         router_config.ack_deadline = config.ack_deadline;
         router_config.max_attempts = config.max_attempts;
         router_config.retry_base = config.retry_base;
         router_config.retry_max = config.retry_max;
         router_config.drop_stream_probability = config.faults.drop_stream_probability();
-        let router = Router::start(Arc::new(log), router_config, &tasks, router_stop.clone()).await?;
+        let router = Router::start(backend, router_config, &tasks, router_stop.clone()).await?;
         services.router = Some(router.service().into_server());
     }
     let (router_channel, inventory_channel) = match &role {

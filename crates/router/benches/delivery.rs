@@ -13,7 +13,7 @@ use sagamesh_proto::v1::{
     Ack, AttachRequest, AttachResponse, Envelope, EventType, Hello, PublishRequest, PurchaseDetails,
     PurchaseInitiated, SagaMode, attach_request, attach_response,
 };
-use sagamesh_router::{Router, RouterConfig};
+use sagamesh_router::{Backend, Router, RouterConfig};
 use sagamesh_sqlite::Durability;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -77,9 +77,14 @@ fn delivery(c: &mut Criterion) {
         let log = SqliteLog::open(&dir.path().join("router.db"), Durability::Machine).unwrap();
         let config = RouterConfig::new(SagaMode::Choreography, sagamesh_saga::subscriptions());
         let tasks = TaskTracker::new();
-        let router = Router::start(Arc::new(log), config, &tasks, CancellationToken::new())
-            .await
-            .unwrap();
+        let router = Router::start(
+            Backend::Embedded(Arc::new(log)),
+            config,
+            &tasks,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(

@@ -14,11 +14,13 @@
 
 use std::sync::Arc;
 
+use sagamesh_jetstream::JetStream;
 use sagamesh_log::{Appended, Appending, BoxFuture, EventLog, LogError, StoredEvent};
 use sagamesh_proto::v1::Envelope;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::Backend;
 use crate::core::Command;
 
 /// Publishes waiting for the appender. When full, publishers wait.
@@ -44,6 +46,89 @@ struct Confirmation {
 }
 
 pub(crate) async fn run(
+    backend: Backend,
+    requests: mpsc::Receiver<Append>,
+    core: mpsc::Sender<Command>,
+    shutdown: CancellationToken,
+) {
+    match backend {
+        Backend::Embedded(log) => append_to_log(log, requests, core, shutdown).await,
+        Backend::JetStream(bus) => publish_to_jetstream(bus, requests, shutdown).await,
+    }
+}
+
+/// Takes what is waiting, up to the batch limit, after `first`.
+fn take_batch(first: Append, requests: &mut mpsc::Receiver<Append>, batch: &mut Vec<Append>) -> usize {
+    let mut count = first.events.len();
+    batch.push(first);
+    while count < MAX_EVENTS_PER_APPEND {
+        match requests.try_recv() {
+            Ok(next) => {
+                count += next.events.len();
+                batch.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    count
+}
+
+/// Answers each publisher of the batch with its share of the outcomes.
+fn share_outcomes(
+    batch: &mut Vec<Append>,
+    outcomes: Vec<Appended>,
+) -> Vec<(oneshot::Sender<AppendResult>, (u32, u32))> {
+    let mut outcomes = outcomes.into_iter();
+    batch
+        .drain(..)
+        .map(|append| {
+            let (mut new, mut duplicates) = (0, 0);
+            for outcome in outcomes.by_ref().take(append.events.len()) {
+                match outcome {
+                    Appended::New(_) => new += 1,
+                    Appended::Duplicate => duplicates += 1,
+                }
+            }
+            (append.reply, (new, duplicates))
+        })
+        .collect()
+}
+
+/// On JetStream the stream dedupes and stores; the events reach the core
+/// back through the groups' consumers, so the appender only publishes.
+async fn publish_to_jetstream(
+    bus: JetStream,
+    mut requests: mpsc::Receiver<Append>,
+    shutdown: CancellationToken,
+) {
+    let mut batch: Vec<Append> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            first = requests.recv() => match first {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let count = take_batch(first, &mut requests, &mut batch);
+        let events: Vec<Arc<Envelope>> = batch.iter().flat_map(|a| a.events.iter().cloned()).collect();
+        match bus.publish(&events).await {
+            Ok(outcomes) => {
+                for (reply, counts) in share_outcomes(&mut batch, outcomes) {
+                    let _ = reply.send(Ok(counts));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = count, "publishing to JetStream failed");
+                for append in batch.drain(..) {
+                    let _ = append.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+async fn append_to_log(
     log: Arc<dyn EventLog>,
     mut requests: mpsc::Receiver<Append>,
     core: mpsc::Sender<Command>,
@@ -60,17 +145,7 @@ pub(crate) async fn run(
                 None => return,
             },
         };
-        let mut count = first.events.len();
-        batch.push(first);
-        while count < MAX_EVENTS_PER_APPEND {
-            match requests.try_recv() {
-                Ok(next) => {
-                    count += next.events.len();
-                    batch.push(next);
-                }
-                Err(_) => break,
-            }
-        }
+        let count = take_batch(first, &mut requests, &mut batch);
         let events: Vec<Arc<Envelope>> = batch.iter().flat_map(|a| a.events.iter().cloned()).collect();
         match log.append_staged(events.clone()).await {
             Ok(Appending {
@@ -91,20 +166,7 @@ pub(crate) async fn run(
                 if !stored.is_empty() && core.send(Command::Appended(stored)).await.is_err() {
                     return;
                 }
-                let mut outcomes = appended.into_iter();
-                let replies = batch
-                    .drain(..)
-                    .map(|append| {
-                        let (mut new, mut duplicates) = (0, 0);
-                        for outcome in outcomes.by_ref().take(append.events.len()) {
-                            match outcome {
-                                Appended::New(_) => new += 1,
-                                Appended::Duplicate => duplicates += 1,
-                            }
-                        }
-                        (append.reply, (new, duplicates))
-                    })
-                    .collect();
+                let replies = share_outcomes(&mut batch, appended);
                 if confirmations
                     .send(Confirmation { durable, replies })
                     .await

@@ -7,16 +7,19 @@
 //! what keeps a transaction's events in order within a group while different
 //! transactions proceed in parallel.
 //!
-//! Durability of progress: for each group the core saves a cursor, the lowest
-//! offset it has not seen acked. After a restart everything from the cursor
-//! on is delivered again (at least once; handlers are idempotent), and the
-//! log is truncated below the lowest cursor of all groups.
+//! Durability of progress, on the embedded log: for each group the core
+//! saves a cursor, the lowest offset it has not seen acked. After a restart
+//! everything from the cursor on is delivered again (at least once; handlers
+//! are idempotent), and the log is truncated below the lowest cursor of all
+//! groups. On JetStream each event is acked to the group's durable consumer
+//! once the group is done with it, and JetStream redelivers the rest.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagamesh_log::{DeadLetter, EventLog, LogError, Offset, StoredEvent};
+use sagamesh_jetstream::{Consumed, Receipt};
+use sagamesh_log::{DeadLetter, DeadLetterStore, EventLog, LogError, Offset, StoredEvent};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
     AttachResponse, DeadLettered, Deliveries, Delivery, Envelope, EventType, Hello, SagaMode, Welcome,
@@ -27,8 +30,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::RouterConfig;
 use crate::appender::Append;
+use crate::{Backend, RouterConfig};
 
 /// Commands waiting for the core. When full, streams wait before reading on.
 pub(crate) const COMMAND_QUEUE: usize = 8192;
@@ -63,8 +66,13 @@ pub(crate) enum Command {
         delivery_id: u64,
         reason: String,
     },
-    /// Events that are now durable, in offset order.
+    /// Events now in the embedded log, in offset order.
     Appended(Vec<StoredEvent>),
+    /// An event from a group's JetStream consumer.
+    Consumed {
+        group: usize,
+        event: Consumed,
+    },
     /// Sends a dead letter to its group again.
     Replay {
         dead_letter: DeadLetter,
@@ -83,10 +91,19 @@ pub(crate) enum Command {
     },
 }
 
+/// How the core records that a group is done with an event.
+enum Settle {
+    /// Its offset leaves the group's unacked set (the cursor moves past it).
+    Offset(Offset),
+    /// It is acked to the group's JetStream consumer.
+    Receipt { sequence: u64, receipt: Receipt },
+    /// A replayed dead letter, which is in no log any more.
+    Replay,
+}
+
 /// One event waiting for (or in) delivery to one group.
 struct Pending {
-    /// `None` for a replayed dead letter, which is not in the log any more.
-    offset: Option<Offset>,
+    settle: Settle,
     envelope: Arc<Envelope>,
     attempts: u32,
     last_error: String,
@@ -100,8 +117,11 @@ struct Group {
     queues: HashMap<Arc<str>, VecDeque<Pending>>,
     /// Transactions whose head event can be delivered now.
     ready: VecDeque<Arc<str>>,
-    /// Offsets of events not yet acked, for the cursor.
+    /// Offsets of events not yet acked, for the cursor (embedded log).
     unacked: BTreeSet<Offset>,
+    /// Stream sequences of the JetStream events held, so that JetStream's
+    /// redelivery of one still held is not queued twice.
+    held: HashSet<u64>,
     /// Attached instances, taken in turn.
     instances: Vec<u64>,
     next_instance: usize,
@@ -123,7 +143,9 @@ struct InFlight {
 }
 
 pub(crate) struct Core {
-    log: Arc<dyn EventLog>,
+    /// The embedded log, for cursors and truncation; `None` on JetStream.
+    log: Option<Arc<dyn EventLog>>,
+    dead_letters: Arc<dyn DeadLetterStore>,
     config: Arc<RouterConfig>,
     commands: mpsc::Sender<Command>,
     /// For the router's own `DeadLettered` events.
@@ -148,12 +170,19 @@ impl Core {
     /// Builds the state from the log: every event at or after a group's
     /// cursor is queued for that group again.
     pub(crate) async fn recover(
-        log: Arc<dyn EventLog>,
+        backend: &Backend,
         config: Arc<RouterConfig>,
         commands: mpsc::Sender<Command>,
         appender: mpsc::Sender<Append>,
     ) -> Result<Core, LogError> {
-        let cursors: HashMap<String, Offset> = log.load_cursors().await?.into_iter().collect();
+        let log = match backend {
+            Backend::Embedded(log) => Some(log.clone()),
+            Backend::JetStream(_) => None,
+        };
+        let cursors: HashMap<String, Offset> = match &log {
+            Some(log) => log.load_cursors().await?.into_iter().collect(),
+            None => HashMap::new(),
+        };
         let mut groups_by_type: HashMap<EventType, Vec<usize>> = HashMap::new();
         let groups: Vec<Group> = config
             .subscriptions
@@ -169,6 +198,7 @@ impl Core {
                     queues: HashMap::new(),
                     ready: VecDeque::new(),
                     unacked: BTreeSet::new(),
+                    held: HashSet::new(),
                     instances: Vec::new(),
                     next_instance: 0,
                     saved_cursor: cursors.get(sub.group).copied().unwrap_or(0),
@@ -176,7 +206,8 @@ impl Core {
             })
             .collect();
         let mut core = Core {
-            log,
+            log: log.clone(),
+            dead_letters: backend.dead_letters(),
             config,
             commands,
             appender,
@@ -192,10 +223,14 @@ impl Core {
             last_truncate: Instant::now(),
             truncated_below: 0,
         };
+        let Some(log) = log else {
+            // JetStream's consumers redeliver what was not acked.
+            return Ok(core);
+        };
         let mut from = core.groups.iter().map(|g| g.saved_cursor).min().unwrap_or(0);
         let mut recovered = 0usize;
         loop {
-            let page = core.log.read(from, RECOVERY_PAGE).await?;
+            let page = log.read(from, RECOVERY_PAGE).await?;
             let Some(last) = page.last() else { break };
             from = last.offset + 1;
             recovered += page.len();
@@ -221,8 +256,9 @@ impl Core {
             }
         }
         // A final cursor save, so a clean restart redelivers little.
-        let cursors = self.cursors();
-        if let Err(e) = self.log.save_cursors(cursors).await {
+        if let Some(log) = &self.log
+            && let Err(e) = log.save_cursors(self.cursors()).await
+        {
             tracing::warn!(error = %e, "could not save cursors at shutdown");
         }
     }
@@ -265,6 +301,7 @@ impl Core {
                 }
             }
             Command::Appended(events) => self.enqueue(events, false),
+            Command::Consumed { group, event } => self.enqueue_consumed(group, event),
             Command::Replay { dead_letter, reply } => {
                 let answer = self.replay(dead_letter);
                 let _ = reply.send(answer);
@@ -419,13 +456,20 @@ impl Core {
             return;
         };
         if let Some(done) = queue.pop_front() {
-            if let Some(offset) = done.offset {
-                group.unacked.remove(&offset);
+            match done.settle {
+                Settle::Offset(offset) => {
+                    group.unacked.remove(&offset);
+                }
+                Settle::Receipt { sequence, receipt } => {
+                    group.held.remove(&sequence);
+                    tokio::spawn(receipt.ack());
+                }
+                Settle::Replay => {}
             }
             if let Some(id) = done.replay_of {
                 // It stays marked as replaying until it is deleted, so a
                 // second replay request meanwhile is refused.
-                let (log, commands) = (self.log.clone(), self.commands.clone());
+                let (log, commands) = (self.dead_letters.clone(), self.commands.clone());
                 tokio::spawn(async move {
                     if let Err(e) = log.delete_dead_letter(id).await {
                         tracing::warn!(error = %e, dead_letter = id, "could not delete a replayed dead letter");
@@ -470,7 +514,11 @@ impl Core {
                 "event moved to the dead-letter store"
             );
             let replay_of = head.replay_of;
-            let (log, commands, appender) = (self.log.clone(), self.commands.clone(), self.appender.clone());
+            let (log, commands, appender) = (
+                self.dead_letters.clone(),
+                self.commands.clone(),
+                self.appender.clone(),
+            );
             let (group_index, transaction) = (flight.group, flight.transaction);
             tokio::spawn(async move {
                 // Until the dead letter is stored, the transaction waits:
@@ -555,7 +603,7 @@ impl Core {
                     group.ready.push_back(transaction);
                 }
                 queue.push_back(Pending {
-                    offset: Some(event.offset),
+                    settle: Settle::Offset(event.offset),
                     envelope: event.envelope.clone(),
                     attempts: 0,
                     last_error: String::new(),
@@ -570,6 +618,32 @@ impl Core {
                 self.dispatch(index);
             }
         }
+    }
+
+    /// Queues an event from a group's JetStream consumer, unless the group
+    /// holds it already (JetStream redelivers what stays unacked past the
+    /// ack deadline, even while it waits behind its transaction's head).
+    fn enqueue_consumed(&mut self, group_index: usize, event: Consumed) {
+        let group = &mut self.groups[group_index];
+        if !group.held.insert(event.sequence) {
+            return;
+        }
+        let transaction: Arc<str> = Arc::from(event.envelope.transaction_id.as_str());
+        let queue = group.queues.entry(transaction.clone()).or_default();
+        if queue.is_empty() {
+            group.ready.push_back(transaction);
+        }
+        queue.push_back(Pending {
+            settle: Settle::Receipt {
+                sequence: event.sequence,
+                receipt: event.receipt,
+            },
+            envelope: event.envelope,
+            attempts: 0,
+            last_error: String::new(),
+            replay_of: None,
+        });
+        self.dispatch(group_index);
     }
 
     fn replay(&mut self, dead_letter: DeadLetter) -> Result<(), Status> {
@@ -592,7 +666,7 @@ impl Core {
             group.ready.push_back(transaction);
         }
         queue.push_back(Pending {
-            offset: None,
+            settle: Settle::Replay,
             envelope: dead_letter.envelope,
             attempts: 0,
             last_error: String::new(),
@@ -730,6 +804,7 @@ impl Core {
     }
 
     fn save_cursors_if_moved(&mut self) {
+        let Some(log) = self.log.clone() else { return };
         if self.saving_cursors {
             return;
         }
@@ -751,7 +826,7 @@ impl Core {
             self.last_truncate = Instant::now();
         }
         self.saving_cursors = true;
-        let (log, commands) = (self.log.clone(), self.commands.clone());
+        let commands = self.commands.clone();
         tokio::spawn(async move {
             if let Err(e) = log.save_cursors(cursors).await {
                 tracing::warn!(error = %e, "could not save the router's cursors");

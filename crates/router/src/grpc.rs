@@ -235,7 +235,7 @@ impl EventRouter for RouterService {
         let group = (!request.group.is_empty()).then_some(request.group);
         let letters = self
             .router
-            .log
+            .dead_letters
             .list_dead_letters(group, request.before_id, limit)
             .await
             .map_err(log_status)?;
@@ -257,7 +257,7 @@ impl EventRouter for RouterService {
         let id = request.into_inner().id;
         let letter = self
             .router
-            .log
+            .dead_letters
             .get_dead_letter(id)
             .await
             .map_err(log_status)?
@@ -272,7 +272,7 @@ impl EventRouter for RouterService {
         let id = request.into_inner().id;
         let dead_letter = self
             .router
-            .log
+            .dead_letters
             .get_dead_letter(id)
             .await
             .map_err(log_status)?
@@ -294,7 +294,13 @@ impl EventRouter for RouterService {
         request: Request<DiscardDeadLetterRequest>,
     ) -> Result<Response<DiscardDeadLetterResponse>, Status> {
         let id = request.into_inner().id;
-        if self.router.log.delete_dead_letter(id).await.map_err(log_status)? {
+        if self
+            .router
+            .dead_letters
+            .delete_dead_letter(id)
+            .await
+            .map_err(log_status)?
+        {
             Ok(Response::new(DiscardDeadLetterResponse {}))
         } else {
             Err(Status::not_found(format!("there is no dead letter {id}")))

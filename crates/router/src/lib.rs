@@ -15,15 +15,23 @@
 //!
 //! The subscriptions are fixed by the mesh's topology, not by whoever
 //! attaches: a hello that does not match one is refused.
+//!
+//! The events live in one of two [`Backend`]s: the embedded log (one SQLite
+//! file; the core reads it back after a restart and saves each group's
+//! cursor) or NATS JetStream (a stream and a durable consumer per group; the
+//! router itself keeps nothing). Either way the core does the same work:
+//! per-transaction order, leases, retries and dead letters.
 
 mod appender;
+mod consumers;
 mod core;
 mod grpc;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagamesh_log::{EventLog, LogError};
+use sagamesh_jetstream::JetStream;
+use sagamesh_log::{DeadLetterStore, EventLog, LogError};
 use sagamesh_proto::v1::SagaMode;
 use sagamesh_saga::Subscription;
 use tokio::sync::mpsc;
@@ -67,19 +75,38 @@ impl RouterConfig {
     }
 }
 
+/// Where the router keeps the events.
+#[derive(Clone)]
+pub enum Backend {
+    /// The embedded log, in the router's own file.
+    Embedded(Arc<dyn EventLog>),
+    /// NATS JetStream: the router is stateless, and several can share it.
+    JetStream(JetStream),
+}
+
+impl Backend {
+    fn dead_letters(&self) -> Arc<dyn DeadLetterStore> {
+        match self {
+            Backend::Embedded(log) => log.clone(),
+            Backend::JetStream(bus) => Arc::new(bus.clone()),
+        }
+    }
+}
+
 /// A running router: its core task, its appender and the handle to both.
 #[derive(Clone)]
 pub struct Router {
     core: mpsc::Sender<core::Command>,
     appender: mpsc::Sender<appender::Append>,
-    log: Arc<dyn EventLog>,
+    dead_letters: Arc<dyn DeadLetterStore>,
 }
 
 impl Router {
-    /// Recovers the unacked events from the log and starts the router's tasks
-    /// on `tasks`; they stop when `shutdown` is cancelled.
+    /// Recovers the unacked events (from the embedded log, or from JetStream's
+    /// consumers as they redeliver) and starts the router's tasks on
+    /// `tasks`; they stop when `shutdown` is cancelled.
     pub async fn start(
-        log: Arc<dyn EventLog>,
+        backend: Backend,
         config: RouterConfig,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
@@ -87,10 +114,18 @@ impl Router {
         let config = Arc::new(config);
         let (core, core_rx) = mpsc::channel(core::COMMAND_QUEUE);
         let (appender, append_rx) = mpsc::channel(appender::APPEND_QUEUE);
-        let state = core::Core::recover(log.clone(), config.clone(), core.clone(), appender.clone()).await?;
+        let dead_letters = backend.dead_letters();
+        let state = core::Core::recover(&backend, config.clone(), core.clone(), appender.clone()).await?;
         tasks.spawn(state.run(core_rx, shutdown.clone()));
-        tasks.spawn(appender::run(log.clone(), append_rx, core.clone(), shutdown));
-        Ok(Router { core, appender, log })
+        if let Backend::JetStream(bus) = &backend {
+            consumers::start(bus, &config, &core, tasks, &shutdown).await?;
+        }
+        tasks.spawn(appender::run(backend, append_rx, core.clone(), shutdown));
+        Ok(Router {
+            core,
+            appender,
+            dead_letters,
+        })
     }
 
     /// The gRPC service of this router.
