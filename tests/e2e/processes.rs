@@ -211,7 +211,7 @@ async fn separate_processes_run_the_saga_and_recover_a_dead_letter(mode: SagaMod
 /// saga completes, and it never wrote a file.
 #[tokio::test]
 async fn a_router_on_nats_restarts_from_an_empty_directory_and_loses_no_saga() {
-    crate::support::on_nats(
+    crate::support::distributed(
         "a_router_on_nats_restarts_from_an_empty_directory_and_loses_no_saga",
         async {
             let dir = tempfile::tempdir().unwrap();

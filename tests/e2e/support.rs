@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use sagamesh_mesh::{Bus, MeshConfig, Role};
+use sagamesh_mesh::{Bus, MeshConfig, Postgres, Role};
 use sagamesh_proto::v1::event_router_client::EventRouterClient;
 use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::notifications_client::NotificationsClient;
@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// Declares, for each named `async fn(SagaMode)` test body in scope, a
-/// module with one test per saga mode and event backend: one body, both
-/// modes, on the embedded log and on NATS JetStream.
+/// module with one test per saga mode and backend: one body, both modes, on
+/// the embedded stores and on NATS JetStream with PostgreSQL.
 macro_rules! in_both_modes {
     ($($body:ident),* $(,)?) => {
         $(
@@ -43,15 +43,15 @@ macro_rules! in_both_modes {
                 }
 
                 #[tokio::test]
-                async fn choreography_on_nats() {
-                    let name = concat!(stringify!($body), "::choreography_on_nats");
-                    crate::support::on_nats(name, super::$body(SagaMode::Choreography)).await
+                async fn choreography_on_nats_and_postgres() {
+                    let name = concat!(stringify!($body), "::choreography_on_nats_and_postgres");
+                    crate::support::distributed(name, super::$body(SagaMode::Choreography)).await
                 }
 
                 #[tokio::test]
-                async fn orchestration_on_nats() {
-                    let name = concat!(stringify!($body), "::orchestration_on_nats");
-                    crate::support::on_nats(name, super::$body(SagaMode::Orchestration)).await
+                async fn orchestration_on_nats_and_postgres() {
+                    let name = concat!(stringify!($body), "::orchestration_on_nats_and_postgres");
+                    crate::support::distributed(name, super::$body(SagaMode::Orchestration)).await
                 }
             }
         )*
@@ -59,41 +59,45 @@ macro_rules! in_both_modes {
 }
 pub(crate) use in_both_modes;
 
-/// Where the router of the meshes a test starts keeps its events.
+/// Where the meshes a test starts keep their events and state.
 #[derive(Debug, Clone)]
 pub enum Backend {
+    /// The router's log and every service's store in files.
     Embedded,
-    /// NATS JetStream, in a namespace of the test's own.
-    Nats {
-        url: String,
+    /// The router on NATS JetStream, in a namespace of the test's own, and
+    /// the services on PostgreSQL, in schemas of the test's own.
+    Distributed {
+        nats: String,
         namespace: String,
+        postgres: String,
+        schema_prefix: String,
     },
 }
 
 tokio::task_local! {
-    /// The backend of the test body running in this task (see [`on_nats`]).
+    /// The backend of the test body running in this task (see [`distributed`]).
     static BACKEND: Backend;
 }
 
-/// The backend of the running test body: the embedded log unless the body
-/// runs inside [`on_nats`].
+/// The backend of the running test body: embedded unless the body runs
+/// inside [`distributed`].
 pub fn backend() -> Backend {
     BACKEND.try_with(Backend::clone).unwrap_or(Backend::Embedded)
 }
 
-/// Runs a test body with every mesh it starts on NATS JetStream, in a
-/// namespace of its own that is deleted afterwards. Without a NATS server
-/// the body is skipped with a printed reason, except in CI, where that is a
-/// failure.
-pub async fn on_nats(name: &str, body: impl std::future::Future<Output = ()>) {
-    static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
-    let url = std::env::var("SAGAMESH_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let namespace = format!(
-        "e2e-{}-{}",
-        std::process::id(),
-        NAMESPACES.fetch_add(1, Ordering::Relaxed)
-    );
-    let streams = match sagamesh_jetstream::JetStream::connect(&url, &namespace).await {
+/// Runs a test body with every mesh it starts on NATS JetStream and
+/// PostgreSQL, in streams and schemas of its own that are deleted
+/// afterwards. Without the servers the body is skipped with a printed
+/// reason, except in CI, where that is a failure.
+pub async fn distributed(name: &str, body: impl std::future::Future<Output = ()>) {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let nats = std::env::var("SAGAMESH_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let postgres = std::env::var("SAGAMESH_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    let namespace = format!("e2e-{}-{run}", std::process::id());
+    let schema_prefix = format!("e2e_{}_{run}", std::process::id());
+    let streams = match sagamesh_jetstream::JetStream::connect(&nats, &namespace).await {
         Ok(streams) => streams,
         Err(e) if std::env::var_os("CI").is_none() => {
             eprintln!("skipping {name}: no NATS server ({e})");
@@ -101,10 +105,49 @@ pub async fn on_nats(name: &str, body: impl std::future::Future<Output = ()>) {
         }
         Err(e) => panic!("{name}: NATS must run in CI: {e}"),
     };
-    BACKEND.scope(Backend::Nats { url, namespace }, body).await;
+    if let Err(e) = drop_schemas(&postgres, &schema_prefix).await {
+        if std::env::var_os("CI").is_none() {
+            eprintln!("skipping {name}: no PostgreSQL ({e})");
+            return;
+        }
+        panic!("{name}: PostgreSQL must run in CI: {e}");
+    }
+    let backend = Backend::Distributed {
+        nats,
+        namespace,
+        postgres: postgres.clone(),
+        schema_prefix: schema_prefix.clone(),
+    };
+    BACKEND.scope(backend, body).await;
     if let Err(e) = streams.delete().await {
         eprintln!("{name}: could not delete its streams: {e}");
     }
+    if let Err(e) = drop_schemas(&postgres, &schema_prefix).await {
+        eprintln!("{name}: could not drop its schemas: {e}");
+    }
+}
+
+/// Drops every schema `<prefix>_*` (a test run's services).
+async fn drop_schemas(url: &str, prefix: &str) -> Result<(), String> {
+    let (url, prefix) = (url.to_owned(), prefix.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).map_err(|e| e.to_string())?;
+        let schemas = client
+            .query(
+                "SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname::text, $1)",
+                &[&format!("{prefix}_")],
+            )
+            .map_err(|e| e.to_string())?;
+        for schema in schemas {
+            let name: String = schema.get(0);
+            client
+                .batch_execute(&format!("DROP SCHEMA {name} CASCADE"))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// The `--mode` value of a saga mode.
@@ -315,8 +358,18 @@ impl Mesh {
         config.mode = mode;
         config.demo_data = false;
         config.grace = Duration::from_secs(2);
-        if let Backend::Nats { url, namespace } = backend() {
-            config.bus = Some(Bus { url, namespace });
+        if let Backend::Distributed {
+            nats,
+            namespace,
+            postgres,
+            schema_prefix,
+        } = backend()
+        {
+            config.bus = Some(Bus { url: nats, namespace });
+            config.database = Some(Postgres {
+                url: postgres,
+                schema_prefix,
+            });
         }
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -400,13 +453,22 @@ impl Process {
             .env("RUST_LOG", "info")
             .env_remove("SAGAMESH_FAULTS")
             .env_remove("SAGAMESH_BUS")
+            .env_remove("SAGAMESH_DATABASE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Backend::Nats { url, namespace } = backend() {
+        if let Backend::Distributed {
+            nats,
+            namespace,
+            postgres,
+            schema_prefix,
+        } = backend()
+        {
             command
-                .env("SAGAMESH_BUS", url)
-                .env("SAGAMESH_BUS_NAMESPACE", namespace);
+                .env("SAGAMESH_BUS", nats)
+                .env("SAGAMESH_BUS_NAMESPACE", namespace)
+                .env("SAGAMESH_DATABASE", postgres)
+                .env("SAGAMESH_DATABASE_SCHEMA", schema_prefix);
         }
         for (key, value) in env {
             command.env(key, value);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sagamesh_mesh::{Bus, HandlerService, MeshConfig, Role};
+use sagamesh_mesh::{Bus, HandlerService, MeshConfig, Postgres, Role};
 use sagamesh_proto::v1::SagaMode;
 use sagamesh_saga::Faults;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +81,13 @@ struct Common {
     /// Where the embedded stores live.
     #[arg(long, env = "SAGAMESH_DATA_DIR", default_value = "sagamesh-data")]
     data_dir: PathBuf,
+    /// Keeps the services' state in PostgreSQL at this URL (e.g.
+    /// `postgres://postgres@127.0.0.1:5432/test`) instead of embedded files.
+    #[arg(long, env = "SAGAMESH_DATABASE")]
+    database: Option<String>,
+    /// Each service's tables go in the PostgreSQL schema `<this>_<service>`.
+    #[arg(long, env = "SAGAMESH_DATABASE_SCHEMA", default_value = "sagamesh")]
+    database_schema: String,
     /// The saga pattern (SAGA_PATTERN_MODE).
     #[arg(long, env = "SAGA_PATTERN_MODE", default_value = "choreography")]
     mode: Mode,
@@ -209,11 +216,32 @@ impl Common {
             return Err("--ack-deadline-ms must be at least 1".into());
         }
         let mut config = MeshConfig::new(self.data_dir.clone());
+        if let Some(url) = &self.database {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "--database must be a PostgreSQL URL such as postgres://postgres@127.0.0.1:5432/test, not '{url}'"
+                ));
+            }
+            let schema = &self.database_schema;
+            if schema.is_empty()
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(format!(
+                    "--database-schema must be lowercase letters, digits or '_', not '{schema}'"
+                ));
+            }
+            config.database = Some(Postgres {
+                url: url.clone(),
+                schema_prefix: schema.clone(),
+            });
+        }
         config.mode = mode;
         config.faults = faults;
         config.durability = match self.durability {
-            DurabilityArg::Machine => sagamesh_sqlite::Durability::Machine,
-            DurabilityArg::Process => sagamesh_sqlite::Durability::Process,
+            DurabilityArg::Machine => sagamesh_store::Durability::Machine,
+            DurabilityArg::Process => sagamesh_store::Durability::Process,
         };
         config.ack_deadline = Duration::from_millis(self.ack_deadline_ms);
         config.max_attempts = self.max_attempts;

@@ -15,7 +15,6 @@ mod store;
 mod view;
 mod watchers;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -27,7 +26,7 @@ use sagamesh_proto::v1::{
     Transaction, TransactionStatus, TransactionUpdate,
 };
 use sagamesh_router_client::{BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient};
-use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_store::{Database, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
@@ -57,12 +56,6 @@ pub enum CoordinatorError {
     Corrupt(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for CoordinatorError {
-    fn from(e: rusqlite::Error) -> Self {
-        CoordinatorError::Store(StoreError::Sqlite(e))
-    }
 }
 
 /// A purchase as asked for, before it is checked.
@@ -107,18 +100,17 @@ struct Inner {
 }
 
 impl Coordinator {
-    /// Opens the coordinator's store in `data_dir`.
+    /// Opens the coordinator's store in `database`.
     /// `max_sagas_in_flight` bounds the sagas that have not ended: past it,
     /// `Purchase` is refused at once, so a burst cannot grow every queue
     /// behind it without bound.
     pub async fn open(
-        data_dir: &Path,
-        durability: Durability,
+        database: &Database,
         inventory: Channel,
         mode: SagaMode,
         max_sagas_in_flight: u64,
     ) -> Result<Coordinator, StoreError> {
-        let store = Store::open(&data_dir.join("coordinator.db"), durability, store::MIGRATIONS)?;
+        let store = Store::open_service(database, "coordinator", &store::SCHEMA)?;
         // Counted before anything is served, so admission holds from the
         // first request.
         let unfinished = store.read(store::unfinished).await.map_err(|e| match e {
@@ -193,7 +185,7 @@ impl Coordinator {
             let stalled = match self
                 .inner
                 .store
-                .read(move |conn| store::stalled(conn, before_ms, 256))
+                .read(move |tx| store::stalled(tx, before_ms, 256))
                 .await
             {
                 Ok(stalled) => stalled,
@@ -207,7 +199,7 @@ impl Coordinator {
                 let timed_out = self
                     .inner
                     .store
-                    .write(move |conn| store::time_out(conn, &id, before_ms, deadline))
+                    .write(move |tx| store::time_out(tx, &id, before_ms, deadline))
                     .await;
                 match timed_out {
                     Ok(true) => {
@@ -236,7 +228,7 @@ impl Coordinator {
             let existing = self
                 .inner
                 .store
-                .read(move |conn| store::by_key(conn, &user, &key))
+                .read(move |tx| store::by_key(tx, &user, &key))
                 .await?;
             if let Some(existing) = existing {
                 return same_order(existing, &order);
@@ -299,7 +291,7 @@ impl Coordinator {
         let existing = tokio::spawn(async move {
             let existing = inner
                 .store
-                .write(move |conn| store::insert(conn, &record, &first_events))
+                .write(move |tx| store::insert(tx, &record, &first_events))
                 .await?;
             if existing.is_none() {
                 reservation.keep();
@@ -344,8 +336,8 @@ impl Coordinator {
     pub async fn transaction(&self, transaction_id: String) -> Result<Transaction, CoordinatorError> {
         self.inner
             .store
-            .read(move |conn| {
-                store::get(conn, &transaction_id)?.ok_or(CoordinatorError::NoSuchTransaction(transaction_id))
+            .read(move |tx| {
+                store::get(tx, &transaction_id)?.ok_or(CoordinatorError::NoSuchTransaction(transaction_id))
             })
             .await
     }
@@ -372,7 +364,7 @@ impl Coordinator {
         let (applied, synced) = self
             .inner
             .store
-            .write_staged(move |conn| store::apply(conn, &event))
+            .write_staged(move |tx| store::apply(tx, &event))
             .await?;
         let Some(store::Applied {
             transaction,

@@ -8,43 +8,46 @@
 //! update that saw the event, and an event already in the view is not seen
 //! again, so each decision is made exactly once.
 
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails};
 use sagamesh_router_client::push_outbox;
 use sagamesh_saga::{CompensationPlan, PlanAction};
 use sagamesh_step::compensation::advance;
+use sagamesh_store::{StoreError, Tx, values};
 
 use crate::GROUP;
 
-fn load(conn: &Connection, tx_id: &str) -> rusqlite::Result<Option<CompensationPlan>> {
-    let plan: Option<String> = conn
-        .prepare_cached("SELECT plan FROM orchestrations WHERE transaction_id = ?1")?
-        .query_row([tx_id], |row| row.get(0))
-        .optional()?;
+fn load(tx: &mut dyn Tx, tx_id: &str) -> Result<Option<CompensationPlan>, StoreError> {
+    let plan = tx
+        .query_opt(
+            "SELECT plan FROM orchestrations WHERE transaction_id = $1",
+            &values![tx_id],
+        )?
+        .map(|row| row.string(0))
+        .transpose()?;
     Ok(plan.and_then(|p| CompensationPlan::decode(&p)))
 }
 
-fn save(conn: &Connection, tx_id: &str, plan: &CompensationPlan) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO orchestrations (transaction_id, plan) VALUES (?1, ?2)
+fn save(tx: &mut dyn Tx, tx_id: &str, plan: &CompensationPlan) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO orchestrations (transaction_id, plan) VALUES ($1, $2)
          ON CONFLICT (transaction_id) DO UPDATE SET plan = excluded.plan",
-    )?
-    .execute(params![tx_id, plan.encode()])?;
+        &values![tx_id, plan.encode()],
+    )?;
     Ok(())
 }
 
 /// Reacts to one newly applied event of an orchestration saga; returns the
 /// compensation actions taken, for the log.
 pub(crate) fn react(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     event: &Envelope,
     purchase: PurchaseDetails,
-) -> rusqlite::Result<Vec<PlanAction>> {
+) -> Result<Vec<PlanAction>, StoreError> {
     let Some(payload) = event.payload.as_ref() else {
         return Ok(Vec::new());
     };
-    let state = load(conn, &event.transaction_id)?;
+    let state = load(tx, &event.transaction_id)?;
     match sagamesh_saga::step_outcome(payload.event_type()) {
         // Once compensating (a late success after a timeout), no step runs
         // forward; the plan undoes this one too.
@@ -52,7 +55,7 @@ pub(crate) fn react(
         Some((step, false)) => {
             if let Some(next) = sagamesh_saga::next_step(step) {
                 let command = sagamesh_saga::execute_command(next, purchase);
-                push_outbox(conn, &event.caused(GROUP, command))?;
+                push_outbox(tx, &event.caused(GROUP, command))?;
             }
             return Ok(Vec::new());
         }
@@ -69,9 +72,9 @@ pub(crate) fn react(
     // The purchase comes from the saga's record; the stored plan needs only
     // its own progress.
     let state = state.map(|plan| (purchase, plan));
-    let Some((_, plan, actions)) = advance(conn, event, GROUP, state)? else {
+    let Some((_, plan, actions)) = advance(tx, event, GROUP, state)? else {
         return Ok(Vec::new());
     };
-    save(conn, &event.transaction_id, &plan)?;
+    save(tx, &event.transaction_id, &plan)?;
     Ok(actions)
 }

@@ -52,7 +52,7 @@ impl Coordinator {
         let page = self
             .inner
             .store
-            .read(move |conn| store::list(conn, status, user_id.as_deref(), before, limit))
+            .read(move |tx| store::list(tx, status, user_id.as_deref(), before, limit))
             .await?;
         let next_page_token = match page.last() {
             Some((seq, _)) if page.len() == limit => seq.to_string(),

@@ -6,18 +6,19 @@
 //! handful of rows however many sagas are stored.
 
 use prost::Message;
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
     Envelope, PurchaseDetails, SagaMode, SagaTimedOut, Step, StepStatus, Transaction, TransactionStatus,
 };
-use sagamesh_router_client::{OUTBOX_MIGRATION, push_outbox};
+use sagamesh_router_client::{OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, push_outbox};
 use sagamesh_saga::PlanAction;
+use sagamesh_store::{Row, Schema, StoreError, Tx, Value, values};
 
 use crate::{CoordinatorError, orchestrator, view};
 
-pub(crate) const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE transactions (
+pub(crate) const SCHEMA: Schema = Schema {
+    sqlite: &[
+        "CREATE TABLE transactions (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         transaction_id TEXT NOT NULL UNIQUE,
         user_id TEXT NOT NULL,
@@ -33,9 +34,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         status INTEGER PRIMARY KEY,
         count INTEGER NOT NULL
     )",
-    OUTBOX_MIGRATION,
-    // Counts per saga mode, and orchestration's compensation plans.
-    "ALTER TABLE transactions ADD COLUMN mode INTEGER NOT NULL DEFAULT 1;
+        OUTBOX_MIGRATION,
+        // Counts per saga mode, and orchestration's compensation plans.
+        "ALTER TABLE transactions ADD COLUMN mode INTEGER NOT NULL DEFAULT 1;
     DROP TABLE status_counts;
     CREATE TABLE status_counts (
         mode INTEGER NOT NULL,
@@ -49,10 +50,39 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         transaction_id TEXT PRIMARY KEY,
         plan TEXT NOT NULL
     ) WITHOUT ROWID",
-    // When each saga last moved, for saga deadlines.
-    "ALTER TABLE transactions ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
+        // When each saga last moved, for saga deadlines.
+        "ALTER TABLE transactions ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX transactions_by_progress ON transactions (status, updated_ms)",
-];
+    ],
+    postgres: &[
+        "CREATE TABLE transactions (
+            seq BIGSERIAL PRIMARY KEY,
+            transaction_id TEXT NOT NULL UNIQUE,
+            user_id TEXT NOT NULL,
+            status BIGINT NOT NULL,
+            idempotency_key TEXT,
+            body BYTEA NOT NULL,
+            mode BIGINT NOT NULL DEFAULT 1,
+            updated_ms BIGINT NOT NULL DEFAULT 0
+        );
+        CREATE UNIQUE INDEX transactions_by_key ON transactions (user_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX transactions_by_user ON transactions (user_id, seq);
+        CREATE INDEX transactions_by_status ON transactions (status, seq);
+        CREATE INDEX transactions_by_progress ON transactions (status, updated_ms);
+        CREATE TABLE status_counts (
+            mode BIGINT NOT NULL,
+            status BIGINT NOT NULL,
+            count BIGINT NOT NULL,
+            PRIMARY KEY (mode, status)
+        );
+        CREATE TABLE orchestrations (
+            transaction_id TEXT PRIMARY KEY,
+            plan TEXT NOT NULL
+        )",
+        OUTBOX_MIGRATION_POSTGRES,
+    ],
+};
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -65,67 +95,77 @@ fn decode(body: &[u8]) -> Result<Transaction, CoordinatorError> {
     Transaction::decode(body).map_err(|e| CoordinatorError::Corrupt(e.to_string()))
 }
 
-fn count(conn: &Connection, mode: i32, status: i32, delta: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO status_counts (mode, status, count) VALUES (?1, ?2, ?3)
-         ON CONFLICT (mode, status) DO UPDATE SET count = count + excluded.count",
-    )?
-    .execute(params![mode, status, delta])?;
+/// A column that holds an `i32` (a proto enum).
+fn int32(row: &Row, column: usize) -> Result<i32, StoreError> {
+    let value = row.int(column)?;
+    i32::try_from(value).map_err(|_| {
+        StoreError::Sql(format!(
+            "column {column} holds {value}, out of range for a 32-bit integer"
+        ))
+    })
+}
+
+fn count(tx: &mut dyn Tx, mode: i32, status: i32, delta: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO status_counts (mode, status, count) VALUES ($1, $2, $3)
+         ON CONFLICT (mode, status) DO UPDATE SET count = status_counts.count + excluded.count",
+        &values![mode, status, delta],
+    )?;
     Ok(())
 }
 
 /// The transaction already recorded for a user's idempotency key.
 pub(crate) fn by_key(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     user_id: &str,
     key: &str,
 ) -> Result<Option<Transaction>, CoordinatorError> {
-    let body: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT body FROM transactions WHERE user_id = ?1 AND idempotency_key = ?2")?
-        .query_row(params![user_id, key], |row| row.get(0))
-        .optional()?;
-    body.map(|b| decode(&b)).transpose()
+    let row = tx.query_opt(
+        "SELECT body FROM transactions WHERE user_id = $1 AND idempotency_key = $2",
+        &values![user_id, key],
+    )?;
+    row.map(|row| decode(row.blob(0)?)).transpose()
 }
 
 /// Records a new saga and its first events, unless the idempotency key was
 /// used already: then returns the saga recorded for it.
 pub(crate) fn insert(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     transaction: &Transaction,
     first_events: &[Envelope],
 ) -> Result<Option<Transaction>, CoordinatorError> {
     let key = (!transaction.idempotency_key.is_empty()).then_some(&transaction.idempotency_key);
     if let Some(key) = key
-        && let Some(existing) = by_key(conn, &transaction.user_id, key)?
+        && let Some(existing) = by_key(tx, &transaction.user_id, key)?
     {
         return Ok(Some(existing));
     }
-    conn.prepare_cached(
+    tx.execute(
         "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        transaction.transaction_id,
-        transaction.user_id,
-        transaction.status,
-        key,
-        transaction.mode,
-        transaction.encode_to_vec(),
-        now_ms()
-    ])?;
-    count(conn, transaction.mode, transaction.status, 1)?;
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &values![
+            &transaction.transaction_id,
+            &transaction.user_id,
+            transaction.status,
+            key,
+            transaction.mode,
+            transaction.encode_to_vec(),
+            now_ms()
+        ],
+    )?;
+    count(tx, transaction.mode, transaction.status, 1)?;
     for event in first_events {
-        push_outbox(conn, event)?;
+        push_outbox(tx, event)?;
     }
     Ok(None)
 }
 
-pub(crate) fn get(conn: &Connection, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
-    let body: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT body FROM transactions WHERE transaction_id = ?1")?
-        .query_row([transaction_id], |row| row.get(0))
-        .optional()?;
-    body.map(|b| decode(&b)).transpose()
+pub(crate) fn get(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
+    let row = tx.query_opt(
+        "SELECT body FROM transactions WHERE transaction_id = $1",
+        &values![transaction_id],
+    )?;
+    row.map(|row| decode(row.blob(0)?)).transpose()
 }
 
 /// What applying one event did.
@@ -140,8 +180,8 @@ pub(crate) struct Applied {
 /// Applies a saga event to its transaction's view and, for an orchestration
 /// saga, decides what comes next; `None` when it changed nothing (a
 /// redelivery).
-pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applied>, CoordinatorError> {
-    let existing = get(conn, &event.transaction_id)?;
+pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>, CoordinatorError> {
+    let existing = get(tx, &event.transaction_id)?;
     let is_new = existing.is_none();
     let mut transaction = existing.unwrap_or_else(|| view::from_event(event));
     let before = transaction.status;
@@ -149,39 +189,39 @@ pub(crate) fn apply(conn: &Connection, event: &Envelope) -> Result<Option<Applie
         return Ok(None);
     }
     if is_new {
-        conn.prepare_cached(
+        tx.execute(
             "INSERT INTO transactions (transaction_id, user_id, status, mode, body, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            transaction.transaction_id,
-            transaction.user_id,
-            transaction.status,
-            transaction.mode,
-            transaction.encode_to_vec(),
-            now_ms()
-        ])?;
-        count(conn, transaction.mode, transaction.status, 1)?;
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &values![
+                &transaction.transaction_id,
+                &transaction.user_id,
+                transaction.status,
+                transaction.mode,
+                transaction.encode_to_vec(),
+                now_ms()
+            ],
+        )?;
+        count(tx, transaction.mode, transaction.status, 1)?;
     } else {
-        conn.prepare_cached(
-            "UPDATE transactions SET status = ?2, body = ?3, updated_ms = ?4 WHERE transaction_id = ?1",
-        )?
-        .execute(params![
-            transaction.transaction_id,
-            transaction.status,
-            transaction.encode_to_vec(),
-            now_ms()
-        ])?;
+        tx.execute(
+            "UPDATE transactions SET status = $2, body = $3, updated_ms = $4 WHERE transaction_id = $1",
+            &values![
+                &transaction.transaction_id,
+                transaction.status,
+                transaction.encode_to_vec(),
+                now_ms()
+            ],
+        )?;
         if before != transaction.status {
-            count(conn, transaction.mode, before, -1)?;
-            count(conn, transaction.mode, transaction.status, 1)?;
+            count(tx, transaction.mode, before, -1)?;
+            count(tx, transaction.mode, transaction.status, 1)?;
         }
     }
     // A saga that had already ended needs no more decisions (a timeout
     // decided on a lagging view, a late answer).
     let was_moving = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default());
     let actions = if transaction.mode() == SagaMode::Orchestration && was_moving {
-        orchestrator::react(conn, event, purchase_of(&transaction))?
+        orchestrator::react(tx, event, purchase_of(&transaction))?
     } else {
         Vec::new()
     };
@@ -208,39 +248,42 @@ fn purchase_of(transaction: &Transaction) -> PurchaseDetails {
 
 /// Sagas still going forward that have not moved since `before_ms`.
 pub(crate) fn stalled(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     before_ms: i64,
     limit: usize,
 ) -> Result<Vec<String>, CoordinatorError> {
-    let mut stmt = conn.prepare_cached(
+    let rows = tx.query(
         "SELECT transaction_id FROM transactions
-         WHERE status IN (?1, ?2) AND updated_ms < ?3 ORDER BY updated_ms LIMIT ?4",
-    )?;
-    let rows = stmt.query_map(
-        params![
+         WHERE status IN ($1, $2) AND updated_ms < $3 ORDER BY updated_ms LIMIT $4",
+        &values![
             TransactionStatus::Initiated as i32,
             TransactionStatus::InProgress as i32,
             before_ms,
             limit as i64
         ],
-        |row| row.get(0),
     )?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    Ok(rows
+        .iter()
+        .map(|row| row.string(0))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Gives up on a stalled saga: puts `SagaTimedOut` in the outbox, unless
 /// it moved meanwhile. Returns whether it timed the saga out.
 pub(crate) fn time_out(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     transaction_id: &str,
     before_ms: i64,
     deadline: std::time::Duration,
 ) -> Result<bool, CoordinatorError> {
-    let updated_ms: Option<i64> = conn
-        .prepare_cached("SELECT updated_ms FROM transactions WHERE transaction_id = ?1")?
-        .query_row([transaction_id], |row| row.get(0))
-        .optional()?;
-    let Some(transaction) = get(conn, transaction_id)? else {
+    let updated_ms = tx
+        .query_opt(
+            "SELECT updated_ms FROM transactions WHERE transaction_id = $1",
+            &values![transaction_id],
+        )?
+        .map(|row| row.int(0))
+        .transpose()?;
+    let Some(transaction) = get(tx, transaction_id)? else {
         return Ok(false);
     };
     let moving = matches!(
@@ -275,16 +318,18 @@ pub(crate) fn time_out(
             reason,
         }),
     );
-    push_outbox(conn, &event)?;
+    push_outbox(tx, &event)?;
     // Not again until the event is back and has moved the saga.
-    conn.prepare_cached("UPDATE transactions SET updated_ms = ?2 WHERE transaction_id = ?1")?
-        .execute(params![transaction_id, now_ms()])?;
+    tx.execute(
+        "UPDATE transactions SET updated_ms = $2 WHERE transaction_id = $1",
+        &values![transaction_id, now_ms()],
+    )?;
     Ok(true)
 }
 
 /// How many sagas have not ended.
-pub(crate) fn unfinished(conn: &Connection) -> Result<u64, CoordinatorError> {
-    Ok(status_counts(conn)?
+pub(crate) fn unfinished(tx: &mut dyn Tx) -> Result<u64, CoordinatorError> {
+    Ok(status_counts(tx)?
         .into_iter()
         .filter(|(_, status, _)| !view::is_terminal(TransactionStatus::try_from(*status).unwrap_or_default()))
         .map(|(_, _, count)| count)
@@ -293,38 +338,41 @@ pub(crate) fn unfinished(conn: &Connection) -> Result<u64, CoordinatorError> {
 
 /// A page of transactions, newest first, below the sequence number `before`.
 pub(crate) fn list(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     status: Option<TransactionStatus>,
     user_id: Option<&str>,
     before: i64,
     limit: usize,
 ) -> Result<Vec<(i64, Transaction)>, CoordinatorError> {
-    let mut sql = String::from("SELECT seq, body FROM transactions WHERE seq < ?1");
-    if status.is_some() {
-        sql.push_str(" AND status = ?2");
+    // Only the parameters the statement uses, numbered without gaps.
+    let mut params: Vec<Value> = vec![before.into()];
+    let mut sql = String::from("SELECT seq, body FROM transactions WHERE seq < $1");
+    if let Some(status) = status {
+        params.push((status as i32).into());
+        sql.push_str(&format!(" AND status = ${}", params.len()));
     }
-    if user_id.is_some() {
-        sql.push_str(" AND user_id = ?3");
+    if let Some(user_id) = user_id {
+        params.push(user_id.into());
+        sql.push_str(&format!(" AND user_id = ${}", params.len()));
     }
-    sql.push_str(" ORDER BY seq DESC LIMIT ?4");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let status = status.map(|s| s as i32);
-    let mut rows = stmt.query(params![before, status, user_id, limit as i64])?;
-    let mut page = Vec::new();
-    while let Some(row) = rows.next()? {
-        let body: Vec<u8> = row.get(1)?;
-        page.push((row.get(0)?, decode(&body)?));
+    params.push((limit as i64).into());
+    sql.push_str(&format!(" ORDER BY seq DESC LIMIT ${}", params.len()));
+    let rows = tx.query(&sql, &params)?;
+    let mut page = Vec::with_capacity(rows.len());
+    for row in &rows {
+        page.push((row.int(0)?, decode(row.blob(1)?)?));
     }
     Ok(page)
 }
 
 /// `(mode, status, count)` for every pair with sagas.
-pub(crate) fn status_counts(conn: &Connection) -> Result<Vec<(i32, i32, u64)>, CoordinatorError> {
-    let mut stmt = conn.prepare_cached(
+pub(crate) fn status_counts(tx: &mut dyn Tx) -> Result<Vec<(i32, i32, u64)>, CoordinatorError> {
+    let rows = tx.query(
         "SELECT mode, status, count FROM status_counts WHERE count > 0 ORDER BY mode, status",
+        &[],
     )?;
-    let rows = stmt.query_map([], |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)?.max(0) as u64))
-    })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    Ok(rows
+        .iter()
+        .map(|row| Ok((int32(row, 0)?, int32(row, 1)?, row.int(2)?.max(0) as u64)))
+        .collect::<Result<Vec<_>, StoreError>>()?)
 }

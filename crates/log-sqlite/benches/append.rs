@@ -10,7 +10,7 @@ use sagamesh_log::EventLog;
 use sagamesh_log_sqlite::SqliteLog;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
-use sagamesh_sqlite::Durability;
+use sagamesh_store::Durability;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 

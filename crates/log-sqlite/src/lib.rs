@@ -1,6 +1,6 @@
 //! The embedded event log: the router's log in one SQLite file.
 //!
-//! Appends go through the shared group-commit writer of `sagamesh-sqlite`,
+//! Appends go through the shared group-commit writer of `sagamesh-store`,
 //! so concurrent publishes share one fsync, and are staged: readable as soon
 //! as committed, durable once the writer's fsync that follows is done. The `events` table's
 //! AUTOINCREMENT key is the offset (never reused, even after truncation), and
@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_log::{
     Appended, Appending, BoxFuture, DeadLetter, DeadLetterStore, EventLog, LogError, Offset, StoredEvent,
 };
 use sagamesh_proto::v1::Envelope;
-use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_store::{Durability, Row, Store, StoreError, Tx, values};
 
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE events (
@@ -65,12 +64,6 @@ impl From<StoreError> for Failure {
     }
 }
 
-impl From<rusqlite::Error> for Failure {
-    fn from(e: rusqlite::Error) -> Self {
-        Failure(storage(e))
-    }
-}
-
 fn decode(offset: Offset, body: &[u8]) -> Result<Arc<Envelope>, Failure> {
     Envelope::decode(body).map(Arc::new).map_err(|e| {
         Failure(LogError::Corrupt {
@@ -84,32 +77,20 @@ fn millis(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
 
-fn dead_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, String, Vec<u8>, u32, String, i64)> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-    ))
-}
-
-fn to_dead_letter(
-    (id, group, body, attempts, last_error, dead_at_ms): (u64, String, Vec<u8>, u32, String, i64),
-) -> Result<DeadLetter, Failure> {
+/// A dead letter from a row of `SELECT id, grp, body, attempts, last_error, dead_at_ms`.
+fn to_dead_letter(row: &Row) -> Result<DeadLetter, Failure> {
     Ok(DeadLetter {
-        id,
-        group,
-        envelope: decode(0, &body)?,
-        attempts,
-        last_error,
-        dead_at: UNIX_EPOCH + Duration::from_millis(dead_at_ms.max(0) as u64),
+        id: row.int(0)? as u64,
+        group: row.string(1)?,
+        envelope: decode(0, row.blob(2)?)?,
+        attempts: row.int(3)? as u32,
+        last_error: row.string(4)?,
+        dead_at: UNIX_EPOCH + Duration::from_millis(row.int(5)?.max(0) as u64),
     })
 }
 
 fn list_dead(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     group: Option<&str>,
     before_id: u64,
     limit: usize,
@@ -119,12 +100,12 @@ fn list_dead(
     } else {
         before_id as i64
     };
-    let mut stmt = conn.prepare_cached(
+    let rows = tx.query(
         "SELECT id, grp, body, attempts, last_error, dead_at_ms FROM dead_letters
-         WHERE id < ?1 AND (?2 IS NULL OR grp = ?2) ORDER BY id DESC LIMIT ?3",
+         WHERE id < $1 AND ($2 IS NULL OR grp = $2) ORDER BY id DESC LIMIT $3",
+        &values![before, group, limit],
     )?;
-    let rows = stmt.query_map(params![before, group, limit as i64], dead_letter)?;
-    rows.map(|row| to_dead_letter(row?)).collect()
+    rows.iter().map(to_dead_letter).collect()
 }
 
 impl EventLog for SqliteLog {
@@ -132,18 +113,17 @@ impl EventLog for SqliteLog {
         Box::pin(async move {
             let (outcomes, synced) = self
                 .store
-                .write_staged(move |conn| {
-                    let mut insert = conn.prepare_cached(
-                        "INSERT INTO events (event_id, body) VALUES (?1, ?2)
-                         ON CONFLICT (event_id) DO NOTHING",
-                    )?;
+                .write_staged(move |tx| {
                     let mut appended = Vec::with_capacity(events.len());
                     for event in &events {
-                        let changed = insert.execute(params![event.event_id, event.encode_to_vec()])?;
-                        appended.push(if changed == 1 {
-                            Appended::New(conn.last_insert_rowid() as Offset)
-                        } else {
-                            Appended::Duplicate
+                        let inserted = tx.query_opt(
+                            "INSERT INTO events (event_id, body) VALUES ($1, $2)
+                             ON CONFLICT (event_id) DO NOTHING RETURNING offset",
+                            &values![&event.event_id, event.encode_to_vec()],
+                        )?;
+                        appended.push(match inserted {
+                            Some(row) => Appended::New(row.int(0)? as Offset),
+                            None => Appended::Duplicate,
                         });
                     }
                     Ok::<_, Failure>(appended)
@@ -160,21 +140,20 @@ impl EventLog for SqliteLog {
     fn read(&self, from: Offset, limit: usize) -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>> {
         Box::pin(async move {
             self.store
-                .read(move |conn| {
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT offset, body FROM events WHERE offset >= ?1 ORDER BY offset LIMIT ?2",
+                .read(move |tx| {
+                    let rows = tx.query(
+                        "SELECT offset, body FROM events WHERE offset >= $1 ORDER BY offset LIMIT $2",
+                        &values![from, limit],
                     )?;
-                    let rows = stmt.query_map(params![from as i64, limit as i64], |row| {
-                        Ok((row.get::<_, u64>(0)?, row.get::<_, Vec<u8>>(1)?))
-                    })?;
-                    rows.map(|row| {
-                        let (offset, body) = row?;
-                        Ok(StoredEvent {
-                            offset,
-                            envelope: decode(offset, &body)?,
+                    rows.iter()
+                        .map(|row| {
+                            let offset = row.int(0)? as Offset;
+                            Ok(StoredEvent {
+                                offset,
+                                envelope: decode(offset, row.blob(1)?)?,
+                            })
                         })
-                    })
-                    .collect::<Result<Vec<_>, Failure>>()
+                        .collect::<Result<Vec<_>, Failure>>()
                 })
                 .await
                 .map_err(|f| f.0)
@@ -184,13 +163,13 @@ impl EventLog for SqliteLog {
     fn save_cursors(&self, cursors: Vec<(String, Offset)>) -> BoxFuture<'_, Result<(), LogError>> {
         Box::pin(async move {
             self.store
-                .write(move |conn| {
-                    let mut upsert = conn.prepare_cached(
-                        "INSERT INTO cursors (grp, next_offset) VALUES (?1, ?2)
-                         ON CONFLICT (grp) DO UPDATE SET next_offset = excluded.next_offset",
-                    )?;
+                .write(move |tx| {
                     for (group, offset) in &cursors {
-                        upsert.execute(params![group, *offset as i64])?;
+                        tx.execute(
+                            "INSERT INTO cursors (grp, next_offset) VALUES ($1, $2)
+                             ON CONFLICT (grp) DO UPDATE SET next_offset = excluded.next_offset",
+                            &values![group, *offset],
+                        )?;
                     }
                     Ok::<_, Failure>(())
                 })
@@ -202,10 +181,11 @@ impl EventLog for SqliteLog {
     fn load_cursors(&self) -> BoxFuture<'_, Result<Vec<(String, Offset)>, LogError>> {
         Box::pin(async move {
             self.store
-                .read(|conn| {
-                    let mut stmt = conn.prepare("SELECT grp, next_offset FROM cursors")?;
-                    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(Failure::from)
+                .read(|tx| {
+                    let rows = tx.query("SELECT grp, next_offset FROM cursors", &[])?;
+                    rows.iter()
+                        .map(|row| Ok((row.string(0)?, row.int(1)? as Offset)))
+                        .collect::<Result<Vec<_>, Failure>>()
                 })
                 .await
                 .map_err(|f| f.0)
@@ -215,8 +195,8 @@ impl EventLog for SqliteLog {
     fn truncate(&self, offset: Offset) -> BoxFuture<'_, Result<(), LogError>> {
         Box::pin(async move {
             self.store
-                .write(move |conn| {
-                    conn.execute("DELETE FROM events WHERE offset < ?1", [offset as i64])?;
+                .write(move |tx| {
+                    tx.execute("DELETE FROM events WHERE offset < $1", &values![offset])?;
                     Ok::<_, Failure>(())
                 })
                 .await
@@ -235,11 +215,11 @@ impl DeadLetterStore for SqliteLog {
     ) -> BoxFuture<'_, Result<u64, LogError>> {
         Box::pin(async move {
             self.store
-                .write(move |conn| {
-                    conn.execute(
+                .write(move |tx| {
+                    let row = tx.query_opt(
                         "INSERT INTO dead_letters (grp, body, attempts, last_error, dead_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![
+                         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                        &values![
                             group,
                             envelope.encode_to_vec(),
                             attempts,
@@ -247,7 +227,10 @@ impl DeadLetterStore for SqliteLog {
                             millis(SystemTime::now())
                         ],
                     )?;
-                    Ok::<_, Failure>(conn.last_insert_rowid() as u64)
+                    let id = row
+                        .ok_or_else(|| Failure(storage("the insert returned no id")))?
+                        .int(0)?;
+                    Ok::<_, Failure>(id as u64)
                 })
                 .await
                 .map_err(|f| f.0)
@@ -262,7 +245,7 @@ impl DeadLetterStore for SqliteLog {
     ) -> BoxFuture<'_, Result<Vec<DeadLetter>, LogError>> {
         Box::pin(async move {
             self.store
-                .read(move |conn| list_dead(conn, group.as_deref(), before_id, limit))
+                .read(move |tx| list_dead(tx, group.as_deref(), before_id, limit))
                 .await
                 .map_err(|f| f.0)
         })
@@ -271,16 +254,13 @@ impl DeadLetterStore for SqliteLog {
     fn get_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<Option<DeadLetter>, LogError>> {
         Box::pin(async move {
             self.store
-                .read(move |conn| {
-                    let row = conn
-                        .query_row(
-                            "SELECT id, grp, body, attempts, last_error, dead_at_ms
-                             FROM dead_letters WHERE id = ?1",
-                            [id as i64],
-                            dead_letter,
-                        )
-                        .optional()?;
-                    row.map(to_dead_letter).transpose()
+                .read(move |tx| {
+                    let row = tx.query_opt(
+                        "SELECT id, grp, body, attempts, last_error, dead_at_ms
+                         FROM dead_letters WHERE id = $1",
+                        &values![id],
+                    )?;
+                    row.as_ref().map(to_dead_letter).transpose()
                 })
                 .await
                 .map_err(|f| f.0)
@@ -290,8 +270,8 @@ impl DeadLetterStore for SqliteLog {
     fn delete_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<bool, LogError>> {
         Box::pin(async move {
             self.store
-                .write(move |conn| {
-                    let deleted = conn.execute("DELETE FROM dead_letters WHERE id = ?1", [id as i64])?;
+                .write(move |tx| {
+                    let deleted = tx.execute("DELETE FROM dead_letters WHERE id = $1", &values![id])?;
                     Ok::<_, Failure>(deleted == 1)
                 })
                 .await

@@ -20,8 +20,9 @@ use sagamesh_proto::v1::{Item, SagaMode};
 use sagamesh_purchase_log::{PurchaseLog, PurchaseLogsService};
 use sagamesh_router::{Backend, Router, RouterConfig};
 use sagamesh_saga::Faults;
-use sagamesh_sqlite::Durability;
 use sagamesh_step::StepConfig;
+use sagamesh_store::Database;
+use sagamesh_store::Durability;
 use sagamesh_wallets::{Wallets, WalletsService};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -86,12 +87,25 @@ pub struct Bus {
     pub namespace: String,
 }
 
+/// A PostgreSQL database holding the services' state instead of their
+/// embedded files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Postgres {
+    /// `postgres://user@host:port/database`.
+    pub url: String,
+    /// Each service's tables go in the schema `<prefix>_<service>`.
+    pub schema_prefix: String,
+}
+
 /// Settings shared by every role.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub data_dir: PathBuf,
     /// Where the router keeps events: JetStream, or the embedded log (`None`).
     pub bus: Option<Bus>,
+    /// Where the services keep their state: PostgreSQL, or embedded files
+    /// in `data_dir` (`None`).
+    pub database: Option<Postgres>,
     pub durability: Durability,
     pub mode: SagaMode,
     pub faults: Faults,
@@ -118,6 +132,7 @@ impl MeshConfig {
         MeshConfig {
             data_dir,
             bus: None,
+            database: None,
             durability: Durability::Machine,
             mode: SagaMode::Choreography,
             faults: Faults::default(),
@@ -139,7 +154,7 @@ pub enum MeshError {
     #[error("cannot create the data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
-    Store(#[from] sagamesh_sqlite::StoreError),
+    Store(#[from] sagamesh_store::StoreError),
     #[error(transparent)]
     Log(#[from] sagamesh_log::LogError),
     #[error(transparent)]
@@ -205,6 +220,16 @@ pub async fn run(
     let own = channel(&address.to_string())?;
     let dir = &config.data_dir;
     let durability = config.durability;
+    let database = match &config.database {
+        Some(postgres) => Database::Postgres {
+            url: postgres.url.clone(),
+            schema_prefix: postgres.schema_prefix.clone(),
+        },
+        None => Database::Embedded {
+            dir: dir.clone(),
+            durability,
+        },
+    };
 
     let runs_router = matches!(role, Role::All | Role::Router);
     if runs_router {
@@ -236,42 +261,41 @@ pub async fn run(
         _ => false,
     };
     let wallets = if wants(HandlerService::Wallets) {
-        let wallets = Wallets::open(dir, durability)?;
+        let wallets = Wallets::open(&database)?;
         services.wallets = Some(WalletsService::new(wallets.clone()));
         Some(wallets)
     } else {
         None
     };
     let inventory = if wants(HandlerService::Inventory) {
-        let inventory = Inventory::open(dir, durability)?;
+        let inventory = Inventory::open(&database)?;
         services.inventory = Some(InventoryService::new(inventory.clone()));
         Some(inventory)
     } else {
         None
     };
     let purchase_log = if wants(HandlerService::PurchaseLog) {
-        let log = PurchaseLog::open(dir, durability)?;
+        let log = PurchaseLog::open(&database)?;
         services.purchase_logs = Some(PurchaseLogsService::new(log.clone()));
         Some(log)
     } else {
         None
     };
     let notifications = if wants(HandlerService::Notifications) {
-        let notifications = Notifications::open(dir, durability)?;
+        let notifications = Notifications::open(&database)?;
         services.notifications = Some(NotificationsService::new(notifications.clone()));
         Some(notifications)
     } else {
         None
     };
     let compensation = if wants(HandlerService::Compensation) {
-        Some(sagamesh_compensation::Compensation::open(dir, durability)?)
+        Some(sagamesh_compensation::Compensation::open(&database)?)
     } else {
         None
     };
     let coordinator = if matches!(role, Role::All | Role::Coordinator { .. }) {
         let coordinator = Coordinator::open(
-            dir,
-            durability,
+            &database,
             inventory_channel,
             config.mode,
             config.max_sagas_in_flight,

@@ -16,5 +16,5 @@ mod idempotency;
 mod outbox;
 
 pub use connection::{BoxFuture, ClientError, Handler, HandlerConfig, Publisher, RouterClient};
-pub use idempotency::{PROCESSED_MIGRATION, claim, claimed};
-pub use outbox::{OUTBOX_MIGRATION, OutboxRelay, push_outbox};
+pub use idempotency::{PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, claim, claimed};
+pub use outbox::{OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OutboxRelay, push_outbox};

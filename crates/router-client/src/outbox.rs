@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use rusqlite::{Connection, params};
 use sagamesh_proto::v1::Envelope;
-use sagamesh_sqlite::{Store, StoreError};
+use sagamesh_store::{Store, StoreError, Tx, values};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +19,15 @@ pub const OUTBOX_MIGRATION: &str = "
         body BLOB NOT NULL
     )";
 
+/// The outbox table on PostgreSQL. The relay reads it in `seq` order from
+/// its last confirmed row, which matches commit order as long as one writer
+/// (one instance of the service) fills it.
+pub const OUTBOX_MIGRATION_POSTGRES: &str = "
+    CREATE TABLE outbox (
+        seq BIGSERIAL PRIMARY KEY,
+        body BYTEA NOT NULL
+    )";
+
 /// Most events relayed in one publish.
 const RELAY_BATCH: usize = 500;
 /// How often the relay looks even when nobody nudged it (after a restart, or
@@ -28,9 +36,11 @@ const RELAY_POLL: Duration = Duration::from_millis(200);
 const RELAY_RETRY: Duration = Duration::from_millis(100);
 
 /// Adds an event to the outbox, inside the caller's transaction.
-pub fn push_outbox(conn: &Connection, event: &Envelope) -> rusqlite::Result<()> {
-    conn.prepare_cached("INSERT INTO outbox (body) VALUES (?1)")?
-        .execute(params![event.encode_to_vec()])?;
+pub fn push_outbox(tx: &mut dyn Tx, event: &Envelope) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO outbox (body) VALUES ($1)",
+        &values![event.encode_to_vec()],
+    )?;
     Ok(())
 }
 
@@ -77,12 +87,6 @@ struct RelayError(String);
 
 impl From<StoreError> for RelayError {
     fn from(e: StoreError) -> Self {
-        RelayError(e.to_string())
-    }
-}
-
-impl From<rusqlite::Error> for RelayError {
-    fn from(e: rusqlite::Error) -> Self {
         RelayError(e.to_string())
     }
 }
@@ -148,9 +152,8 @@ async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), 
     }
     let through = progress.published_through;
     store
-        .write(move |conn| {
-            conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
-                .execute([through])?;
+        .write(move |tx| {
+            tx.execute("DELETE FROM outbox WHERE seq <= $1", &values![through])?;
             Ok::<_, RelayError>(())
         })
         .await?;
@@ -166,16 +169,15 @@ async fn relay_batch(
 ) -> Result<usize, RelayError> {
     let after = progress.published_through;
     let rows: Vec<(i64, Envelope)> = store
-        .read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-            let rows = stmt.query_map([after, RELAY_BATCH as i64], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-            })?;
+        .read(move |tx| {
+            let rows = tx.query(
+                "SELECT seq, body FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &values![after, RELAY_BATCH],
+            )?;
             let mut events = Vec::new();
             for row in rows {
-                let (seq, body) = row?;
-                match Envelope::decode(body.as_slice()) {
+                let (seq, body) = (row.int(0)?, row.blob(1)?);
+                match Envelope::decode(body) {
                     Ok(event) => events.push((seq, event)),
                     Err(e) => tracing::error!(seq, error = %e, "skipping an undecodable outbox row"),
                 }

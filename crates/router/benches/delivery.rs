@@ -14,7 +14,7 @@ use sagamesh_proto::v1::{
     PurchaseInitiated, SagaMode, attach_request, attach_response,
 };
 use sagamesh_router::{Backend, Router, RouterConfig};
-use sagamesh_sqlite::Durability;
+use sagamesh_store::Durability;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

@@ -3,11 +3,11 @@
 //! compensation handler and the orchestrating coordinator both use it, so
 //! the two modes undo steps the same way.
 
-use rusqlite::Connection;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{CompensationCompleted, Envelope, EventType, PurchaseDetails, PurchaseFailed, Step};
 use sagamesh_router_client::push_outbox;
 use sagamesh_saga::{CompensationPlan, MAX_COMPENSATION_ATTEMPTS, PlanAction};
+use sagamesh_store::{StoreError, Tx};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Compensations that could not succeed, since the process started.
@@ -15,24 +15,24 @@ pub static COMPENSATION_FAILURES: AtomicU64 = AtomicU64::new(0);
 
 /// Turns the plan's actions into events in the outbox; returns what to log.
 pub fn perform(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     cause: &Envelope,
     producer: &str,
     purchase: &PurchaseDetails,
     plan: &CompensationPlan,
     actions: Vec<PlanAction>,
-) -> rusqlite::Result<Vec<PlanAction>> {
+) -> Result<Vec<PlanAction>, StoreError> {
     for action in &actions {
         match action {
             PlanAction::Compensate { step, attempt } => {
                 let request = sagamesh_saga::compensation_request(*step, purchase.clone(), *attempt);
-                push_outbox(conn, &cause.caused(producer, request))?;
+                push_outbox(tx, &cause.caused(producer, request))?;
             }
             PlanAction::GaveUp { .. } => {}
             PlanAction::Finish => {
                 let steps = |steps: &[Step]| steps.iter().map(|s| *s as i32).collect();
                 push_outbox(
-                    conn,
+                    tx,
                     &cause.caused(
                         producer,
                         Payload::CompensationCompleted(CompensationCompleted {
@@ -43,7 +43,7 @@ pub fn perform(
                     ),
                 )?;
                 push_outbox(
-                    conn,
+                    tx,
                     &cause.caused(
                         producer,
                         Payload::PurchaseFailed(PurchaseFailed {
@@ -86,11 +86,11 @@ pub fn log_actions(handler: &str, tx_id: &str, plan_actions: &[PlanAction]) {
 /// Advances a saga's compensation by one event: starts it on a step's
 /// failure, moves it on an undo's answer. Returns the actions taken.
 pub fn advance(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     event: &Envelope,
     producer: &str,
     state: Option<(PurchaseDetails, CompensationPlan)>,
-) -> rusqlite::Result<Option<(PurchaseDetails, CompensationPlan, Vec<PlanAction>)>> {
+) -> Result<Option<(PurchaseDetails, CompensationPlan, Vec<PlanAction>)>, StoreError> {
     let Some(payload) = event.payload.as_ref() else {
         return Ok(None);
     };
@@ -140,7 +140,7 @@ pub fn advance(
         }
         _ => return Ok(None),
     };
-    let actions = perform(conn, event, producer, &purchase, &plan, actions)?;
+    let actions = perform(tx, event, producer, &purchase, &plan, actions)?;
     plan.finished |= actions.contains(&PlanAction::Finish);
     Ok(Some((purchase, plan, actions)))
 }

@@ -16,7 +16,6 @@ pub mod compensation;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use rusqlite::Connection;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
     Envelope, PurchaseDetails, SagaMode, Step, StepCompensated, StepCompensationFailed, StepTiming,
@@ -25,7 +24,7 @@ use sagamesh_router_client::{
     BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient, claim, push_outbox,
 };
 use sagamesh_saga::{Fault, Faults};
-use sagamesh_sqlite::{Store, StoreError};
+use sagamesh_store::{Store, StoreError, Tx};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
@@ -51,20 +50,20 @@ pub trait StepOwner: Send + Sync + 'static {
     /// Does the step inside the given transaction.
     fn execute(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Outcome>;
+    ) -> Result<Outcome, StoreError>;
 
     /// Undoes the step inside the given transaction: `Ok(summary)` when it
     /// is undone (or there was nothing to undo), `Err(reason)` when it cannot
     /// be. Must be safe to call again after it succeeded once.
     fn compensate(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Result<String, String>>;
+    ) -> Result<Result<String, String>, StoreError>;
 }
 
 /// How a step service runs.
@@ -141,12 +140,6 @@ impl From<StoreError> for StepError {
     }
 }
 
-impl From<rusqlite::Error> for StepError {
-    fn from(e: rusqlite::Error) -> Self {
-        StepError(e.to_string())
-    }
-}
-
 /// What a committed step did, for its log line.
 struct Done {
     failed: bool,
@@ -194,17 +187,17 @@ impl<O: StepOwner> StepHandler<O> {
         &self,
         cause: &Envelope,
         action: String,
-        body: impl FnOnce(&Connection, &str) -> Result<(Payload, Done), StepError> + Send + 'static,
+        body: impl FnOnce(&mut dyn Tx, &str) -> Result<(Payload, Done), StepError> + Send + 'static,
     ) -> Result<Option<Done>, String> {
         let cause = cause.clone();
         let done = self
             .store
-            .write(move |conn| {
-                if !claim(conn, &cause.transaction_id, &action)? {
+            .write(move |tx| {
+                if !claim(tx, &cause.transaction_id, &action)? {
                     return Ok::<_, StepError>(None);
                 }
-                let (payload, done) = body(conn, &cause.transaction_id)?;
-                push_outbox(conn, &cause.caused(O::GROUP, payload))?;
+                let (payload, done) = body(tx, &cause.transaction_id)?;
+                push_outbox(tx, &cause.caused(O::GROUP, payload))?;
                 Ok(Some(done))
             })
             .await
@@ -231,13 +224,13 @@ impl<O: StepOwner> StepHandler<O> {
             O::STEP.name()
         );
         let done = self
-            .once(cause, "step".to_owned(), move |conn, tx_id| {
+            .once(cause, "step".to_owned(), move |tx, tx_id| {
                 let (outcome, timing, millis) = timed(attempts, || match fault {
                     Some(_) => Ok(Outcome::Failure(format!(
                         "injected failure in {}",
                         O::STEP.name()
                     ))),
-                    None => owner.execute(conn, tx_id, &purchase),
+                    None => owner.execute(tx, tx_id, &purchase),
                 });
                 let outcome = outcome?;
                 let (payload, failed, summary) = match outcome {
@@ -308,18 +301,18 @@ impl<O: StepOwner> StepHandler<O> {
         let tx_id = cause.transaction_id.clone();
         let owner = self.owner.clone();
         let done = self
-            .once(cause, format!("compensate#{attempt}"), move |conn, tx_id| {
+            .once(cause, format!("compensate#{attempt}"), move |tx, tx_id| {
                 // A step that never ran is fenced off instead: its trigger,
                 // should it still come (a saga that timed out), finds the
                 // step claimed and does nothing.
-                let never_ran = claim(conn, tx_id, "step")?;
+                let never_ran = claim(tx, tx_id, "step")?;
                 let (result, timing, millis) = timed(1, || match fault {
                     _ if never_ran => Ok(Ok("the step never ran; fenced off".to_owned())),
                     Some(_) => Ok(Err(format!(
                         "injected failure in the compensation of {}",
                         O::STEP.name()
                     ))),
-                    None => owner.compensate(conn, tx_id, &purchase),
+                    None => owner.compensate(tx, tx_id, &purchase),
                 });
                 let result = result?;
                 let timing = Some(timing);

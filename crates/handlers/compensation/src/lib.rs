@@ -10,27 +10,26 @@
 //! resumes where it was; every transition is claimed against the event that
 //! caused it, so redeliveries change nothing.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, SagaMode};
 use sagamesh_router_client::{
-    BoxFuture, ClientError, Handler, HandlerConfig, OUTBOX_MIGRATION, OutboxRelay, PROCESSED_MIGRATION,
-    RouterClient, claim, claimed,
+    BoxFuture, ClientError, Handler, HandlerConfig, OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OutboxRelay,
+    PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, RouterClient, claim, claimed,
 };
 use sagamesh_saga::{CompensationPlan, PlanAction};
-use sagamesh_sqlite::{Durability, Store, StoreError};
 use sagamesh_step::compensation::{advance, log_actions};
+use sagamesh_store::{Database, Schema, Store, StoreError, Tx, values};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const GROUP: &str = "compensation";
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE compensations (
+const SCHEMA: Schema = Schema {
+    sqlite: &[
+        "CREATE TABLE compensations (
         transaction_id TEXT PRIMARY KEY,
         purchase BLOB NOT NULL,
         failed_step INTEGER NOT NULL,
@@ -41,16 +40,26 @@ const MIGRATIONS: &[&str] = &[
         failed TEXT NOT NULL,
         finished INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID",
-    PROCESSED_MIGRATION,
-    OUTBOX_MIGRATION,
-    // The plan became one column, written by `CompensationPlan::encode`.
-    "DROP TABLE compensations;
+        PROCESSED_MIGRATION,
+        OUTBOX_MIGRATION,
+        // The plan became one column, written by `CompensationPlan::encode`.
+        "DROP TABLE compensations;
      CREATE TABLE compensations (
         transaction_id TEXT PRIMARY KEY,
         purchase BLOB NOT NULL,
         plan TEXT NOT NULL
     ) WITHOUT ROWID",
-];
+    ],
+    postgres: &[
+        "CREATE TABLE compensations (
+        transaction_id TEXT PRIMARY KEY,
+        purchase BYTEA NOT NULL,
+        plan TEXT NOT NULL
+    )",
+        PROCESSED_MIGRATION_POSTGRES,
+        OUTBOX_MIGRATION_POSTGRES,
+    ],
+};
 
 /// The compensation handler's store, in `<data dir>/compensation.db`.
 #[derive(Clone)]
@@ -59,8 +68,8 @@ pub struct Compensation {
 }
 
 impl Compensation {
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<Compensation, StoreError> {
-        let store = Store::open(&data_dir.join("compensation.db"), durability, MIGRATIONS)?;
+    pub fn open(database: &Database) -> Result<Compensation, StoreError> {
+        let store = Store::open_service(database, "compensation", &SCHEMA)?;
         Ok(Compensation { store })
     }
 }
@@ -117,41 +126,36 @@ impl From<StoreError> for Failure {
     }
 }
 
-impl From<rusqlite::Error> for Failure {
-    fn from(e: rusqlite::Error) -> Self {
-        Failure(e.to_string())
-    }
-}
-
-fn load(conn: &Connection, tx_id: &str) -> rusqlite::Result<Option<(PurchaseDetails, CompensationPlan)>> {
-    let row: Option<(Vec<u8>, String)> = conn
-        .prepare_cached("SELECT purchase, plan FROM compensations WHERE transaction_id = ?1")?
-        .query_row([tx_id], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
-    Ok(row.and_then(|(purchase, plan)| {
-        Some((
-            PurchaseDetails::decode(purchase.as_slice()).ok()?,
-            CompensationPlan::decode(&plan)?,
-        ))
-    }))
+fn load(tx: &mut dyn Tx, tx_id: &str) -> Result<Option<(PurchaseDetails, CompensationPlan)>, StoreError> {
+    let Some(row) = tx.query_opt(
+        "SELECT purchase, plan FROM compensations WHERE transaction_id = $1",
+        &values![tx_id],
+    )?
+    else {
+        return Ok(None);
+    };
+    let (purchase, plan) = (row.blob(0)?, row.string(1)?);
+    Ok(PurchaseDetails::decode(purchase)
+        .ok()
+        .zip(CompensationPlan::decode(&plan)))
 }
 
 fn save(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     tx_id: &str,
     purchase: &PurchaseDetails,
     plan: &CompensationPlan,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO compensations (transaction_id, purchase, plan) VALUES (?1, ?2, ?3)
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO compensations (transaction_id, purchase, plan) VALUES ($1, $2, $3)
          ON CONFLICT (transaction_id) DO UPDATE SET plan = excluded.plan",
-    )?
-    .execute(params![tx_id, purchase.encode_to_vec(), plan.encode()])?;
+        &values![tx_id, purchase.encode_to_vec(), plan.encode()],
+    )?;
     Ok(())
 }
 
 impl CompensationHandler {
-    fn transition(conn: &Connection, event: &Envelope) -> Result<Vec<PlanAction>, Failure> {
+    fn transition(tx: &mut dyn Tx, event: &Envelope) -> Result<Vec<PlanAction>, Failure> {
         let purchase = event.payload.as_ref().and_then(|p| p.purchase());
         // Orchestration sagas are compensated by the coordinator.
         if purchase.is_some_and(|p| sagamesh_saga::saga_mode(p) != SagaMode::Choreography) {
@@ -160,15 +164,15 @@ impl CompensationHandler {
         let tx_id = &event.transaction_id;
         match event.payload.as_ref() {
             Some(Payload::PurchaseCompleted(_)) => {
-                claim(conn, tx_id, "completed")?;
+                claim(tx, tx_id, "completed")?;
                 return Ok(Vec::new());
             }
             // Per-transaction order: a completion published first is seen
             // first, so a timeout decided on a lagging view undoes nothing.
-            Some(Payload::SagaTimedOut(_)) if claimed(conn, tx_id, "completed")? => return Ok(Vec::new()),
+            Some(Payload::SagaTimedOut(_)) if claimed(tx, tx_id, "completed")? => return Ok(Vec::new()),
             _ => {}
         }
-        let state = load(conn, tx_id)?;
+        let state = load(tx, tx_id)?;
         let starting = state.is_none();
         if starting {
             // Only a step's failure or a timeout starts a compensation.
@@ -178,14 +182,14 @@ impl CompensationHandler {
                     .as_ref()
                     .and_then(|p| sagamesh_saga::step_outcome(p.event_type()))
                     .is_some_and(|(_, failed)| failed);
-            if !starts || !claim(conn, tx_id, "start")? {
+            if !starts || !claim(tx, tx_id, "start")? {
                 return Ok(Vec::new());
             }
         }
-        let Some((purchase, plan, actions)) = advance(conn, event, GROUP, state)? else {
+        let Some((purchase, plan, actions)) = advance(tx, event, GROUP, state)? else {
             return Ok(Vec::new());
         };
-        save(conn, tx_id, &purchase, &plan)?;
+        save(tx, tx_id, &purchase, &plan)?;
         Ok(actions)
     }
 }
@@ -196,7 +200,7 @@ impl Handler for CompensationHandler {
             let tx_id = event.transaction_id.clone();
             let actions = self
                 .store
-                .write(move |conn| CompensationHandler::transition(conn, &event))
+                .write(move |tx| CompensationHandler::transition(tx, &event))
                 .await
                 .map_err(|f| f.0)?;
             if !actions.is_empty() {

@@ -5,41 +5,66 @@
 
 mod grpc;
 
-use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Item, ItemGranted, PurchaseDetails, Step, UserItem};
-use sagamesh_router_client::{OUTBOX_MIGRATION, PROCESSED_MIGRATION};
-use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_router_client::{
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES,
+};
 use sagamesh_step::{Outcome, StepOwner};
+use sagamesh_store::{Database, Schema, Store, StoreError, Tx, values};
 
 pub use grpc::InventoryService;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE items (
+const SCHEMA: Schema = Schema {
+    sqlite: &[
+        "CREATE TABLE items (
         item_id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         price INTEGER NOT NULL CHECK (price >= 0),
         stock INTEGER NOT NULL CHECK (stock >= 0)
     ) WITHOUT ROWID",
-    "CREATE TABLE user_items (
+        "CREATE TABLE user_items (
         user_id TEXT NOT NULL,
         item_id TEXT NOT NULL,
         quantity INTEGER NOT NULL CHECK (quantity >= 0),
         PRIMARY KEY (user_id, item_id)
     ) WITHOUT ROWID",
-    "CREATE TABLE grants (
+        "CREATE TABLE grants (
         transaction_id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         item_id TEXT NOT NULL,
         quantity INTEGER NOT NULL,
         returned INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID",
-    PROCESSED_MIGRATION,
-    OUTBOX_MIGRATION,
-];
+        PROCESSED_MIGRATION,
+        OUTBOX_MIGRATION,
+    ],
+    postgres: &[
+        "CREATE TABLE items (
+        item_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        price BIGINT NOT NULL CHECK (price >= 0),
+        stock BIGINT NOT NULL CHECK (stock >= 0)
+    )",
+        "CREATE TABLE user_items (
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        quantity BIGINT NOT NULL CHECK (quantity >= 0),
+        PRIMARY KEY (user_id, item_id)
+    )",
+        "CREATE TABLE grants (
+        transaction_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        quantity BIGINT NOT NULL,
+        returned BIGINT NOT NULL DEFAULT 0
+    )",
+        PROCESSED_MIGRATION_POSTGRES,
+        OUTBOX_MIGRATION_POSTGRES,
+    ],
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -51,12 +76,6 @@ pub enum InventoryError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for InventoryError {
-    fn from(e: rusqlite::Error) -> Self {
-        InventoryError::Store(StoreError::Sqlite(e))
-    }
-}
-
 /// The inventory store, in `<data dir>/inventory.db`.
 #[derive(Clone)]
 pub struct Inventory {
@@ -64,8 +83,8 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<Inventory, StoreError> {
-        let store = Store::open(&data_dir.join("inventory.db"), durability, MIGRATIONS)?;
+    pub fn open(database: &Database) -> Result<Inventory, StoreError> {
+        let store = Store::open_service(database, "inventory", &SCHEMA)?;
         Ok(Inventory { store })
     }
 
@@ -75,11 +94,11 @@ impl Inventory {
 
     pub async fn create_item(&self, item: Item) -> Result<(), InventoryError> {
         self.store
-            .write(move |conn| {
-                let inserted = conn.execute(
-                    "INSERT INTO items (item_id, name, price, stock) VALUES (?1, ?2, ?3, ?4)
+            .write(move |tx| {
+                let inserted = tx.execute(
+                    "INSERT INTO items (item_id, name, price, stock) VALUES ($1, $2, $3, $4)
                      ON CONFLICT DO NOTHING",
-                    params![item.item_id, item.name, item.price as i64, item.stock as i64],
+                    &values![&item.item_id, &item.name, item.price as i64, item.stock as i64],
                 )?;
                 if inserted == 0 {
                     return Err(InventoryError::ItemExists(item.item_id));
@@ -99,41 +118,42 @@ impl Inventory {
 
     pub async fn item(&self, item_id: String) -> Result<Item, InventoryError> {
         self.store
-            .read(move |conn| {
-                conn.prepare_cached("SELECT name, price, stock FROM items WHERE item_id = ?1")?
-                    .query_row([&item_id], |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, i64>(1)?,
-                            row.get::<_, i64>(2)?,
-                        ))
-                    })
-                    .optional()?
-                    .map(|(name, price, stock)| Item {
-                        item_id: item_id.clone(),
-                        name,
-                        price: price as u64,
-                        stock: stock as u64,
-                    })
-                    .ok_or(InventoryError::NoSuchItem(item_id))
+            .read(move |tx| {
+                let Some(row) = tx.query_opt(
+                    "SELECT name, price, stock FROM items WHERE item_id = $1",
+                    &values![&item_id],
+                )?
+                else {
+                    return Err(InventoryError::NoSuchItem(item_id));
+                };
+                Ok(Item {
+                    name: row.string(0)?,
+                    price: row.int(1)? as u64,
+                    stock: row.int(2)? as u64,
+                    item_id,
+                })
             })
             .await
     }
 
     pub async fn user_items(&self, user_id: String) -> Result<Vec<UserItem>, InventoryError> {
         self.store
-            .read(move |conn| {
-                let mut stmt = conn.prepare_cached(
+            .read(move |tx| {
+                let rows = tx.query(
                     "SELECT item_id, quantity FROM user_items
-                     WHERE user_id = ?1 AND quantity > 0 ORDER BY item_id",
+                     WHERE user_id = $1 AND quantity > 0 ORDER BY item_id",
+                    &values![user_id],
                 )?;
-                let rows = stmt.query_map([&user_id], |row| {
-                    Ok(UserItem {
-                        item_id: row.get(0)?,
-                        quantity: row.get::<_, i64>(1)? as u64,
+                let items = rows
+                    .iter()
+                    .map(|row| {
+                        Ok(UserItem {
+                            item_id: row.string(0)?,
+                            quantity: row.int(1)? as u64,
+                        })
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok(items)
             })
             .await
     }
@@ -149,15 +169,15 @@ impl StepOwner for ItemGrant {
 
     fn execute(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Outcome> {
+    ) -> Result<Outcome, StoreError> {
         let (user_id, item_id, quantity) = (&purchase.user_id, &purchase.item_id, purchase.quantity as i64);
-        let stock: Option<i64> = conn
-            .prepare_cached("SELECT stock FROM items WHERE item_id = ?1")?
-            .query_row([item_id], |row| row.get(0))
-            .optional()?;
+        let stock = tx
+            .query_opt("SELECT stock FROM items WHERE item_id = $1", &values![item_id])?
+            .map(|row| row.int(0))
+            .transpose()?;
         let Some(stock) = stock else {
             return Ok(Outcome::Failure(format!(
                 "item '{item_id}' is not in the catalog"
@@ -168,17 +188,19 @@ impl StepOwner for ItemGrant {
                 "out of stock: {stock} of '{item_id}' left, {quantity} asked"
             )));
         }
-        conn.prepare_cached("UPDATE items SET stock = stock - ?2 WHERE item_id = ?1")?
-            .execute(params![item_id, quantity])?;
-        conn.prepare_cached(
-            "INSERT INTO user_items (user_id, item_id, quantity) VALUES (?1, ?2, ?3)
-             ON CONFLICT (user_id, item_id) DO UPDATE SET quantity = quantity + excluded.quantity",
-        )?
-        .execute(params![user_id, item_id, quantity])?;
-        conn.prepare_cached(
-            "INSERT INTO grants (transaction_id, user_id, item_id, quantity) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![transaction_id, user_id, item_id, quantity])?;
+        tx.execute(
+            "UPDATE items SET stock = stock - $2 WHERE item_id = $1",
+            &values![item_id, quantity],
+        )?;
+        tx.execute(
+            "INSERT INTO user_items (user_id, item_id, quantity) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, item_id) DO UPDATE SET quantity = user_items.quantity + excluded.quantity",
+            &values![user_id, item_id, quantity],
+        )?;
+        tx.execute(
+            "INSERT INTO grants (transaction_id, user_id, item_id, quantity) VALUES ($1, $2, $3, $4)",
+            &values![transaction_id, user_id, item_id, quantity],
+        )?;
         Ok(Outcome::Success {
             event: Payload::ItemGranted(ItemGranted {
                 purchase: Some(purchase.clone()),
@@ -191,39 +213,44 @@ impl StepOwner for ItemGrant {
 
     fn compensate(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         _purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Result<String, String>> {
-        let grant: Option<(String, String, i64, bool)> = conn
-            .prepare_cached(
-                "SELECT user_id, item_id, quantity, returned FROM grants WHERE transaction_id = ?1",
-            )?
-            .query_row([transaction_id], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-            })
-            .optional()?;
-        let Some((user_id, item_id, quantity, returned)) = grant else {
+    ) -> Result<Result<String, String>, StoreError> {
+        let grant = tx.query_opt(
+            "SELECT user_id, item_id, quantity, returned FROM grants WHERE transaction_id = $1",
+            &values![transaction_id],
+        )?;
+        let Some(grant) = grant else {
             return Ok(Ok("nothing was granted".to_owned()));
         };
+        let (user_id, item_id, quantity, returned) = (
+            grant.string(0)?,
+            grant.string(1)?,
+            grant.int(2)?,
+            grant.int(3)? != 0,
+        );
         if returned {
             return Ok(Ok(format!("{item_id} x{quantity} already returned")));
         }
-        let taken = conn
-            .prepare_cached(
-                "UPDATE user_items SET quantity = quantity - ?3
-                 WHERE user_id = ?1 AND item_id = ?2 AND quantity >= ?3",
-            )?
-            .execute(params![user_id, item_id, quantity])?;
+        let taken = tx.execute(
+            "UPDATE user_items SET quantity = quantity - $3
+             WHERE user_id = $1 AND item_id = $2 AND quantity >= $3",
+            &values![&user_id, &item_id, quantity],
+        )?;
         if taken == 0 {
             return Ok(Err(format!(
                 "user '{user_id}' no longer holds {quantity} of '{item_id}'"
             )));
         }
-        conn.prepare_cached("UPDATE items SET stock = stock + ?2 WHERE item_id = ?1")?
-            .execute(params![item_id, quantity])?;
-        conn.prepare_cached("UPDATE grants SET returned = 1 WHERE transaction_id = ?1")?
-            .execute([transaction_id])?;
+        tx.execute(
+            "UPDATE items SET stock = stock + $2 WHERE item_id = $1",
+            &values![&item_id, quantity],
+        )?;
+        tx.execute(
+            "UPDATE grants SET returned = 1 WHERE transaction_id = $1",
+            &values![transaction_id],
+        )?;
         Ok(Ok(format!("took back {item_id} x{quantity} from {user_id}")))
     }
 }

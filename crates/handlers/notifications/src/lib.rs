@@ -8,21 +8,22 @@
 
 mod grpc;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Notification, NotificationKind, PurchaseCompleted, PurchaseDetails, Step};
-use sagamesh_router_client::{OUTBOX_MIGRATION, PROCESSED_MIGRATION};
-use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_router_client::{
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES,
+};
 use sagamesh_step::{Outcome, StepOwner};
+use sagamesh_store::{Database, Schema, Store, StoreError, Tx, values};
 
 pub use grpc::NotificationsService;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE notifications (
+const SCHEMA: Schema = Schema {
+    sqlite: &[
+        "CREATE TABLE notifications (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         transaction_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
@@ -32,9 +33,24 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (transaction_id, kind)
     );
     CREATE INDEX notifications_by_user ON notifications (user_id, id)",
-    PROCESSED_MIGRATION,
-    OUTBOX_MIGRATION,
-];
+        PROCESSED_MIGRATION,
+        OUTBOX_MIGRATION,
+    ],
+    postgres: &[
+        "CREATE TABLE notifications (
+        id BIGSERIAL PRIMARY KEY,
+        transaction_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        kind BIGINT NOT NULL,
+        message TEXT NOT NULL,
+        sent_at_ms BIGINT NOT NULL,
+        UNIQUE (transaction_id, kind)
+    );
+    CREATE INDEX notifications_by_user ON notifications (user_id, id)",
+        PROCESSED_MIGRATION_POSTGRES,
+        OUTBOX_MIGRATION_POSTGRES,
+    ],
+};
 
 /// Most notifications one `ListNotifications` returns, newest first.
 const LIST_LIMIT: i64 = 1_000;
@@ -46,8 +62,8 @@ pub struct Notifications {
 }
 
 impl Notifications {
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<Notifications, StoreError> {
-        let store = Store::open(&data_dir.join("notifications.db"), durability, MIGRATIONS)?;
+    pub fn open(database: &Database) -> Result<Notifications, StoreError> {
+        let store = Store::open_service(database, "notifications", &SCHEMA)?;
         Ok(Notifications { store })
     }
 
@@ -58,48 +74,53 @@ impl Notifications {
     /// A user's notifications, newest first.
     pub async fn list(&self, user_id: String) -> Result<Vec<Notification>, StoreError> {
         self.store
-            .read(move |conn| {
-                let mut stmt = conn.prepare_cached(
+            .read(move |tx| {
+                let rows = tx.query(
                     "SELECT transaction_id, kind, message, sent_at_ms FROM notifications
-                     WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2",
+                     WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+                    &values![&user_id, LIST_LIMIT],
                 )?;
-                let rows = stmt.query_map(params![user_id, LIST_LIMIT], |row| {
-                    let millis: i64 = row.get(3)?;
-                    Ok(Notification {
-                        transaction_id: row.get(0)?,
-                        user_id: user_id.clone(),
-                        kind: row.get(1)?,
-                        message: row.get(2)?,
-                        sent_at: Some(sagamesh_proto::timestamp(
-                            UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64),
-                        )),
+                rows.iter()
+                    .map(|row| {
+                        let millis = row.int(3)?;
+                        let kind = row.int(1)?;
+                        Ok(Notification {
+                            transaction_id: row.string(0)?,
+                            user_id: user_id.clone(),
+                            kind: i32::try_from(kind).map_err(|_| {
+                                StoreError::Sql(format!("integer {kind} is out of range at index 1"))
+                            })?,
+                            message: row.string(2)?,
+                            sent_at: Some(sagamesh_proto::timestamp(
+                                UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64),
+                            )),
+                        })
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    .collect()
             })
             .await
     }
 }
 
 fn send(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     transaction_id: &str,
     user_id: &str,
     kind: NotificationKind,
     message: &str,
-) -> rusqlite::Result<()> {
+) -> Result<(), StoreError> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    conn.prepare_cached(
+    tx.execute(
         "INSERT INTO notifications (transaction_id, user_id, kind, message, sent_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-    )?
-    .execute(params![
-        transaction_id,
-        user_id,
-        kind as i32,
-        message,
-        now.as_millis() as i64
-    ])?;
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        &values![
+            transaction_id,
+            user_id,
+            kind as i32,
+            message,
+            now.as_millis() as i64
+        ],
+    )?;
     Ok(())
 }
 
@@ -113,16 +134,16 @@ impl StepOwner for Notify {
 
     fn execute(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Outcome> {
+    ) -> Result<Outcome, StoreError> {
         let message = format!(
             "Your purchase of {} x{} for {} is complete.",
             purchase.item_id, purchase.quantity, purchase.total_price
         );
         send(
-            conn,
+            tx,
             transaction_id,
             &purchase.user_id,
             NotificationKind::PurchaseConfirmation,
@@ -139,16 +160,16 @@ impl StepOwner for Notify {
 
     fn compensate(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Result<String, String>> {
+    ) -> Result<Result<String, String>, StoreError> {
         let message = format!(
             "Your purchase of {} x{} was cancelled; nothing was charged.",
             purchase.item_id, purchase.quantity
         );
         send(
-            conn,
+            tx,
             transaction_id,
             &purchase.user_id,
             NotificationKind::PurchaseCancellation,

@@ -4,21 +4,22 @@
 
 mod grpc;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{LogRecorded, LogStatus, PurchaseDetails, PurchaseLogEntry, Step};
-use sagamesh_router_client::{OUTBOX_MIGRATION, PROCESSED_MIGRATION};
-use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_router_client::{
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES,
+};
 use sagamesh_step::{Outcome, StepOwner};
+use sagamesh_store::{Database, Row, Schema, Store, StoreError, Tx, values};
 
 pub use grpc::PurchaseLogsService;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE logs (
+const SCHEMA: Schema = Schema {
+    sqlite: &[
+        "CREATE TABLE logs (
         transaction_id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         item_id TEXT NOT NULL,
@@ -27,9 +28,23 @@ const MIGRATIONS: &[&str] = &[
         status INTEGER NOT NULL,
         recorded_at_ms INTEGER NOT NULL
     ) WITHOUT ROWID",
-    PROCESSED_MIGRATION,
-    OUTBOX_MIGRATION,
-];
+        PROCESSED_MIGRATION,
+        OUTBOX_MIGRATION,
+    ],
+    postgres: &[
+        "CREATE TABLE logs (
+        transaction_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        quantity BIGINT NOT NULL,
+        total_price BIGINT NOT NULL,
+        status BIGINT NOT NULL,
+        recorded_at_ms BIGINT NOT NULL
+    )",
+        PROCESSED_MIGRATION_POSTGRES,
+        OUTBOX_MIGRATION_POSTGRES,
+    ],
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PurchaseLogError {
@@ -39,10 +54,11 @@ pub enum PurchaseLogError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for PurchaseLogError {
-    fn from(e: rusqlite::Error) -> Self {
-        PurchaseLogError::Store(StoreError::Sqlite(e))
-    }
+/// An integer column narrowed to `T`; a value out of `T`'s range is an error.
+fn narrow<T: TryFrom<i64>>(row: &Row, column: usize) -> Result<T, StoreError> {
+    let value = row.int(column)?;
+    T::try_from(value)
+        .map_err(|_| StoreError::Sql(format!("integer {value} is out of range at index {column}")))
 }
 
 /// The purchase log, in `<data dir>/purchase-log.db`.
@@ -52,8 +68,8 @@ pub struct PurchaseLog {
 }
 
 impl PurchaseLog {
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<PurchaseLog, StoreError> {
-        let store = Store::open(&data_dir.join("purchase-log.db"), durability, MIGRATIONS)?;
+    pub fn open(database: &Database) -> Result<PurchaseLog, StoreError> {
+        let store = Store::open_service(database, "purchase-log", &SCHEMA)?;
         Ok(PurchaseLog { store })
     }
 
@@ -63,27 +79,27 @@ impl PurchaseLog {
 
     pub async fn entry(&self, transaction_id: String) -> Result<PurchaseLogEntry, PurchaseLogError> {
         self.store
-            .read(move |conn| {
-                conn.prepare_cached(
+            .read(move |tx| {
+                let Some(row) = tx.query_opt(
                     "SELECT user_id, item_id, quantity, total_price, status, recorded_at_ms
-                     FROM logs WHERE transaction_id = ?1",
+                     FROM logs WHERE transaction_id = $1",
+                    &values![&transaction_id],
                 )?
-                .query_row([&transaction_id], |row| {
-                    let millis: i64 = row.get(5)?;
-                    Ok(PurchaseLogEntry {
-                        transaction_id: transaction_id.clone(),
-                        user_id: row.get(0)?,
-                        item_id: row.get(1)?,
-                        quantity: row.get(2)?,
-                        total_price: row.get::<_, i64>(3)? as u64,
-                        status: row.get(4)?,
-                        recorded_at: Some(sagamesh_proto::timestamp(
-                            UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64),
-                        )),
-                    })
+                else {
+                    return Err(PurchaseLogError::NoSuchEntry(transaction_id));
+                };
+                let millis = row.int(5)?;
+                Ok(PurchaseLogEntry {
+                    user_id: row.string(0)?,
+                    item_id: row.string(1)?,
+                    quantity: narrow(&row, 2)?,
+                    total_price: row.int(3)? as u64,
+                    status: narrow(&row, 4)?,
+                    recorded_at: Some(sagamesh_proto::timestamp(
+                        UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64),
+                    )),
+                    transaction_id,
                 })
-                .optional()?
-                .ok_or(PurchaseLogError::NoSuchEntry(transaction_id))
             })
             .await
     }
@@ -99,24 +115,24 @@ impl StepOwner for LogRecord {
 
     fn execute(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Outcome> {
+    ) -> Result<Outcome, StoreError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        conn.prepare_cached(
+        tx.execute(
             "INSERT INTO logs (transaction_id, user_id, item_id, quantity, total_price, status, recorded_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            transaction_id,
-            purchase.user_id,
-            purchase.item_id,
-            purchase.quantity,
-            purchase.total_price as i64,
-            LogStatus::Recorded as i32,
-            now.as_millis() as i64
-        ])?;
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &values![
+                transaction_id,
+                &purchase.user_id,
+                &purchase.item_id,
+                purchase.quantity,
+                purchase.total_price as i64,
+                LogStatus::Recorded as i32,
+                now.as_millis() as i64
+            ],
+        )?;
         Ok(Outcome::Success {
             event: Payload::LogRecorded(LogRecorded {
                 purchase: Some(purchase.clone()),
@@ -131,13 +147,14 @@ impl StepOwner for LogRecord {
 
     fn compensate(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         _purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Result<String, String>> {
-        let marked = conn
-            .prepare_cached("UPDATE logs SET status = ?2 WHERE transaction_id = ?1")?
-            .execute(params![transaction_id, LogStatus::LogFailedByCompensation as i32])?;
+    ) -> Result<Result<String, String>, StoreError> {
+        let marked = tx.execute(
+            "UPDATE logs SET status = $2 WHERE transaction_id = $1",
+            &values![transaction_id, LogStatus::LogFailedByCompensation as i32],
+        )?;
         Ok(Ok(if marked == 1 {
             "log entry marked failed".to_owned()
         } else {

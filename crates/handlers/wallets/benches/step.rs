@@ -10,7 +10,7 @@ use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
 use sagamesh_router_client::Handler;
 use sagamesh_saga::Faults;
-use sagamesh_sqlite::Durability;
+use sagamesh_store::{Database, Durability};
 use sagamesh_wallets::{UserValidation, Wallets};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -37,7 +37,11 @@ fn purchase_initiated() -> Envelope {
 fn step(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let wallets = Wallets::open(dir.path(), Durability::Machine).unwrap();
+    let wallets = Wallets::open(&Database::Embedded {
+        dir: dir.path().to_owned(),
+        durability: Durability::Machine,
+    })
+    .unwrap();
     runtime
         .block_on(wallets.create_user("whale".into(), 1 << 50))
         .unwrap();

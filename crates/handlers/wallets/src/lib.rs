@@ -4,32 +4,48 @@
 
 mod grpc;
 
-use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{PurchaseDetails, Step, UserValidated};
-use sagamesh_router_client::{OUTBOX_MIGRATION, PROCESSED_MIGRATION};
-use sagamesh_sqlite::{Durability, Store, StoreError};
+use sagamesh_router_client::{
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES,
+};
 use sagamesh_step::{Outcome, StepOwner};
+use sagamesh_store::{Database, Schema, Store, StoreError, Tx, values};
 
 pub use grpc::WalletsService;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE users (
+const SCHEMA: Schema = Schema {
+    sqlite: &[
+        "CREATE TABLE users (
         user_id TEXT PRIMARY KEY,
         balance INTEGER NOT NULL CHECK (balance >= 0)
     ) WITHOUT ROWID",
-    "CREATE TABLE deductions (
+        "CREATE TABLE deductions (
         transaction_id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         amount INTEGER NOT NULL,
         refunded INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID",
-    PROCESSED_MIGRATION,
-    OUTBOX_MIGRATION,
-];
+        PROCESSED_MIGRATION,
+        OUTBOX_MIGRATION,
+    ],
+    postgres: &[
+        "CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        balance BIGINT NOT NULL CHECK (balance >= 0)
+    )",
+        "CREATE TABLE deductions (
+        transaction_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        amount BIGINT NOT NULL,
+        refunded BIGINT NOT NULL DEFAULT 0
+    )",
+        PROCESSED_MIGRATION_POSTGRES,
+        OUTBOX_MIGRATION_POSTGRES,
+    ],
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalletError {
@@ -41,12 +57,6 @@ pub enum WalletError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for WalletError {
-    fn from(e: rusqlite::Error) -> Self {
-        WalletError::Store(StoreError::Sqlite(e))
-    }
-}
-
 /// The wallets store, in `<data dir>/wallets.db`.
 #[derive(Clone)]
 pub struct Wallets {
@@ -54,8 +64,8 @@ pub struct Wallets {
 }
 
 impl Wallets {
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<Wallets, StoreError> {
-        let store = Store::open(&data_dir.join("wallets.db"), durability, MIGRATIONS)?;
+    pub fn open(database: &Database) -> Result<Wallets, StoreError> {
+        let store = Store::open_service(database, "wallets", &SCHEMA)?;
         Ok(Wallets { store })
     }
 
@@ -65,10 +75,10 @@ impl Wallets {
 
     pub async fn create_user(&self, user_id: String, balance: u64) -> Result<(), WalletError> {
         self.store
-            .write(move |conn| {
-                let inserted = conn.execute(
-                    "INSERT INTO users (user_id, balance) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    params![user_id, balance as i64],
+            .write(move |tx| {
+                let inserted = tx.execute(
+                    "INSERT INTO users (user_id, balance) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &values![&user_id, balance as i64],
                 )?;
                 if inserted == 0 {
                     return Err(WalletError::UserExists(user_id));
@@ -88,16 +98,14 @@ impl Wallets {
 
     pub async fn balance(&self, user_id: String) -> Result<u64, WalletError> {
         self.store
-            .read(move |conn| balance(conn, &user_id)?.ok_or(WalletError::NoSuchUser(user_id)))
+            .read(move |tx| balance(tx, &user_id)?.ok_or(WalletError::NoSuchUser(user_id)))
             .await
     }
 }
 
-fn balance(conn: &Connection, user_id: &str) -> rusqlite::Result<Option<u64>> {
-    conn.prepare_cached("SELECT balance FROM users WHERE user_id = ?1")?
-        .query_row([user_id], |row| row.get::<_, i64>(0))
-        .optional()
-        .map(|b| b.map(|b| b as u64))
+fn balance(tx: &mut dyn Tx, user_id: &str) -> Result<Option<u64>, StoreError> {
+    let row = tx.query_opt("SELECT balance FROM users WHERE user_id = $1", &values![user_id])?;
+    row.map(|row| row.int(0).map(|b| b as u64)).transpose()
 }
 
 /// The user-validation step.
@@ -110,13 +118,13 @@ impl StepOwner for UserValidation {
 
     fn execute(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Outcome> {
+    ) -> Result<Outcome, StoreError> {
         let user_id = &purchase.user_id;
         let price = purchase.total_price;
-        let Some(current) = balance(conn, user_id)? else {
+        let Some(current) = balance(tx, user_id)? else {
             return Ok(Outcome::Failure(format!("user '{user_id}' does not exist")));
         };
         if current < price {
@@ -124,10 +132,14 @@ impl StepOwner for UserValidation {
                 "insufficient balance: user '{user_id}' has {current}, the purchase costs {price}"
             )));
         }
-        conn.prepare_cached("UPDATE users SET balance = balance - ?2 WHERE user_id = ?1")?
-            .execute(params![user_id, price as i64])?;
-        conn.prepare_cached("INSERT INTO deductions (transaction_id, user_id, amount) VALUES (?1, ?2, ?3)")?
-            .execute(params![transaction_id, user_id, price as i64])?;
+        tx.execute(
+            "UPDATE users SET balance = balance - $2 WHERE user_id = $1",
+            &values![user_id, price as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO deductions (transaction_id, user_id, amount) VALUES ($1, $2, $3)",
+            &values![transaction_id, user_id, price as i64],
+        )?;
         Ok(Outcome::Success {
             event: Payload::UserValidated(UserValidated {
                 purchase: Some(purchase.clone()),
@@ -140,32 +152,34 @@ impl StepOwner for UserValidation {
 
     fn compensate(
         &self,
-        conn: &Connection,
+        tx: &mut dyn Tx,
         transaction_id: &str,
         _purchase: &PurchaseDetails,
-    ) -> rusqlite::Result<Result<String, String>> {
-        let deduction: Option<(String, i64, bool)> = conn
-            .prepare_cached("SELECT user_id, amount, refunded FROM deductions WHERE transaction_id = ?1")?
-            .query_row([transaction_id], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            })
-            .optional()?;
-        let Some((user_id, amount, refunded)) = deduction else {
+    ) -> Result<Result<String, String>, StoreError> {
+        let deduction = tx.query_opt(
+            "SELECT user_id, amount, refunded FROM deductions WHERE transaction_id = $1",
+            &values![transaction_id],
+        )?;
+        let Some(deduction) = deduction else {
             return Ok(Ok("nothing was deducted".to_owned()));
         };
+        let (user_id, amount, refunded) = (deduction.string(0)?, deduction.int(1)?, deduction.int(2)? != 0);
         if refunded {
             return Ok(Ok(format!("{amount} already refunded to {user_id}")));
         }
-        let credited = conn
-            .prepare_cached("UPDATE users SET balance = balance + ?2 WHERE user_id = ?1")?
-            .execute(params![user_id, amount])?;
+        let credited = tx.execute(
+            "UPDATE users SET balance = balance + $2 WHERE user_id = $1",
+            &values![&user_id, amount],
+        )?;
         if credited == 0 {
             return Ok(Err(format!(
                 "user '{user_id}' no longer exists; {amount} cannot be refunded"
             )));
         }
-        conn.prepare_cached("UPDATE deductions SET refunded = 1 WHERE transaction_id = ?1")?
-            .execute([transaction_id])?;
+        tx.execute(
+            "UPDATE deductions SET refunded = 1 WHERE transaction_id = $1",
+            &values![transaction_id],
+        )?;
         Ok(Ok(format!("refunded {amount} to {user_id}")))
     }
 }

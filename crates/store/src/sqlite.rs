@@ -1,5 +1,5 @@
-//! The embedded store every sagamesh service keeps its state in: one SQLite
-//! file in WAL mode, written by one thread that commits many writes at once.
+//! The SQLite engine: one file in WAL mode, written by one thread that
+//! commits many writes at once, read on pooled connections.
 //!
 //! Why one writer thread: SQLite allows one writer per file anyway, and an
 //! fsync costs about as much as a hundred small inserts. Callers queue
@@ -15,11 +15,7 @@
 //!
 //! A commit and its fsync are two steps here: SQLite commits with
 //! `synchronous = NORMAL` (no fsync) and the writer then syncs the WAL file
-//! itself. Most callers wait for both ([`Store::write`]). A caller whose
-//! result is already backed by a durable copy elsewhere may act between the
-//! two ([`Store::write_staged`]): the router delivers an event while its
-//! fsync runs, because the event's publisher keeps its own durable copy until
-//! the router confirms the sync.
+//! itself, so a staged write can be answered in between.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -28,29 +24,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-/// How much a committed write survives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// Every commit is fsynced: it survives the machine losing power.
-    #[default]
-    Machine,
-    /// No fsync on commit: it survives the process dying, not the machine.
-    Process,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("storage error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("commit failed: {0}")]
-    Commit(String),
-    #[error("the store is closed or could not run the write")]
-    Closed,
-    #[error("a read failed unexpectedly (it panicked)")]
-    ReadPanicked,
-    #[error("could not open the store at {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
-}
+use crate::{Durability, StoreError, Synced, settle};
 
 /// Runs after the batch's commit (or its sync), with the outcome.
 type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
@@ -67,20 +41,6 @@ struct Finish {
     synced: Completion,
 }
 
-/// Resolves once a staged write is as durable as the store promises.
-#[must_use = "a staged write is not durable until `durable` resolves"]
-pub struct Synced(oneshot::Receiver<Result<(), String>>);
-
-impl Synced {
-    pub async fn durable(self) -> Result<(), StoreError> {
-        match self.0.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Commit(e)),
-            Err(_) => Err(StoreError::Closed),
-        }
-    }
-}
-
 /// Most writes committed together; bounds the latency of a batch.
 const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer. When full, callers wait (backpressure).
@@ -90,7 +50,7 @@ const IDLE_READERS: usize = 4;
 
 /// A handle to one SQLite file; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct SqliteStore {
     writes: mpsc::Sender<WriteJob>,
     readers: Arc<Readers>,
 }
@@ -125,7 +85,7 @@ impl Readers {
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
-        source,
+        reason: source.to_string(),
     })
 }
 
@@ -135,10 +95,14 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(reader)
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (or creates) the file, applies the migrations not yet applied
     /// (tracked in `PRAGMA user_version`) and starts the writer and reader.
-    pub fn open(path: &Path, durability: Durability, migrations: &[&str]) -> Result<Store, StoreError> {
+    pub(crate) fn open(
+        path: &Path,
+        durability: Durability,
+        migrations: &[&str],
+    ) -> Result<SqliteStore, StoreError> {
         let writer = open_connection(path)?;
         // NORMAL: a commit writes the WAL without fsync; the writer syncs
         // the WAL itself when the durability asks for it (see `Syncer`).
@@ -167,13 +131,13 @@ impl Store {
             .name(format!("{name}-writer"))
             .spawn(move || run_writer(writer, syncer, write_rx))
             .map_err(|e| StoreError::Commit(e.to_string()))?;
-        Ok(Store { writes, readers })
+        Ok(SqliteStore { writes, readers })
     }
 
     /// Runs `f` in a write transaction shared with other callers. Returns
     /// once the transaction is durable. An `Err` from `f` rolls back only
     /// what `f` did.
-    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -204,7 +168,7 @@ impl Store {
     /// process dying. The returned [`Synced`] resolves once it also survives
     /// the machine. Use it only where whatever acts on the result early can
     /// be redone from a durable copy kept elsewhere.
-    pub async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    pub(crate) async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
     where
         F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -216,7 +180,7 @@ impl Store {
             let keep = result.is_ok();
             let (sync_tx, sync_rx) = oneshot::channel();
             let committed: Completion = Box::new(move |outcome| {
-                let _ = tx.send(settle(result, outcome).map(|value| (value, Synced(sync_rx))));
+                let _ = tx.send(settle(result, outcome).map(|value| (value, Synced::new(sync_rx))));
             });
             let synced: Completion = Box::new(move |outcome| {
                 let _ = sync_tx.send(outcome.map_err(str::to_owned));
@@ -236,7 +200,7 @@ impl Store {
 
     /// Runs `f` on a read connection, which sees the last commit, on the
     /// caller's thread (keep reads short: a page, not a scan).
-    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    pub(crate) async fn read<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -248,15 +212,6 @@ impl Store {
             .map_err(|_| E::from(StoreError::ReadPanicked))?;
         self.readers.give_back(conn);
         result
-    }
-}
-
-/// A job's own result combined with the outcome of its commit.
-fn settle<R, E: From<StoreError>>(result: Result<R, E>, outcome: Result<(), &str>) -> Result<R, E> {
-    match (result, outcome) {
-        (Ok(value), Ok(())) => Ok(value),
-        (Ok(_), Err(e)) => Err(E::from(StoreError::Commit(e.to_owned()))),
-        (Err(e), _) => Err(e),
     }
 }
 
@@ -400,7 +355,7 @@ mod tests {
         }
     }
 
-    async fn count(store: &Store) -> i64 {
+    async fn count(store: &SqliteStore) -> i64 {
         store
             .read(|conn| Ok::<_, StoreError>(conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?))
             .await
@@ -410,7 +365,7 @@ mod tests {
     #[tokio::test]
     async fn a_staged_write_is_visible_at_once_and_durable_after_its_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
+        let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
         let (id, synced) = store.write_staged(insert("first")).await.unwrap();
         assert_eq!(id, 1);
         assert_eq!(count(&store).await, 1, "committed before the sync");
@@ -421,7 +376,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_staged_write_rolls_back_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
+        let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
         let failing = store.write_staged(|conn| {
             conn.execute("INSERT INTO notes (body) VALUES ('lost')", [])?;
             Err::<(), _>(StoreError::Commit("refused".into()))
@@ -439,10 +394,10 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("notes.db");
             {
-                let store = Store::open(&path, durability, MIGRATIONS).unwrap();
+                let store = SqliteStore::open(&path, durability, MIGRATIONS).unwrap();
                 store.write(insert("kept")).await.unwrap();
             }
-            let store = Store::open(&path, durability, MIGRATIONS).unwrap();
+            let store = SqliteStore::open(&path, durability, MIGRATIONS).unwrap();
             assert_eq!(count(&store).await, 1, "{durability:?}");
         }
     }

@@ -1,0 +1,344 @@
+//! The store every sagamesh service keeps its state in, behind one small
+//! interface so that the domain code does not know which engine runs it.
+//!
+//! A service hands [`Store::write`] a closure that runs its statements on a
+//! [`Tx`]; the closure's statements commit together, or, when it returns
+//! `Err`, roll back alone. Statements are plain SQL with numbered
+//! parameters (`$1`, `$2`, ...) and the few types the services need
+//! ([`Value`]). Two engines run them ([`Database`]): SQLite, the embedded
+//! default (one file per service, group commit, fsync before `write`
+//! returns), and PostgreSQL, for replicas sharing their state (a schema per
+//! service). A service gives its migrations once per engine ([`Schema`]).
+//!
+//! A caller whose result is already backed by a durable copy elsewhere may
+//! act before the fsync ([`Store::write_staged`]): the router delivers an
+//! event while its fsync runs, because the event's publisher keeps its own
+//! durable copy until the router confirms the sync.
+
+mod postgres;
+mod sqlite;
+mod value;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+pub use value::{Row, Value};
+
+/// How much a committed write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is fsynced: it survives the machine losing power.
+    #[default]
+    Machine,
+    /// No fsync on commit: it survives the process dying, not the machine.
+    Process,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sql(String),
+    #[error("column {column} holds {found}, not {expected}")]
+    Column {
+        column: usize,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the store is closed or could not run the write")]
+    Closed,
+    #[error("a read failed unexpectedly (it panicked)")]
+    ReadPanicked,
+    #[error("could not open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sql(e.to_string())
+    }
+}
+
+/// The statements of one write or read, whatever the engine.
+pub trait Tx {
+    /// Runs a statement; returns how many rows it changed.
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError>;
+
+    /// Runs a query; returns its rows.
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError>;
+
+    /// Runs a query; returns its first row, if any.
+    fn query_opt(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+}
+
+/// Statement parameters: `&values![user_id, amount]`.
+#[macro_export]
+macro_rules! values {
+    ($($value:expr),* $(,)?) => {
+        [$($crate::Value::from($value)),*]
+    };
+}
+
+/// Resolves once a staged write is as durable as the store promises.
+#[must_use = "a staged write is not durable until `durable` resolves"]
+pub struct Synced(oneshot::Receiver<Result<(), String>>);
+
+impl Synced {
+    fn new(receiver: oneshot::Receiver<Result<(), String>>) -> Synced {
+        Synced(receiver)
+    }
+
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Commit(e)),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
+/// A job's own result combined with the outcome of its commit.
+pub(crate) fn settle<R, E: From<StoreError>>(
+    result: Result<R, E>,
+    outcome: Result<(), &str>,
+) -> Result<R, E> {
+    match (result, outcome) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Ok(_), Err(e)) => Err(E::from(StoreError::Commit(e.to_owned()))),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// Where the services keep their stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file per service, `<dir>/<service>.db`.
+    Embedded { dir: PathBuf, durability: Durability },
+    /// One PostgreSQL database (`postgres://...`); each service in the
+    /// schema `<prefix>_<service>`.
+    Postgres { url: String, schema_prefix: String },
+}
+
+/// A service's migrations, in order, once per engine.
+pub struct Schema {
+    pub sqlite: &'static [&'static str],
+    pub postgres: &'static [&'static str],
+}
+
+/// A handle to one service's store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    engine: Engine,
+}
+
+#[derive(Clone)]
+enum Engine {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
+}
+
+impl Store {
+    /// Opens (or creates) the SQLite file, applies the migrations not yet
+    /// applied and starts its writer.
+    pub fn open(path: &Path, durability: Durability, migrations: &[&str]) -> Result<Store, StoreError> {
+        Ok(Store {
+            engine: Engine::Sqlite(sqlite::SqliteStore::open(path, durability, migrations)?),
+        })
+    }
+
+    /// Opens a service's store in `database`, migrated to `schema`.
+    pub fn open_service(database: &Database, service: &str, schema: &Schema) -> Result<Store, StoreError> {
+        match database {
+            Database::Embedded { dir, durability } => {
+                Store::open(&dir.join(format!("{service}.db")), *durability, schema.sqlite)
+            }
+            Database::Postgres { url, schema_prefix } => {
+                let name = format!("{schema_prefix}_{service}").replace('-', "_");
+                Ok(Store {
+                    engine: Engine::Postgres(postgres::PostgresStore::open(url, &name, schema.postgres)?),
+                })
+            }
+        }
+    }
+
+    /// Runs `f` in a write transaction shared with other callers. Returns
+    /// once the transaction is durable. An `Err` from `f` rolls back only
+    /// what `f` did.
+    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.write(move |conn| f(&mut SqliteTx(conn))).await,
+            Engine::Postgres(engine) => engine.write(f).await,
+        }
+    }
+
+    /// Like [`Store::write`], but returns as soon as the transaction is
+    /// committed, before its fsync: its effects are visible and survive the
+    /// process dying. The returned [`Synced`] resolves once it also survives
+    /// the machine. Use it only where whatever acts on the result early can
+    /// be redone from a durable copy kept elsewhere.
+    pub async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.write_staged(move |conn| f(&mut SqliteTx(conn))).await,
+            Engine::Postgres(engine) => engine.write_staged(f).await,
+        }
+    }
+
+    /// Runs `f` on a read connection, which sees the last commit (keep
+    /// reads short: a page, not a scan).
+    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.engine {
+            Engine::Sqlite(engine) => engine.read(move |conn| f(&mut SqliteTx(conn))).await,
+            Engine::Postgres(engine) => engine.read(f).await,
+        }
+    }
+}
+
+/// Statements on a SQLite connection. `$1`-style parameters become `?1`.
+struct SqliteTx<'c>(&'c Connection);
+
+impl Tx for SqliteTx<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let mut statement = self.0.prepare_cached(&sqlite_sql(sql))?;
+        Ok(statement.execute(rusqlite::params_from_iter(params.iter()))? as u64)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        let mut statement = self.0.prepare_cached(&sqlite_sql(sql))?;
+        let columns = statement.column_count();
+        let mut rows = statement.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next()? {
+            let values = (0..columns)
+                .map(|i| Value::from_sqlite(row.get_ref(i)?))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            found.push(Row::new(values));
+        }
+        Ok(found)
+    }
+}
+
+/// The statement with `$N` parameters written as SQLite's `?N`.
+fn sqlite_sql(sql: &str) -> std::borrow::Cow<'_, str> {
+    if !sql.contains('$') {
+        return sql.into();
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_parameters_become_sqlite_ones() {
+        assert_eq!(
+            sqlite_sql("SELECT $1, $12 WHERE a = '$x'"),
+            "SELECT ?1, ?12 WHERE a = '$x'"
+        );
+        assert_eq!(sqlite_sql("SELECT 1"), "SELECT 1");
+    }
+
+    const SCHEMA: Schema = Schema {
+        sqlite: &["CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL, body BLOB, n INTEGER)"],
+        postgres: &["CREATE TABLE t (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL, body BYTEA, n BIGINT)"],
+    };
+
+    #[tokio::test]
+    async fn statements_run_and_roll_back_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Embedded {
+            dir: dir.path().to_owned(),
+            durability: Durability::Machine,
+        };
+        statements_run_and_roll_back(Store::open_service(&database, "t", &SCHEMA).unwrap()).await;
+    }
+
+    /// Against the PostgreSQL server on this machine (`SAGAMESH_TEST_POSTGRES`,
+    /// default the `test` database on 127.0.0.1): skipped with a reason
+    /// when it is absent, except in CI.
+    #[tokio::test]
+    async fn statements_run_and_roll_back_on_postgres() {
+        let url = std::env::var("SAGAMESH_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let prefix = format!("store_test_{}", std::process::id());
+        let database = Database::Postgres {
+            url: url.clone(),
+            schema_prefix: prefix.clone(),
+        };
+        let store = match Store::open_service(&database, "t", &SCHEMA) {
+            Ok(store) => store,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipping: no PostgreSQL ({e})");
+                return;
+            }
+            Err(e) => panic!("PostgreSQL must run in CI: {e}"),
+        };
+        statements_run_and_roll_back(store.clone()).await;
+        store
+            .write(move |tx| tx.execute(&format!("DROP SCHEMA {prefix}_t CASCADE"), &[]))
+            .await
+            .unwrap();
+    }
+
+    async fn statements_run_and_roll_back(store: Store) {
+        let id = store
+            .write(|tx| {
+                let row = tx.query_opt(
+                    "INSERT INTO t (name, body, n) VALUES ($1, $2, $3) RETURNING id",
+                    &values!["a", vec![1u8, 2], None::<i64>],
+                )?;
+                row.expect("a returned id").int(0)
+            })
+            .await
+            .unwrap();
+        let failed: Result<(), StoreError> = store
+            .write(|tx| {
+                tx.execute("INSERT INTO t (name) VALUES ($1)", &values!["lost"])?;
+                Err(StoreError::Commit("refused".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+        let rows = store
+            .read(|tx| tx.query("SELECT id, name, body, n FROM t ORDER BY id", &[]))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "the failed write rolled back");
+        assert_eq!(rows[0].int(0).unwrap(), id);
+        assert_eq!(rows[0].string(1).unwrap(), "a");
+        assert_eq!(rows[0].blob(2).unwrap(), &[1, 2]);
+        assert_eq!(rows[0].opt_int(3).unwrap(), None);
+        assert!(matches!(
+            rows[0].int(1),
+            Err(StoreError::Column { column: 1, .. })
+        ));
+    }
+}

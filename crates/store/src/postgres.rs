@@ -1,0 +1,359 @@
+//! The PostgreSQL engine, for services that share their state among
+//! replicas: a service's tables live in a schema of its own, so several
+//! services (or test runs) share one database.
+//!
+//! It mirrors the SQLite engine: one writer thread runs whatever writes are
+//! waiting inside one transaction, each in a savepoint, and answers them
+//! after the commit (PostgreSQL's own commit is durable, so a staged write
+//! is answered then too); reads go to a reader thread. The threads use the
+//! synchronous `postgres` client, so no call ever blocks an async worker.
+//! Statements are prepared once per connection and reused.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, NoTls, Statement};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Row, StoreError, Synced, Tx, Value};
+
+/// Most writes committed together.
+const MAX_BATCH: usize = 512;
+/// Writes and reads waiting for their thread. When full, callers wait.
+const QUEUE: usize = 4096;
+
+type Job = Box<dyn FnOnce(&mut PgTx<'_>) -> Finish + Send>;
+type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
+
+struct Finish {
+    keep: bool,
+    done: Completion,
+}
+
+#[derive(Clone)]
+pub(crate) struct PostgresStore {
+    writes: mpsc::Sender<Job>,
+    reads: mpsc::Sender<Job>,
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Sql(match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Connects, creates the schema if needed, applies the migrations not
+    /// yet applied (one replica at a time) and starts the threads.
+    pub(crate) fn open(url: &str, schema: &str, migrations: &[&str]) -> Result<PostgresStore, StoreError> {
+        let valid = !schema.is_empty()
+            && schema.len() <= 63
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(StoreError::Open {
+                path: schema.to_owned(),
+                reason: "a schema name is 1 to 63 lowercase letters, digits or '_'".into(),
+            });
+        }
+        // The connections are made on the writer's thread: the `postgres`
+        // client runs its own small runtime, which must not start inside an
+        // async worker. The open waits for them, so a bad URL fails it.
+        let (opened_tx, opened_rx) = std_mpsc::channel();
+        let (url_owned, schema_owned, migrations_owned) = (
+            url.to_owned(),
+            schema.to_owned(),
+            migrations.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>(),
+        );
+        let (writes, write_rx) = mpsc::channel::<Job>(QUEUE);
+        let (reads, read_rx) = mpsc::channel::<Job>(QUEUE);
+        std::thread::Builder::new()
+            .name(format!("{schema}-pg-writer"))
+            .spawn(move || {
+                let writer = connect(&url_owned, &schema_owned).and_then(|mut client| {
+                    migrate(&mut client, &schema_owned, &migrations_owned).map(|()| client)
+                });
+                let reader = writer
+                    .as_ref()
+                    .map_err(|e| StoreError::Sql(e.to_string()))
+                    .and_then(|_| connect(&url_owned, &schema_owned));
+                match (writer, reader) {
+                    (Ok(writer), Ok(reader)) => {
+                        let _ = opened_tx.send(Ok(()));
+                        std::thread::spawn(move || run_reader(reader, read_rx));
+                        run_writer(writer, write_rx);
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = opened_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Commit(e.to_string()))?;
+        opened_rx.recv().map_err(|_| StoreError::Closed)??;
+        Ok(PostgresStore { writes, reads })
+    }
+
+    pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        run(&self.writes, f).await
+    }
+
+    /// PostgreSQL's commit is its sync: a staged write is durable at once.
+    pub(crate) async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let value = run(&self.writes, f).await?;
+        let (synced, receiver) = oneshot::channel();
+        let _ = synced.send(Ok(()));
+        Ok((value, Synced::new(receiver)))
+    }
+
+    pub(crate) async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        run(&self.reads, f).await
+    }
+}
+
+async fn run<R, E, F>(queue: &mpsc::Sender<Job>, f: F) -> Result<R, E>
+where
+    F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+    R: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move |pg| {
+        let result = f(pg);
+        let keep = result.is_ok();
+        let done: Completion = Box::new(move |outcome| {
+            let _ = tx.send(crate::settle(result, outcome));
+        });
+        Finish { keep, done }
+    });
+    queue.send(job).await.map_err(|_| E::from(StoreError::Closed))?;
+    rx.await.map_err(|_| E::from(StoreError::Closed))?
+}
+
+fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
+    let mut client = Client::connect(url, NoTls).map_err(|e| StoreError::Open {
+        path: url.to_owned(),
+        reason: e.to_string(),
+    })?;
+    client.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+    ))?;
+    Ok(client)
+}
+
+/// Applies the migrations not yet applied, under an advisory lock so that
+/// replicas starting together migrate once.
+fn migrate(client: &mut Client, schema: &str, migrations: &[String]) -> Result<(), StoreError> {
+    client.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);")?;
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&schema])?;
+    let applied: i64 = match tx.query_opt("SELECT version FROM schema_version", &[])? {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    for (version, sql) in migrations.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute("UPDATE schema_version SET version = $1", &[&(version as i64 + 1)])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Statements on a PostgreSQL connection, prepared once and reused.
+pub(crate) struct PgTx<'c> {
+    client: &'c mut Client,
+    prepared: &'c mut HashMap<String, Statement>,
+}
+
+impl PgTx<'_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.prepared.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+}
+
+fn parameters(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+impl Tx for PgTx<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.execute(&statement, &parameters(params))?)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        let rows = self.client.query(&statement, &parameters(params))?;
+        rows.iter()
+            .map(|row| {
+                let values = row
+                    .columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, column)| column_value(row, i, column.type_()))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok(Row::new(values))
+            })
+            .collect()
+    }
+}
+
+fn column_value(row: &postgres::Row, i: usize, ty: &Type) -> Result<Value, StoreError> {
+    let value = match *ty {
+        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+        Type::INT4 => row.try_get::<_, Option<i32>>(i)?.map(|v| Value::Int(v.into())),
+        Type::INT2 => row.try_get::<_, Option<i16>>(i)?.map(|v| Value::Int(v.into())),
+        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(|v| Value::Int(v.into())),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+            row.try_get::<_, Option<String>>(i)?.map(Value::Text)
+        }
+        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Blob),
+        _ => {
+            return Err(StoreError::Sql(format!(
+                "column {i} has type {ty}, which the stores do not use"
+            )));
+        }
+    };
+    Ok(value.unwrap_or(Value::Null))
+}
+
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(i) => match *ty {
+                Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*i)?.to_sql(ty, out),
+                Type::BOOL => (*i != 0).to_sql(ty, out),
+                _ => i.to_sql(ty, out),
+            },
+            Value::Text(t) => t.to_sql(ty, out),
+            Value::Blob(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn run_writer(mut client: Client, mut jobs: mpsc::Receiver<Job>) {
+    let mut prepared = HashMap::new();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = commit_batch(&mut client, &mut prepared, &mut batch, &mut done);
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, writes = done.len(), "store commit failed");
+            let _ = client.batch_execute("ROLLBACK");
+            if client.is_closed() {
+                tracing::error!("the PostgreSQL connection is closed; the store stops");
+                for complete in done.drain(..) {
+                    complete(Err(e));
+                }
+                return;
+            }
+        }
+        for complete in done.drain(..) {
+            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+    }
+}
+
+fn commit_batch(
+    client: &mut Client,
+    prepared: &mut HashMap<String, Statement>,
+    batch: &mut Vec<Job>,
+    done: &mut Vec<Completion>,
+) -> Result<(), String> {
+    let mut began = client.batch_execute("BEGIN").map_err(|e| e.to_string());
+    for job in batch.drain(..) {
+        if began.is_err() {
+            continue;
+        }
+        if let Err(e) = client.batch_execute("SAVEPOINT job") {
+            began = Err(e.to_string());
+            continue;
+        }
+        let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            job(&mut PgTx {
+                client: &mut *client,
+                prepared: &mut *prepared,
+            })
+        }));
+        let Ok(finish) = finish else {
+            tracing::error!("a store write panicked; rolled back");
+            if let Err(e) = client.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job") {
+                began = Err(e.to_string());
+            }
+            continue;
+        };
+        let end = if finish.keep {
+            "RELEASE SAVEPOINT job"
+        } else {
+            "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
+        };
+        if let Err(e) = client.batch_execute(end) {
+            began = Err(e.to_string());
+        }
+        done.push(finish.done);
+    }
+    began?;
+    client.batch_execute("COMMIT").map_err(|e| e.to_string())
+}
+
+fn run_reader(mut client: Client, mut jobs: mpsc::Receiver<Job>) {
+    let mut prepared = HashMap::new();
+    while let Some(job) = jobs.blocking_recv() {
+        let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            job(&mut PgTx {
+                client: &mut client,
+                prepared: &mut prepared,
+            })
+        }));
+        match finish {
+            Ok(finish) => (finish.done)(Ok(())),
+            Err(_) => tracing::error!("a store read panicked"),
+        }
+    }
+}
