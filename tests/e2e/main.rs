@@ -8,6 +8,7 @@ mod idempotency;
 mod interop;
 mod overload;
 mod processes;
+mod replicas;
 mod router;
 mod storage;
 mod support;

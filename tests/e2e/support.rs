@@ -418,15 +418,18 @@ pub fn binary() -> PathBuf {
 }
 
 /// Log lines a test may want to count, by a phrase they contain.
-pub const LOG_MARKERS: [&str; 4] = [
+pub const LOG_MARKERS: [&str; 6] = [
     "fault injection: dropping",
     "delivering again",
     "moved to the dead-letter store",
     "drained:",
+    // A step done, and a compensation's progress: an instance did work.
+    "successful: ",
+    "Compensat",
 ];
 
 /// How often each of [`LOG_MARKERS`] appeared in a process's log.
-pub type MarkerCounts = Arc<[AtomicUsize; 4]>;
+pub type MarkerCounts = Arc<[AtomicUsize; 6]>;
 
 impl Process {
     /// Starts `sagamesh <args>` listening on an ephemeral port and waits

@@ -161,10 +161,30 @@ impl Coordinator {
         self.inner
             .relay
             .start(self.inner.store.clone(), client.into_publisher(), tasks, drained);
+        if self.inner.store.shared() {
+            tasks.spawn(self.clone().count_unfinished(shutdown.clone()));
+        }
         if let Some(deadline) = config.saga_deadline {
             tasks.spawn(self.clone().watch_deadlines(deadline, shutdown));
         }
         Ok(())
+    }
+
+    /// With replicas, a saga admitted here may end on another coordinator:
+    /// the count of sagas in flight is taken from the shared store now and
+    /// then, so admission holds for the whole mesh.
+    async fn count_unfinished(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(COUNT_UNFINISHED_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.inner.store.read(store::unfinished).await {
+                Ok(unfinished) => self.inner.sagas_in_flight.store(unfinished, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "could not count the sagas in flight"),
+            }
+        }
     }
 
     /// Fails the sagas that stopped moving: a step whose service is down
@@ -407,6 +427,9 @@ impl Coordinator {
         Ok(())
     }
 }
+
+/// How often replicas sharing a store recount the sagas in flight.
+const COUNT_UNFINISHED_EVERY: Duration = Duration::from_secs(1);
 
 /// A place among the sagas in flight, given back on drop unless kept.
 struct Reservation {

@@ -14,6 +14,8 @@ use crate::{Coordinator, CoordinatorError, store, view};
 /// Updates waiting to be sent to one watcher. When full, the forwarder
 /// waits; the broadcast behind it absorbs the burst.
 const STREAM_QUEUE: usize = 16;
+/// How often a watch reads the saga again on a store shared by replicas.
+const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: u32 = 1_000;
 
@@ -82,10 +84,20 @@ impl Coordinator {
             if tx.send(Ok(first)).await.is_err() || done {
                 return;
             }
+            // Where replicas share the store, another coordinator may apply
+            // the saga's events: read the state again now and then.
+            let shared = coordinator.inner.store.shared();
             loop {
-                let update = match watch.updates.recv().await {
+                let received = tokio::select! {
+                    received = watch.updates.recv() => received,
+                    _ = tokio::time::sleep(RESYNC_EVERY), if shared => {
+                        Err(broadcast::error::RecvError::Lagged(0))
+                    }
+                };
+                let update = match received {
                     Ok(update) => (*update).clone(),
-                    // Too slow for the changes: read the state again.
+                    // Too slow for the changes (or time to look): read the
+                    // state again.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         match coordinator.transaction(transaction_id.clone()).await {
                             Ok(transaction) => TransactionUpdate {

@@ -10,7 +10,9 @@ use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
     Envelope, PurchaseDetails, SagaMode, SagaTimedOut, Step, StepStatus, Transaction, TransactionStatus,
 };
-use sagamesh_router_client::{OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, push_outbox};
+use sagamesh_router_client::{
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OUTBOX_WRITER_MIGRATION, push_outbox,
+};
 use sagamesh_saga::PlanAction;
 use sagamesh_store::{Row, Schema, StoreError, Tx, Value, values};
 
@@ -53,6 +55,8 @@ pub(crate) const SCHEMA: Schema = Schema {
         // When each saga last moved, for saga deadlines.
         "ALTER TABLE transactions ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX transactions_by_progress ON transactions (status, updated_ms)",
+        // Each outbox row's writer, for replicas sharing a database.
+        OUTBOX_WRITER_MIGRATION,
     ],
     postgres: &[
         "CREATE TABLE transactions (
@@ -103,6 +107,18 @@ fn int32(row: &Row, column: usize) -> Result<i32, StoreError> {
             "column {column} holds {value}, out of range for a 32-bit integer"
         ))
     })
+}
+
+/// Moves one saga's count from one status to another. The two counters are
+/// always touched in the same order (by status number), so that replicas
+/// moving sagas at the same time cannot deadlock on them.
+fn recount(tx: &mut dyn Tx, mode: i32, from: i32, to: i32) -> Result<(), StoreError> {
+    let mut moves = [(from, -1), (to, 1)];
+    moves.sort_unstable();
+    for (status, delta) in moves {
+        count(tx, mode, status, delta)?;
+    }
+    Ok(())
 }
 
 fn count(tx: &mut dyn Tx, mode: i32, status: i32, delta: i64) -> Result<(), StoreError> {
@@ -168,6 +184,17 @@ pub(crate) fn get(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transa
     row.map(|row| decode(row.blob(0)?)).transpose()
 }
 
+/// The transaction, locked until this write commits: replicas of the
+/// coordinator may apply an event and time the saga out at the same time.
+fn get_locked(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
+    let sql = format!(
+        "SELECT body FROM transactions WHERE transaction_id = $1{}",
+        tx.for_update()
+    );
+    let row = tx.query_opt(&sql, &values![transaction_id])?;
+    row.map(|row| decode(row.blob(0)?)).transpose()
+}
+
 /// What applying one event did.
 pub(crate) struct Applied {
     pub transaction: Transaction,
@@ -181,7 +208,7 @@ pub(crate) struct Applied {
 /// saga, decides what comes next; `None` when it changed nothing (a
 /// redelivery).
 pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>, CoordinatorError> {
-    let existing = get(tx, &event.transaction_id)?;
+    let existing = get_locked(tx, &event.transaction_id)?;
     let is_new = existing.is_none();
     let mut transaction = existing.unwrap_or_else(|| view::from_event(event));
     let before = transaction.status;
@@ -213,8 +240,7 @@ pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>
             ],
         )?;
         if before != transaction.status {
-            count(tx, transaction.mode, before, -1)?;
-            count(tx, transaction.mode, transaction.status, 1)?;
+            recount(tx, transaction.mode, before, transaction.status)?;
         }
     }
     // A saga that had already ended needs no more decisions (a timeout
@@ -276,6 +302,9 @@ pub(crate) fn time_out(
     before_ms: i64,
     deadline: std::time::Duration,
 ) -> Result<bool, CoordinatorError> {
+    let Some(transaction) = get_locked(tx, transaction_id)? else {
+        return Ok(false);
+    };
     let updated_ms = tx
         .query_opt(
             "SELECT updated_ms FROM transactions WHERE transaction_id = $1",
@@ -283,9 +312,6 @@ pub(crate) fn time_out(
         )?
         .map(|row| row.int(0))
         .transpose()?;
-    let Some(transaction) = get(tx, transaction_id)? else {
-        return Ok(false);
-    };
     let moving = matches!(
         transaction.status(),
         TransactionStatus::Initiated | TransactionStatus::InProgress

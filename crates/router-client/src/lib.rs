@@ -17,4 +17,6 @@ mod outbox;
 
 pub use connection::{BoxFuture, ClientError, Handler, HandlerConfig, Publisher, RouterClient};
 pub use idempotency::{PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, claim, claimed};
-pub use outbox::{OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OutboxRelay, push_outbox};
+pub use outbox::{
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OUTBOX_WRITER_MIGRATION, OutboxRelay, push_outbox,
+};

@@ -1,8 +1,15 @@
 //! The transactional outbox: events written with the business change, then
 //! relayed to the router.
+//!
+//! Each row carries its writer (the instance whose store connection wrote
+//! it): an instance's relay publishes its own rows in `seq` order, which is
+//! their commit order since one connection writes them. Where instances
+//! share a database, a relay also sweeps up rows another writer left behind
+//! for long (an instance that died before relaying them); publishing a row
+//! twice is harmless, since the router dedupes by event id.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use sagamesh_proto::v1::Envelope;
@@ -19,14 +26,23 @@ pub const OUTBOX_MIGRATION: &str = "
         body BLOB NOT NULL
     )";
 
-/// The outbox table on PostgreSQL. The relay reads it in `seq` order from
-/// its last confirmed row, which matches commit order as long as one writer
-/// (one instance of the service) fills it.
+/// The writer of each outbox row and when it was written, to add to a
+/// service's SQLite migrations after [`OUTBOX_MIGRATION`]. (On SQLite one
+/// instance writes, so the writer is always empty.)
+pub const OUTBOX_WRITER_MIGRATION: &str = "
+    ALTER TABLE outbox ADD COLUMN writer TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN created_ms INTEGER NOT NULL DEFAULT 0";
+
+/// The outbox table on PostgreSQL: each row defaults to its writer
+/// connection's `sagamesh.writer` and to the time it was written.
 pub const OUTBOX_MIGRATION_POSTGRES: &str = "
     CREATE TABLE outbox (
         seq BIGSERIAL PRIMARY KEY,
-        body BYTEA NOT NULL
-    )";
+        body BYTEA NOT NULL,
+        writer TEXT NOT NULL DEFAULT current_setting('sagamesh.writer', true),
+        created_ms BIGINT NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+    );
+    CREATE INDEX outbox_by_writer ON outbox (writer, seq)";
 
 /// Most events relayed in one publish.
 const RELAY_BATCH: usize = 500;
@@ -102,6 +118,10 @@ struct Progress {
 
 /// How long confirmed events may wait before their rows are deleted.
 const DELETE_EVERY: Duration = Duration::from_millis(250);
+/// How often a relay on a shared database looks for rows left behind.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How old a row of another writer must be to count as left behind.
+const LEFT_BEHIND_AFTER: Duration = Duration::from_secs(5);
 
 async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: CancellationToken) {
     let mut progress = Progress {
@@ -110,6 +130,8 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: Can
     };
     let mut delete_timer = tokio::time::interval(DELETE_EVERY);
     delete_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep_timer = tokio::time::interval(SWEEP_EVERY);
+    sweep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         match relay_batch(&store, &publisher, &mut progress).await {
             // A full batch: more may be waiting.
@@ -121,6 +143,11 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: Can
                     _ = delete_timer.tick() => {
                         if let Err(e) = delete_confirmed(&store, &mut progress).await {
                             tracing::warn!(error = %e.0, "could not delete relayed outbox rows");
+                        }
+                    }
+                    _ = sweep_timer.tick(), if store.shared() => {
+                        if let Err(e) = sweep_left_behind(&store, &publisher).await {
+                            tracing::warn!(error = %e.0, "could not relay rows left behind");
                         }
                     }
                     _ = stop.cancelled() => {
@@ -151,9 +178,13 @@ async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), 
         return Ok(());
     }
     let through = progress.published_through;
+    let writer = store.writer().to_owned();
     store
         .write(move |tx| {
-            tx.execute("DELETE FROM outbox WHERE seq <= $1", &values![through])?;
+            tx.execute(
+                "DELETE FROM outbox WHERE writer = $1 AND seq <= $2",
+                &values![writer, through],
+            )?;
             Ok::<_, RelayError>(())
         })
         .await?;
@@ -168,11 +199,12 @@ async fn relay_batch(
     progress: &mut Progress,
 ) -> Result<usize, RelayError> {
     let after = progress.published_through;
+    let writer = store.writer().to_owned();
     let rows: Vec<(i64, Envelope)> = store
         .read(move |tx| {
             let rows = tx.query(
-                "SELECT seq, body FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &values![after, RELAY_BATCH],
+                "SELECT seq, body FROM outbox WHERE writer = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &values![writer, after, RELAY_BATCH],
             )?;
             let mut events = Vec::new();
             for row in rows {
@@ -197,5 +229,57 @@ async fn relay_batch(
     if progress.published_through - progress.deleted_through > 4 * RELAY_BATCH as i64 {
         delete_confirmed(store, progress).await?;
     }
+    Ok(count)
+}
+
+/// Publishes, then deletes, rows that another writer left in the outbox for
+/// longer than [`LEFT_BEHIND_AFTER`] (its instance died before relaying
+/// them); returns how many.
+async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize, RelayError> {
+    let writer = store.writer().to_owned();
+    let before_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(LEFT_BEHIND_AFTER)
+        .as_millis() as i64;
+    let rows: Vec<(i64, Envelope)> = store
+        .read(move |tx| {
+            let rows = tx.query(
+                "SELECT seq, body FROM outbox WHERE writer <> $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
+                &values![writer, before_ms, RELAY_BATCH],
+            )?;
+            let mut events = Vec::new();
+            for row in rows {
+                match Envelope::decode(row.blob(1)?) {
+                    Ok(event) => events.push((row.int(0)?, event)),
+                    Err(e) => {
+                        tracing::error!(seq = row.int(0)?, error = %e, "skipping an undecodable outbox row")
+                    }
+                }
+            }
+            Ok::<_, RelayError>(events)
+        })
+        .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
+    publisher
+        .publish(rows.into_iter().map(|(_, e)| e).collect())
+        .await
+        .map_err(|e| RelayError(e.to_string()))?;
+    tracing::info!(
+        rows = seqs.len(),
+        "relayed outbox rows another instance left behind"
+    );
+    let count = seqs.len();
+    store
+        .write(move |tx| {
+            for seq in seqs {
+                tx.execute("DELETE FROM outbox WHERE seq = $1", &values![seq])?;
+            }
+            Ok::<_, RelayError>(())
+        })
+        .await?;
     Ok(count)
 }

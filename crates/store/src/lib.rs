@@ -74,6 +74,14 @@ pub trait Tx {
     fn query_opt(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>, StoreError> {
         Ok(self.query(sql, params)?.into_iter().next())
     }
+
+    /// What to end a `SELECT` with so that it locks the rows it reads until
+    /// the write commits, where other instances may write them concurrently
+    /// (` FOR UPDATE` on PostgreSQL; nothing on SQLite, whose one writer
+    /// serialises every write anyway).
+    fn for_update(&self) -> &'static str {
+        ""
+    }
 }
 
 /// Statement parameters: `&values![user_id, amount]`.
@@ -163,6 +171,21 @@ impl Store {
                     engine: Engine::Postgres(postgres::PostgresStore::open(url, &name, schema.postgres)?),
                 })
             }
+        }
+    }
+
+    /// Whether other instances may write the same tables (PostgreSQL), so
+    /// state can change without this instance writing it.
+    pub fn shared(&self) -> bool {
+        matches!(self.engine, Engine::Postgres(_))
+    }
+
+    /// This instance's writer id: rows a table defaults to the writer (see
+    /// the outbox) carry it. Empty on SQLite, where one instance writes.
+    pub fn writer(&self) -> &str {
+        match &self.engine {
+            Engine::Sqlite(_) => "",
+            Engine::Postgres(engine) => engine.writer(),
         }
     }
 

@@ -2,10 +2,10 @@
 //! replicas: a service's tables live in a schema of its own, so several
 //! services (or test runs) share one database.
 //!
-//! It mirrors the SQLite engine: one writer thread runs whatever writes are
-//! waiting inside one transaction, each in a savepoint, and answers them
-//! after the commit (PostgreSQL's own commit is durable, so a staged write
-//! is answered then too); reads go to a reader thread. The threads use the
+//! It mirrors the SQLite engine: one writer thread runs the writes, each in
+//! a savepoint inside its transaction, and answers them after the commit
+//! (PostgreSQL's own commit is durable, so a staged write is answered then
+//! too); reads go to a reader thread. The threads use the
 //! synchronous `postgres` client, so no call ever blocks an async worker.
 //! Statements are prepared once per connection and reused.
 
@@ -18,8 +18,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Row, StoreError, Synced, Tx, Value};
 
-/// Most writes committed together.
-const MAX_BATCH: usize = 512;
+/// Most writes committed together: one. Two replicas' batches could lock
+/// the same rows in opposite orders (user X then Y against Y then X) and
+/// deadlock, failing every write in both; a write alone locks its few rows
+/// in the order its code gives. PostgreSQL still shares its WAL flushes
+/// among concurrent commits.
+const MAX_BATCH: usize = 1;
 /// Writes and reads waiting for their thread. When full, callers wait.
 const QUEUE: usize = 4096;
 
@@ -35,6 +39,10 @@ struct Finish {
 pub(crate) struct PostgresStore {
     writes: mpsc::Sender<Job>,
     reads: mpsc::Sender<Job>,
+    /// This instance's writer, as its connection tells the database
+    /// (`sagamesh.writer`); rows a table defaults to it are this
+    /// instance's.
+    writer: String,
 }
 
 impl From<postgres::Error> for StoreError {
@@ -70,13 +78,17 @@ impl PostgresStore {
             schema.to_owned(),
             migrations.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>(),
         );
+        let writer = uuid::Uuid::now_v7().simple().to_string();
+        let writer_setting = format!("SET sagamesh.writer = '{writer}'");
         let (writes, write_rx) = mpsc::channel::<Job>(QUEUE);
         let (reads, read_rx) = mpsc::channel::<Job>(QUEUE);
         std::thread::Builder::new()
             .name(format!("{schema}-pg-writer"))
             .spawn(move || {
                 let writer = connect(&url_owned, &schema_owned).and_then(|mut client| {
-                    migrate(&mut client, &schema_owned, &migrations_owned).map(|()| client)
+                    client.batch_execute(&writer_setting)?;
+                    migrate(&mut client, &schema_owned, &migrations_owned)?;
+                    Ok(client)
                 });
                 let reader = writer
                     .as_ref()
@@ -95,7 +107,15 @@ impl PostgresStore {
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         opened_rx.recv().map_err(|_| StoreError::Closed)??;
-        Ok(PostgresStore { writes, reads })
+        Ok(PostgresStore {
+            writes,
+            reads,
+            writer,
+        })
+    }
+
+    pub(crate) fn writer(&self) -> &str {
+        &self.writer
     }
 
     pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
@@ -203,6 +223,10 @@ fn parameters(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 impl Tx for PgTx<'_> {
+    fn for_update(&self) -> &'static str {
+        " FOR UPDATE"
+    }
+
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
         let statement = self.statement(sql)?;
         Ok(self.client.execute(&statement, &parameters(params))?)

@@ -16,8 +16,9 @@ use prost::Message;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, SagaMode};
 use sagamesh_router_client::{
-    BoxFuture, ClientError, Handler, HandlerConfig, OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OutboxRelay,
-    PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, RouterClient, claim, claimed,
+    BoxFuture, ClientError, Handler, HandlerConfig, OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES,
+    OUTBOX_WRITER_MIGRATION, OutboxRelay, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, RouterClient,
+    claim, claimed,
 };
 use sagamesh_saga::{CompensationPlan, PlanAction};
 use sagamesh_step::compensation::{advance, log_actions};
@@ -49,6 +50,8 @@ const SCHEMA: Schema = Schema {
         purchase BLOB NOT NULL,
         plan TEXT NOT NULL
     ) WITHOUT ROWID",
+        // Each outbox row's writer, for replicas sharing a database.
+        OUTBOX_WRITER_MIGRATION,
     ],
     postgres: &[
         "CREATE TABLE compensations (

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Item, ItemGranted, PurchaseDetails, Step, UserItem};
 use sagamesh_router_client::{
-    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES,
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OUTBOX_WRITER_MIGRATION, PROCESSED_MIGRATION,
+    PROCESSED_MIGRATION_POSTGRES,
 };
 use sagamesh_step::{Outcome, StepOwner};
 use sagamesh_store::{Database, Schema, Store, StoreError, Tx, values};
@@ -40,6 +41,8 @@ const SCHEMA: Schema = Schema {
     ) WITHOUT ROWID",
         PROCESSED_MIGRATION,
         OUTBOX_MIGRATION,
+        // Each outbox row's writer, for replicas sharing a database.
+        OUTBOX_WRITER_MIGRATION,
     ],
     postgres: &[
         "CREATE TABLE items (

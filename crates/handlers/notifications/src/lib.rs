@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Notification, NotificationKind, PurchaseCompleted, PurchaseDetails, Step};
 use sagamesh_router_client::{
-    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES,
+    OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OUTBOX_WRITER_MIGRATION, PROCESSED_MIGRATION,
+    PROCESSED_MIGRATION_POSTGRES,
 };
 use sagamesh_step::{Outcome, StepOwner};
 use sagamesh_store::{Database, Schema, Store, StoreError, Tx, values};
@@ -35,6 +36,8 @@ const SCHEMA: Schema = Schema {
     CREATE INDEX notifications_by_user ON notifications (user_id, id)",
         PROCESSED_MIGRATION,
         OUTBOX_MIGRATION,
+        // Each outbox row's writer, for replicas sharing a database.
+        OUTBOX_WRITER_MIGRATION,
     ],
     postgres: &[
         "CREATE TABLE notifications (

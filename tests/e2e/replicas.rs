@@ -1,0 +1,189 @@
+//! Replicas: two instances of every handler and two coordinators share their
+//! state in PostgreSQL and their events through the router on NATS
+//! JetStream. Each instance takes part of the work; one instance of each
+//! kind is SIGKILLed mid-load, and the others finish every saga.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sagamesh_proto::v1::{PurchaseRequest, TransactionStatus};
+use tokio::sync::Mutex;
+
+use crate::support::{Clients, MarkerCounts, Process, distributed, eventually, wait_serving};
+
+const HANDLERS: [&str; 5] = [
+    "wallets",
+    "inventory",
+    "purchase-log",
+    "notifications",
+    "compensation",
+];
+const USERS: usize = 16;
+const BALANCE: u64 = 10_000;
+const STOCK: u64 = 300;
+const PRICE: u64 = 3;
+const ROUNDS: u32 = 100;
+
+struct Instance {
+    name: String,
+    process: Process,
+    counts: MarkerCounts,
+}
+
+impl Instance {
+    fn start(name: &str, index: usize, args: &[&str]) -> Instance {
+        let counts: MarkerCounts = Arc::new(Default::default());
+        let label = format!("{name}-{index}");
+        let process = Process::try_start(&label, args, &[], "127.0.0.1:0", Some(counts.clone()))
+            .unwrap_or_else(|e| panic!("{label} did not start: {e}"));
+        Instance {
+            name: label,
+            process,
+            counts,
+        }
+    }
+
+    /// Steps done and compensation moves, from its log.
+    fn work(&self) -> usize {
+        self.counts[4].load(Ordering::Relaxed) + self.counts[5].load(Ordering::Relaxed)
+    }
+}
+
+#[tokio::test]
+async fn two_instances_of_every_service_share_the_work_and_finish_it_when_one_dies() {
+    distributed(
+        "two_instances_of_every_service_share_the_work_and_finish_it_when_one_dies",
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+            let router_data = path("router");
+            let router = Process::start("router", &["router", "--data-dir", &router_data], &[]);
+            let router_address = router.address.to_string();
+            let mut handlers: Vec<Instance> = Vec::new();
+            for name in HANDLERS {
+                for index in 0..2 {
+                    let data = path(&format!("{name}-{index}"));
+                    let args = ["handler", name, "--data-dir", &data, "--router", &router_address];
+                    handlers.push(Instance::start(name, index, &args));
+                }
+            }
+            let addresses: std::collections::HashMap<String, String> = handlers
+                .iter()
+                .map(|h| (h.name.clone(), h.process.address.to_string()))
+                .collect();
+            let address = |name: &str| addresses[name].clone();
+            let mut coordinators: Vec<Instance> = (0..2)
+                .map(|index| {
+                    let data = path(&format!("coordinator-{index}"));
+                    let inventory = address(&format!("inventory-{index}"));
+                    let args = [
+                        "coordinator",
+                        "--data-dir",
+                        &data,
+                        "--router",
+                        &router_address,
+                        "--inventory",
+                        &inventory,
+                    ];
+                    Instance::start("coordinator", index, &args)
+                })
+                .collect();
+            let fronts: Vec<Clients> = coordinators
+                .iter()
+                .map(|c| Clients::new(c.process.address))
+                .collect();
+            for front in &fronts {
+                wait_serving(front).await;
+            }
+            let wallets = Clients::new(address("wallets-1").parse().unwrap());
+            let inventory = Clients::new(address("inventory-1").parse().unwrap());
+            let users: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+            for user in &users {
+                wallets.create_user(user, BALANCE).await;
+            }
+            inventory.create_item("gem", PRICE, STOCK).await;
+
+            // Buyers on both coordinators; the stock runs out early, so most
+            // later purchases fail and are compensated.
+            let accepted = Arc::new(Mutex::new(Vec::new()));
+            let mut buyers = Vec::new();
+            for (index, user) in users.iter().enumerate() {
+                let front = fronts[index % 2].clone();
+                let (user, accepted) = (user.clone(), accepted.clone());
+                buyers.push(tokio::spawn(async move {
+                    let mut mine = 0usize;
+                    for round in 0..ROUNDS {
+                        let request = PurchaseRequest {
+                            user_id: user.clone(),
+                            item_id: "gem".into(),
+                            quantity: 1 + (round + index as u32) % 2,
+                            idempotency_key: String::new(),
+                        };
+                        match front.coordinator.clone().purchase(request).await {
+                            Ok(response) => {
+                                let id = response.into_inner().transaction_id;
+                                accepted.lock().await.push(id);
+                                mine += 1;
+                            }
+                            // Its coordinator was killed.
+                            Err(e) => {
+                                eprintln!("buyer {index} stops: {e}");
+                                break;
+                            }
+                        }
+                    }
+                    (index % 2, mine)
+                }));
+            }
+            eventually("a third of the purchases to be accepted", || {
+                let accepted = accepted.clone();
+                async move { (accepted.lock().await.len() >= USERS * ROUNDS as usize / 3).then_some(()) }
+            })
+            .await;
+            for instance in handlers.iter_mut().filter(|h| h.name.ends_with("-0")) {
+                instance.process.kill();
+            }
+            coordinators[0].process.kill();
+            let mut per_coordinator = [0usize; 2];
+            for buyer in buyers {
+                let (coordinator, mine) = buyer.await.unwrap();
+                per_coordinator[coordinator] += mine;
+            }
+            assert!(
+                per_coordinator.iter().all(|n| *n > 0),
+                "both coordinators took purchases: {per_coordinator:?}"
+            );
+
+            // The survivors finish every saga, whichever coordinator took it.
+            let front = &fronts[1];
+            let ids = accepted.lock().await.clone();
+            let (mut spent, mut granted, mut failed) = (0, 0, 0);
+            for id in &ids {
+                let (_, done) = front.follow(id).await;
+                match done.status() {
+                    TransactionStatus::Completed => {
+                        spent += done.total_price;
+                        granted += u64::from(done.quantity);
+                    }
+                    TransactionStatus::Failed => failed += 1,
+                    other => panic!("saga {id} ended {other:?}: {done:?}"),
+                }
+            }
+            assert!(failed > 0 && granted > 0, "both outcomes happened");
+            let wallets = Clients::new(address("wallets-1").parse().unwrap());
+            let mut balances = 0;
+            let mut held = 0;
+            for user in &users {
+                balances += wallets.balance(user).await;
+                held += inventory.held(user, "gem").await;
+            }
+            assert_eq!(balances + spent, USERS as u64 * BALANCE, "money is conserved");
+            assert_eq!(held, granted, "every granted gem belongs to a completed purchase");
+            assert_eq!(inventory.stock("gem").await + held, STOCK, "stock is conserved");
+            for instance in &handlers {
+                assert!(instance.work() > 0, "{} did no work", instance.name);
+            }
+        },
+    )
+    .await;
+}
