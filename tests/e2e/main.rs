@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chaos;
+mod deploy;
 mod flows;
 mod idempotency;
 mod interop;

@@ -1,6 +1,6 @@
-//! Replicas: two instances of every handler and two coordinators share their
-//! state in PostgreSQL and their events through the router on NATS
-//! JetStream. Each instance takes part of the work; one instance of each
+//! Replicas: two routers, two instances of every handler and two
+//! coordinators share their events through NATS JetStream and their state
+//! in PostgreSQL. Each instance takes part of the work; one instance of each
 //! kind is SIGKILLed mid-load, and the others finish every saga.
 
 use std::sync::Arc;
@@ -50,20 +50,26 @@ impl Instance {
 }
 
 #[tokio::test]
-async fn two_instances_of_every_service_share_the_work_and_finish_it_when_one_dies() {
+async fn two_instances_of_everything_share_the_work_and_finish_it_when_one_of_each_dies() {
     distributed(
-        "two_instances_of_every_service_share_the_work_and_finish_it_when_one_dies",
+        "two_instances_of_everything_share_the_work_and_finish_it_when_one_of_each_dies",
         async {
             let dir = tempfile::tempdir().unwrap();
             let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-            let router_data = path("router");
-            let router = Process::start("router", &["router", "--data-dir", &router_data], &[]);
-            let router_address = router.address.to_string();
+            // Instance i of every service attaches to router i.
+            let mut routers: Vec<Instance> = (0..2)
+                .map(|index| {
+                    let data = path(&format!("router-{index}"));
+                    Instance::start("router", index, &["router", "--data-dir", &data])
+                })
+                .collect();
+            let router_addresses: Vec<String> =
+                routers.iter().map(|r| r.process.address.to_string()).collect();
             let mut handlers: Vec<Instance> = Vec::new();
             for name in HANDLERS {
-                for index in 0..2 {
+                for (index, router) in router_addresses.iter().enumerate() {
                     let data = path(&format!("{name}-{index}"));
-                    let args = ["handler", name, "--data-dir", &data, "--router", &router_address];
+                    let args = ["handler", name, "--data-dir", &data, "--router", router];
                     handlers.push(Instance::start(name, index, &args));
                 }
             }
@@ -81,7 +87,7 @@ async fn two_instances_of_every_service_share_the_work_and_finish_it_when_one_di
                         "--data-dir",
                         &data,
                         "--router",
-                        &router_address,
+                        &router_addresses[index],
                         "--inventory",
                         &inventory,
                     ];
@@ -135,15 +141,26 @@ async fn two_instances_of_every_service_share_the_work_and_finish_it_when_one_di
                     (index % 2, mine)
                 }));
             }
-            eventually("a third of the purchases to be accepted", || {
+            // Every instance takes part (the routers split the partitions
+            // between them within seconds) before one of each is killed.
+            eventually("a third of the purchases, and work on every instance", || {
                 let accepted = accepted.clone();
-                async move { (accepted.lock().await.len() >= USERS * ROUNDS as usize / 3).then_some(()) }
+                let idle: Vec<String> = handlers
+                    .iter()
+                    .filter(|h| h.work() == 0)
+                    .map(|h| h.name.clone())
+                    .collect();
+                async move {
+                    let enough = accepted.lock().await.len() >= USERS * ROUNDS as usize / 3;
+                    (enough && idle.is_empty()).then_some(())
+                }
             })
             .await;
             for instance in handlers.iter_mut().filter(|h| h.name.ends_with("-0")) {
                 instance.process.kill();
             }
             coordinators[0].process.kill();
+            routers[0].process.kill();
             let mut per_coordinator = [0usize; 2];
             for buyer in buyers {
                 let (coordinator, mine) = buyer.await.unwrap();

@@ -10,9 +10,14 @@
 //!   retention: an event is removed once every group's consumer acked it
 //!   (the log compacts itself). The partition is a hash of the transaction
 //!   id, so a transaction's events share one subject;
-//! - a durable pull consumer per group on the whole events stream, with
+//! - a durable pull consumer per group and partition (`<group>-p<n>`), with
 //!   explicit acks: JetStream redelivers whatever the router did not ack
 //!   within the ack deadline, including what a crashed router held;
+//! - key-value bucket `SAGAMESH_<NS>_LEASES`: which router pulls which
+//!   group's partition (`lease.<group>.<n>`), so that one router at a time
+//!   delivers a transaction's events, and which routers have instances of a
+//!   group attached (`member.<group>.<router>`). Entries expire unless
+//!   renewed, so the leases of a router that died are free again soon;
 //! - stream `SAGAMESH_<NS>_DEAD` on `sagamesh.<ns>.dead.<group>`: dead
 //!   letters, the stream sequence being the dead letter's id.
 
@@ -24,9 +29,9 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::stream::{self, RawMessageErrorKind, RetentionPolicy, StorageType};
-use async_nats::jetstream::{self, Context};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, Context, kv};
 use futures_util::future::try_join_all;
+use futures_util::{StreamExt, TryStreamExt};
 use prost::Message as _;
 use sagamesh_log::{Appended, BoxFuture, DeadLetter, DeadLetterStore, LogError};
 use sagamesh_proto::v1::Envelope;
@@ -86,6 +91,68 @@ impl Receipt {
         if let Err(e) = self.0.ack().await {
             tracing::warn!(error = %e, "could not ack an event to JetStream");
         }
+    }
+
+    /// Hands the event back: JetStream offers it again at once, before the
+    /// events behind it, to whichever router pulls the partition next.
+    pub async fn nak(self) {
+        if let Err(e) = self.0.ack_with(AckKind::Nak(None)).await {
+            tracing::warn!(error = %e, "could not hand an event back to JetStream");
+        }
+    }
+}
+
+/// The routers' leases and memberships (see the crate documentation).
+pub struct Leases {
+    kv: kv::Store,
+    bucket: String,
+}
+
+impl Leases {
+    /// Takes `key` if nobody holds it; returns the revision to renew it by.
+    pub async fn take(&self, key: &str, holder: &str) -> Result<Option<u64>, LogError> {
+        match self.kv.create(key, holder.to_owned().into()).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(storage(e)),
+        }
+    }
+
+    /// Renews a held key; `None` when it was lost (expired and taken, or
+    /// deleted) meanwhile.
+    pub async fn renew(&self, key: &str, holder: &str, revision: u64) -> Result<Option<u64>, LogError> {
+        match self.kv.update(key, holder.to_owned().into(), revision).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(storage(e)),
+        }
+    }
+
+    /// Gives a held key up.
+    pub async fn release(&self, key: &str, revision: u64) -> Result<(), LogError> {
+        self.kv
+            .delete_expect_revision(key, Some(revision))
+            .await
+            .map_err(storage)
+    }
+
+    /// Writes `key` (a membership), whoever held it.
+    pub async fn announce(&self, key: &str, holder: &str) -> Result<(), LogError> {
+        self.kv
+            .put(key, holder.to_owned().into())
+            .await
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Every live key.
+    pub async fn keys(&self) -> Result<Vec<String>, LogError> {
+        let keys = self.kv.keys().await.map_err(storage)?;
+        keys.try_collect().await.map_err(storage)
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
     }
 }
 
@@ -186,31 +253,18 @@ impl JetStream {
             .collect())
     }
 
-    /// The events for `group`, from its durable consumer (made if missing):
-    /// every event it has not acked, redelivered when an ack does not come
-    /// within `ack_wait`. At most `max_pending` are out unacked at once.
+    /// The events of one partition for `group`, from its durable consumer
+    /// (made if missing): every event it has not acked, in stream order,
+    /// redelivered when an ack does not come within `ack_wait` (or at once
+    /// after a nak). At most `max_pending` are out unacked at once.
     pub async fn consume(
         &self,
         group: &str,
+        partition: u32,
         ack_wait: Duration,
         max_pending: usize,
     ) -> Result<impl futures_util::Stream<Item = Result<Consumed, LogError>> + use<>, LogError> {
-        let consumer = self
-            .events
-            .get_or_create_consumer(
-                group,
-                pull::Config {
-                    durable_name: Some(group.to_owned()),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait,
-                    max_ack_pending: max_pending as i64,
-                    filter_subject: format!("sagamesh.{}.events.>", self.namespace),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(storage)?;
+        let consumer = self.consumer(group, partition, ack_wait, max_pending).await?;
         let messages = consumer.messages().await.map_err(storage)?;
         Ok(messages.then(|message| async move {
             let message = message.map_err(storage)?;
@@ -239,7 +293,32 @@ impl JetStream {
         }))
     }
 
-    /// Makes every group's consumer exist, so that Interest retention keeps
+    async fn consumer(
+        &self,
+        group: &str,
+        partition: u32,
+        ack_wait: Duration,
+        max_pending: usize,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, LogError> {
+        let name = format!("{group}-p{partition}");
+        self.events
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait,
+                    max_ack_pending: max_pending as i64,
+                    filter_subject: format!("sagamesh.{}.events.{partition}", self.namespace),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(storage)
+    }
+
+    /// Makes every group's consumers exist, so that Interest retention keeps
     /// each event until all of them acked it, even before a router pulls.
     pub async fn ensure_consumers(
         &self,
@@ -248,19 +327,54 @@ impl JetStream {
         max_pending: usize,
     ) -> Result<(), LogError> {
         for group in groups {
-            drop(self.consume(group, ack_wait, max_pending).await?);
+            for partition in 0..PARTITIONS {
+                self.consumer(group, partition, ack_wait, max_pending).await?;
+            }
         }
         Ok(())
     }
 
+    /// The leases and memberships of the namespace's routers, which expire
+    /// `ttl` after they were last renewed.
+    pub async fn leases(&self, ttl: Duration) -> Result<Leases, LogError> {
+        let bucket = format!(
+            "{}_LEASES",
+            self.events.cached_info().config.name.trim_end_matches("_EVENTS")
+        );
+        // The bucket's stream is made here rather than by the client's
+        // bucket creation, whose request the JetStream 2.9 servers we
+        // support answer in a form the client does not parse.
+        ensure_stream(
+            &self.context,
+            stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: ttl,
+                duplicate_window: ttl.min(DUPLICATE_WINDOW),
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                storage: StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(storage)?;
+        let kv = self.context.get_key_value(&bucket).await.map_err(storage)?;
+        Ok(Leases { kv, bucket })
+    }
+
     /// Deletes the namespace's streams and consumers (tests clean up with it).
     pub async fn delete(self) -> Result<(), LogError> {
-        for name in [
-            &self.events.cached_info().config.name,
-            &self.dead.cached_info().config.name,
-        ] {
+        let events = self.events.cached_info().config.name.clone();
+        let leases = format!("KV_{}_LEASES", events.trim_end_matches("_EVENTS"));
+        for name in [&events, &self.dead.cached_info().config.name] {
             self.context.delete_stream(name).await.map_err(storage)?;
         }
+        // The leases bucket exists only once a router started.
+        let _ = self.context.delete_stream(&leases).await;
         Ok(())
     }
 

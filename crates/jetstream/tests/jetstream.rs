@@ -64,10 +64,12 @@ async fn a_group_gets_every_event_in_order_and_again_what_it_did_not_ack() {
     let Some(bus) = bus("consume").await else { return };
     let ack_wait = Duration::from_secs(1);
     bus.ensure_consumers(&["g", "h"], ack_wait, 100).await.unwrap();
-    let events: Vec<_> = (0..5).map(|i| event(&format!("tx-{i}"))).collect();
+    // One transaction's events share a partition, and come in order.
+    let events: Vec<_> = (0..5).map(|_| event("tx-ordered")).collect();
     bus.publish(&events).await.unwrap();
+    let partition = sagamesh_jetstream::partition_of("tx-ordered");
 
-    let mut g = Box::pin(bus.consume("g", ack_wait, 100).await.unwrap());
+    let mut g = Box::pin(bus.consume("g", partition, ack_wait, 100).await.unwrap());
     let mut unacked = None;
     for (i, expected) in events.iter().enumerate() {
         let got = g.next().await.unwrap().unwrap();
@@ -90,7 +92,7 @@ async fn a_group_gets_every_event_in_order_and_again_what_it_did_not_ack() {
     again.receipt.ack().await;
 
     // Another group has its own progress: it still sees all five.
-    let mut h = Box::pin(bus.consume("h", ack_wait, 100).await.unwrap());
+    let mut h = Box::pin(bus.consume("h", partition, ack_wait, 100).await.unwrap());
     for expected in &events {
         let got = h.next().await.unwrap().unwrap();
         assert_eq!(got.envelope.event_id, expected.event_id);
@@ -115,4 +117,47 @@ fn a_transaction_always_maps_to_the_same_partition() {
         .map(|i| sagamesh_jetstream::partition_of(&format!("tx-{i}")))
         .collect();
     assert!(spread.len() > 8, "ids spread over the partitions: {spread:?}");
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_until_released_or_expired() {
+    let Some(bus) = bus("leases").await else { return };
+    let leases = bus.leases(Duration::from_secs(1)).await.unwrap();
+    let revision = leases
+        .take("lease.g.1", "a")
+        .await
+        .unwrap()
+        .expect("a free lease");
+    assert_eq!(leases.take("lease.g.1", "b").await.unwrap(), None, "held by a");
+    let renewed = leases
+        .renew("lease.g.1", "a", revision)
+        .await
+        .unwrap()
+        .expect("a renews");
+    assert_eq!(
+        leases.renew("lease.g.1", "b", revision).await.unwrap(),
+        None,
+        "stale revision"
+    );
+    leases.release("lease.g.1", renewed).await.unwrap();
+    let taken = leases
+        .take("lease.g.1", "b")
+        .await
+        .unwrap()
+        .expect("free after release");
+    assert!(leases.keys().await.unwrap().contains(&"lease.g.1".to_owned()));
+    // Unrenewed, it expires and is free again.
+    let started = std::time::Instant::now();
+    loop {
+        if leases.take("lease.g.1", "c").await.unwrap().is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = taken;
+    bus.delete().await.unwrap();
 }

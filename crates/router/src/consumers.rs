@@ -1,31 +1,45 @@
-//! On JetStream, one task per group pulls the group's durable consumer and
-//! hands each event to the core, which delivers it like an event from the
-//! embedded log and acks it to JetStream once the group is done with it.
+//! On JetStream, which router pulls which partition of which group, and the
+//! tasks that pull them into the core.
+//!
+//! Several routers may serve one mesh, and a handler instance attaches to
+//! any of them. A transaction's events must still reach a group in order,
+//! so each (group, partition) is pulled by one router at a time: the one
+//! holding its lease in the namespace's lease bucket. A router takes leases
+//! only for groups with instances attached to it, and about its share of
+//! them: the partitions divided by the routers that have instances of the
+//! group (each announces that with a membership entry). Leases and
+//! memberships expire unless renewed, so the partitions of a router that
+//! died are taken over within seconds; what it held unacked JetStream hands
+//! to the new owner once the ack wait has passed.
+//!
+//! A router that gives a partition up (its share shrank, or its last
+//! instance of the group left) first hands the events it holds back to
+//! JetStream, so the next owner gets them before the ones behind them.
 //!
 //! Events of types the group does not subscribe to are acked at once: the
-//! consumers read the whole stream (the server this targets filters on one
+//! consumers read a whole partition (the server this targets filters on one
 //! subject per consumer), and Interest retention removes an event only once
 //! every group acked it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use sagamesh_jetstream::JetStream;
+use sagamesh_jetstream::{JetStream, Leases, PARTITIONS};
 use sagamesh_log::LogError;
 use sagamesh_proto::v1::EventType;
-use sagamesh_saga::Subscription;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::RouterConfig;
 use crate::core::Command;
 
-/// Events a group may hold unacked (queued behind their transaction's head
-/// or in flight). When reached, JetStream stops handing the group more,
-/// which bounds the router's memory.
-pub(crate) const MAX_PENDING_PER_GROUP: usize = 10_000;
+/// Events one partition of a group may hold unacked (queued behind their
+/// transaction's head or in flight). When reached, JetStream stops handing
+/// out more, which bounds the router's memory.
+const MAX_PENDING_PER_PARTITION: usize = 1_000;
 /// How long to wait before pulling again after the consumer failed.
 const RETRY: Duration = Duration::from_secs(1);
 /// JetStream's ack wait is the ack deadline, capped at this: it is how long
@@ -33,51 +47,209 @@ const RETRY: Duration = Duration::from_secs(1);
 /// the next one. Events a live router holds longer come back early and are
 /// dropped as already held.
 const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long a lease or membership lives without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often leases are renewed and the shares looked at again.
+const BALANCE_EVERY: Duration = Duration::from_millis(500);
+/// How long a release waits for the held events to be handed back.
+const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
 
-/// Makes every group's consumer exist and starts pulling them.
+/// Makes every consumer exist and starts balancing the partitions.
 pub(crate) async fn start(
     bus: &JetStream,
-    config: &RouterConfig,
-    core: &mpsc::Sender<Command>,
+    config: Arc<RouterConfig>,
+    core: mpsc::Sender<Command>,
+    attached: watch::Receiver<Vec<usize>>,
     tasks: &TaskTracker,
-    shutdown: &CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), LogError> {
     let groups: Vec<&str> = config.subscriptions.iter().map(|s| s.group).collect();
     let ack_wait = config.ack_deadline.min(MAX_ACK_WAIT);
-    bus.ensure_consumers(&groups, ack_wait, MAX_PENDING_PER_GROUP)
+    bus.ensure_consumers(&groups, ack_wait, MAX_PENDING_PER_PARTITION)
         .await?;
-    for (index, subscription) in config.subscriptions.iter().enumerate() {
-        tasks.spawn(feed(
-            bus.clone(),
-            index,
-            subscription.clone(),
-            ack_wait,
-            core.clone(),
-            shutdown.clone(),
-        ));
-    }
+    let leases = bus.leases(LEASE_TTL).await?;
+    let balancer = Balancer {
+        bus: bus.clone(),
+        leases,
+        me: uuid::Uuid::now_v7().simple().to_string(),
+        config,
+        ack_wait,
+        core,
+        attached,
+        held: HashMap::new(),
+        tasks: tasks.clone(),
+    };
+    tasks.spawn(balancer.run(shutdown));
     Ok(())
 }
 
+/// A partition this router pulls.
+struct Held {
+    revision: u64,
+    stop: CancellationToken,
+}
+
+struct Balancer {
+    bus: JetStream,
+    leases: Leases,
+    /// This router, in the lease bucket.
+    me: String,
+    config: Arc<RouterConfig>,
+    ack_wait: Duration,
+    core: mpsc::Sender<Command>,
+    /// Instances attached per group (by subscription index).
+    attached: watch::Receiver<Vec<usize>>,
+    held: HashMap<(usize, u32), Held>,
+    tasks: TaskTracker,
+}
+
+fn lease_key(group: &str, partition: u32) -> String {
+    format!("lease.{group}.{partition}")
+}
+
+impl Balancer {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(BALANCE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.balance().await {
+                tracing::warn!(error = %e, "could not balance JetStream partitions");
+            }
+        }
+        let all: Vec<(usize, u32)> = self.held.keys().copied().collect();
+        for (group, partition) in all {
+            self.give_up(group, partition).await;
+        }
+    }
+
+    async fn balance(&mut self) -> Result<(), LogError> {
+        let attached = self.attached.borrow().clone();
+        for (index, subscription) in self.config.subscriptions.iter().enumerate() {
+            if attached[index] > 0 {
+                let key = format!("member.{}.{}", subscription.group, self.me);
+                self.leases.announce(&key, &self.me).await?;
+            }
+        }
+        let held: Vec<(usize, u32)> = self.held.keys().copied().collect();
+        for (group, partition) in held {
+            let key = lease_key(self.config.subscriptions[group].group, partition);
+            let revision = self.held[&(group, partition)].revision;
+            match self.leases.renew(&key, &self.me, revision).await? {
+                Some(revision) => {
+                    if let Some(held) = self.held.get_mut(&(group, partition)) {
+                        held.revision = revision;
+                    }
+                }
+                None => {
+                    tracing::warn!(lease = %key, "lost a partition lease; another router pulls it now");
+                    if let Some(held) = self.held.remove(&(group, partition)) {
+                        held.stop.cancel();
+                    }
+                    self.hand_back(group, partition).await;
+                }
+            }
+        }
+        let keys: HashSet<String> = self.leases.keys().await?.into_iter().collect();
+        let config = self.config.clone();
+        for (index, subscription) in config.subscriptions.iter().enumerate() {
+            let mine: Vec<u32> = self
+                .held
+                .keys()
+                .filter(|(g, _)| *g == index)
+                .map(|(_, p)| *p)
+                .collect();
+            if attached[index] == 0 {
+                for partition in mine {
+                    self.give_up(index, partition).await;
+                }
+                continue;
+            }
+            let prefix = format!("member.{}.", subscription.group);
+            let routers = keys.iter().filter(|k| k.starts_with(&prefix)).count().max(1) as u32;
+            let share = PARTITIONS.div_ceil(routers) as usize;
+            for &partition in mine.iter().skip(share) {
+                self.give_up(index, partition).await;
+            }
+            let mut count = mine.len();
+            for partition in 0..PARTITIONS {
+                if count >= share {
+                    break;
+                }
+                let key = lease_key(subscription.group, partition);
+                if self.held.contains_key(&(index, partition)) || keys.contains(&key) {
+                    continue;
+                }
+                if let Some(revision) = self.leases.take(&key, &self.me).await? {
+                    let stop = CancellationToken::new();
+                    self.tasks.spawn(feed(
+                        self.bus.clone(),
+                        index,
+                        partition,
+                        self.config.clone(),
+                        self.ack_wait,
+                        self.core.clone(),
+                        stop.clone(),
+                    ));
+                    self.held.insert((index, partition), Held { revision, stop });
+                    count += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops pulling a partition, hands its events back, frees the lease.
+    async fn give_up(&mut self, group: usize, partition: u32) {
+        let Some(held) = self.held.remove(&(group, partition)) else {
+            return;
+        };
+        held.stop.cancel();
+        self.hand_back(group, partition).await;
+        let key = lease_key(self.config.subscriptions[group].group, partition);
+        if let Err(e) = self.leases.release(&key, held.revision).await {
+            tracing::warn!(lease = %key, error = %e, "could not release a partition lease; it will expire");
+        }
+    }
+
+    async fn hand_back(&self, group: usize, partition: u32) {
+        let (done, handed_back) = oneshot::channel();
+        let forget = Command::Forget {
+            group,
+            partition,
+            done,
+        };
+        if self.core.send(forget).await.is_ok() {
+            let _ = tokio::time::timeout(HAND_BACK_WAIT, handed_back).await;
+        }
+    }
+}
+
+/// Pulls one partition of a group into the core until stopped.
 async fn feed(
     bus: JetStream,
     group: usize,
-    subscription: Subscription,
+    partition: u32,
+    config: Arc<RouterConfig>,
     ack_wait: Duration,
     core: mpsc::Sender<Command>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
+    let subscription = &config.subscriptions[group];
     let wanted: HashSet<EventType> = subscription.event_types.iter().copied().collect();
     loop {
         match bus
-            .consume(subscription.group, ack_wait, MAX_PENDING_PER_GROUP)
+            .consume(subscription.group, partition, ack_wait, MAX_PENDING_PER_PARTITION)
             .await
         {
             Ok(events) => {
                 let mut events = std::pin::pin!(events);
                 loop {
                     let next = tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = stop.cancelled() => return,
                         next = events.next() => next,
                     };
                     match next {
@@ -93,7 +265,7 @@ async fn feed(
                             tracing::error!(group = subscription.group, error = %e, "skipped an undecodable event");
                         }
                         Some(Err(e)) => {
-                            tracing::warn!(group = subscription.group, error = %e, "pulling from JetStream failed");
+                            tracing::warn!(group = subscription.group, partition, error = %e, "pulling from JetStream failed");
                             break;
                         }
                         None => break,
@@ -101,11 +273,11 @@ async fn feed(
                 }
             }
             Err(e) => {
-                tracing::warn!(group = subscription.group, error = %e, "cannot pull from JetStream; retrying");
+                tracing::warn!(group = subscription.group, partition, error = %e, "cannot pull from JetStream; retrying");
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RETRY) => {}
         }
     }

@@ -25,7 +25,7 @@ use sagamesh_proto::v1::{
     AttachResponse, DeadLettered, Deliveries, Delivery, Envelope, EventType, Hello, SagaMode, Welcome,
     attach_response,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -72,6 +72,14 @@ pub(crate) enum Command {
     Consumed {
         group: usize,
         event: Consumed,
+    },
+    /// This router no longer pulls the group's partition: its events held
+    /// here go back to JetStream (nak), so the next router gets them first;
+    /// `done` is answered once they were handed back.
+    Forget {
+        group: usize,
+        partition: u32,
+        done: oneshot::Sender<()>,
     },
     /// Sends a dead letter to its group again.
     Replay {
@@ -146,6 +154,8 @@ pub(crate) struct Core {
     /// The embedded log, for cursors and truncation; `None` on JetStream.
     log: Option<Arc<dyn EventLog>>,
     dead_letters: Arc<dyn DeadLetterStore>,
+    /// Instances attached per group, for the JetStream lease manager.
+    members: watch::Sender<Vec<usize>>,
     config: Arc<RouterConfig>,
     commands: mpsc::Sender<Command>,
     /// For the router's own `DeadLettered` events.
@@ -174,6 +184,7 @@ impl Core {
         config: Arc<RouterConfig>,
         commands: mpsc::Sender<Command>,
         appender: mpsc::Sender<Append>,
+        members: watch::Sender<Vec<usize>>,
     ) -> Result<Core, LogError> {
         let log = match backend {
             Backend::Embedded(log) => Some(log.clone()),
@@ -208,6 +219,7 @@ impl Core {
         let mut core = Core {
             log: log.clone(),
             dead_letters: backend.dead_letters(),
+            members,
             config,
             commands,
             appender,
@@ -302,6 +314,11 @@ impl Core {
             }
             Command::Appended(events) => self.enqueue(events, false),
             Command::Consumed { group, event } => self.enqueue_consumed(group, event),
+            Command::Forget {
+                group,
+                partition,
+                done,
+            } => self.forget(group, partition, done),
             Command::Replay { dead_letter, reply } => {
                 let answer = self.replay(dead_letter);
                 let _ = reply.send(answer);
@@ -401,6 +418,7 @@ impl Core {
         }
         if let Some(index) = group {
             self.groups[index].instances.push(instance);
+            self.publish_members();
             self.dispatch(index);
         }
         Ok(())
@@ -421,6 +439,7 @@ impl Core {
         }
         let Some(group) = gone.group else { return };
         self.groups[group].instances.retain(|i| *i != instance);
+        self.publish_members();
         for delivery_id in gone.in_flight {
             if let Some(flight) = self.in_flight.remove(&delivery_id) {
                 self.retry(flight, "the stream broke before the ack".into(), false);
@@ -644,6 +663,56 @@ impl Core {
             replay_of: None,
         });
         self.dispatch(group_index);
+    }
+
+    fn publish_members(&self) {
+        let counts = self.groups.iter().map(|g| g.instances.len()).collect();
+        self.members.send_replace(counts);
+    }
+
+    /// Drops the group's events of one JetStream partition, in flight or
+    /// queued, and hands them back to JetStream in order.
+    fn forget(&mut self, group_index: usize, partition: u32, done: oneshot::Sender<()>) {
+        let group = &mut self.groups[group_index];
+        let gone: Vec<Arc<str>> = group
+            .queues
+            .keys()
+            .filter(|tx| sagamesh_jetstream::partition_of(tx) == partition)
+            .cloned()
+            .collect();
+        let mut receipts = Vec::new();
+        for transaction in &gone {
+            for pending in group.queues.remove(transaction).into_iter().flatten() {
+                if let Settle::Receipt { sequence, receipt } = pending.settle {
+                    group.held.remove(&sequence);
+                    receipts.push((sequence, receipt));
+                }
+            }
+        }
+        let gone: HashSet<Arc<str>> = gone.into_iter().collect();
+        group.ready.retain(|tx| !gone.contains(tx));
+        self.delayed
+            .retain(|(_, g, tx)| !(*g == group_index && gone.contains(tx)));
+        let flights: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.group == group_index && gone.contains(&f.transaction))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in flights {
+            if let Some(flight) = self.in_flight.remove(&id)
+                && let Some(instance) = self.instances.get_mut(&flight.instance)
+            {
+                instance.in_flight.remove(&id);
+            }
+        }
+        receipts.sort_unstable_by_key(|(sequence, _)| *sequence);
+        tokio::spawn(async move {
+            for (_, receipt) in receipts {
+                receipt.nak().await;
+            }
+            let _ = done.send(());
+        });
     }
 
     fn replay(&mut self, dead_letter: DeadLetter) -> Result<(), Status> {

@@ -34,7 +34,7 @@ use sagamesh_jetstream::JetStream;
 use sagamesh_log::{DeadLetterStore, EventLog, LogError};
 use sagamesh_proto::v1::SagaMode;
 use sagamesh_saga::Subscription;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -115,10 +115,20 @@ impl Router {
         let (core, core_rx) = mpsc::channel(core::COMMAND_QUEUE);
         let (appender, append_rx) = mpsc::channel(appender::APPEND_QUEUE);
         let dead_letters = backend.dead_letters();
-        let state = core::Core::recover(&backend, config.clone(), core.clone(), appender.clone()).await?;
+        let (members, attached) = watch::channel(vec![0; config.subscriptions.len()]);
+        let state =
+            core::Core::recover(&backend, config.clone(), core.clone(), appender.clone(), members).await?;
         tasks.spawn(state.run(core_rx, shutdown.clone()));
         if let Backend::JetStream(bus) = &backend {
-            consumers::start(bus, &config, &core, tasks, &shutdown).await?;
+            consumers::start(
+                bus,
+                config.clone(),
+                core.clone(),
+                attached,
+                tasks,
+                shutdown.clone(),
+            )
+            .await?;
         }
         tasks.spawn(appender::run(backend, append_rx, core.clone(), shutdown));
         Ok(Router {

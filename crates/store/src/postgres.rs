@@ -174,8 +174,13 @@ fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
         path: url.to_owned(),
         reason: e.to_string(),
     })?;
+    // Replicas starting together would race on creating the schema: the
+    // same advisory lock as the migrations' serialises them.
     client.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+        "SELECT pg_advisory_lock(hashtext('{schema}'));
+         CREATE SCHEMA IF NOT EXISTS {schema};
+         SELECT pg_advisory_unlock(hashtext('{schema}'));
+         SET search_path TO {schema}"
     ))?;
     Ok(client)
 }
