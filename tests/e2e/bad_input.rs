@@ -6,7 +6,7 @@ use sagamesh_proto::v1::{
 };
 use tonic::Code;
 
-use crate::support::Mesh;
+use crate::support::{Mesh, on_both_backends};
 
 fn purchase(user_id: &str, item_id: &str, quantity: u32) -> PurchaseRequest {
     PurchaseRequest {
@@ -17,7 +17,6 @@ fn purchase(user_id: &str, item_id: &str, quantity: u32) -> PurchaseRequest {
     }
 }
 
-#[tokio::test]
 async fn bad_requests_get_clear_errors() {
     let mesh = Mesh::start(SagaMode::Choreography).await;
     let c = &mesh.clients;
@@ -133,3 +132,5 @@ async fn bad_requests_get_clear_errors() {
         .unwrap_err();
     assert_eq!(empty_publish.code(), Code::InvalidArgument);
 }
+
+on_both_backends!(bad_requests_get_clear_errors,);

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use sagamesh_proto::v1::SagaMode;
 
-use crate::support::{Mesh, in_both_modes};
+use crate::support::{Mesh, in_both_modes, on_both_backends};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -91,7 +91,6 @@ fn readme_examples() -> String {
     block[open..open + close].to_owned()
 }
 
-#[tokio::test]
 async fn the_readme_grpcurl_examples_work_as_written() {
     let mut probe = Command::new("grpcurl");
     probe.arg("-version");
@@ -145,3 +144,5 @@ async fn the_readme_grpcurl_examples_work_as_written() {
 }
 
 in_both_modes!(a_generated_python_client_buys_and_follows_to_completed);
+
+on_both_backends!(the_readme_grpcurl_examples_work_as_written,);

@@ -14,7 +14,9 @@ use sagamesh_proto::v1::{
 
 use tokio::sync::Mutex;
 
-use crate::support::{Clients, MarkerCounts, Process, eventually, in_both_modes, mode_arg, wait_serving};
+use crate::support::{
+    Clients, MarkerCounts, Process, eventually, in_both_modes, mode_arg, on_both_backends, wait_serving,
+};
 
 /// Router, coordinator and every handler, each its own process.
 struct Deployment {
@@ -322,9 +324,11 @@ async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and
 
 /// A saga started in one mode finishes in that mode after the mesh
 /// restarts in the other.
-#[tokio::test]
-async fn sagas_finish_in_their_own_mode_after_a_restart_in_the_other() {
+async fn choreography_sagas_finish_as_such_after_a_restart_in_orchestration() {
     killed_and_restarted(SagaMode::Choreography, SagaMode::Orchestration).await;
+}
+
+async fn orchestration_sagas_finish_as_such_after_a_restart_in_choreography() {
     killed_and_restarted(SagaMode::Orchestration, SagaMode::Choreography).await;
 }
 
@@ -640,4 +644,9 @@ in_both_modes!(
     a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock,
     sigterm_drains_and_exits_cleanly,
     a_stalled_saga_is_failed_and_compensated_after_its_deadline,
+);
+
+on_both_backends!(
+    choreography_sagas_finish_as_such_after_a_restart_in_orchestration,
+    orchestration_sagas_finish_as_such_after_a_restart_in_choreography,
 );

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::support::{DEADLINE, Process, eventually};
+use crate::support::{DEADLINE, Process, eventually, on_both_backends};
 
 struct Instance {
     outbound: mpsc::Sender<AttachRequest>,
@@ -177,7 +177,6 @@ fn router(dir: &std::path::Path, extra: &[&str]) -> (Process, EventRouterClient<
     (process, EventRouterClient::new(channel))
 }
 
-#[tokio::test]
 async fn events_of_a_transaction_go_out_in_order_and_again_when_not_acked() {
     let dir = tempfile::tempdir().unwrap();
     let (_router, client) = router(dir.path(), &["--ack-deadline-ms", "300"]);
@@ -224,7 +223,6 @@ async fn events_of_a_transaction_go_out_in_order_and_again_when_not_acked() {
     b.quiet_for(Duration::from_millis(400)).await;
 }
 
-#[tokio::test]
 async fn a_group_shares_its_events_among_instances() {
     let dir = tempfile::tempdir().unwrap();
     let (_router, client) = router(dir.path(), &[]);
@@ -242,7 +240,6 @@ async fn a_group_shares_its_events_among_instances() {
     }
 }
 
-#[tokio::test]
 async fn an_event_that_keeps_failing_becomes_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let (_router, client) = router(dir.path(), &["--max-attempts", "2"]);
@@ -335,7 +332,6 @@ async fn an_event_that_keeps_failing_becomes_a_dead_letter() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
-#[tokio::test]
 async fn hellos_that_do_not_fit_the_mesh_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (_router, client) = router(dir.path(), &[]);
@@ -371,7 +367,6 @@ async fn hellos_that_do_not_fit_the_mesh_are_refused() {
     );
 }
 
-#[tokio::test]
 async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back() {
     let dir = tempfile::tempdir().unwrap();
     let (mut router_process, client) = router(dir.path(), &[]);
@@ -413,3 +408,11 @@ async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back()
         "the unacked event was delivered again after the crash"
     );
 }
+
+on_both_backends!(
+    events_of_a_transaction_go_out_in_order_and_again_when_not_acked,
+    a_group_shares_its_events_among_instances,
+    an_event_that_keeps_failing_becomes_a_dead_letter,
+    hellos_that_do_not_fit_the_mesh_are_refused,
+    acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back,
+);

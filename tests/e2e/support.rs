@@ -59,6 +59,29 @@ macro_rules! in_both_modes {
 }
 pub(crate) use in_both_modes;
 
+/// Declares, for each named `async fn()` test body in scope, a module with
+/// one test on the embedded stores and one on NATS JetStream with
+/// PostgreSQL.
+macro_rules! on_both_backends {
+    ($($body:ident),* $(,)?) => {
+        $(
+            mod $body {
+                #[tokio::test]
+                async fn embedded() {
+                    super::$body().await
+                }
+
+                #[tokio::test]
+                async fn on_nats_and_postgres() {
+                    let name = concat!(stringify!($body), "::on_nats_and_postgres");
+                    crate::support::distributed(name, super::$body()).await
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_both_backends;
+
 /// Where the meshes a test starts keep their events and state.
 #[derive(Debug, Clone)]
 pub enum Backend {
