@@ -34,6 +34,14 @@ pub struct BenchArgs {
     /// The mesh's public address.
     #[arg(long, env = "SAGAMESH_TARGET", default_value = "127.0.0.1:50051")]
     target: String,
+    /// Where the bench creates its users, when the wallets service runs on
+    /// its own address (one service per process); by default `--target`.
+    #[arg(long)]
+    wallets: Option<String>,
+    /// Where the bench creates its items, when the inventory service runs
+    /// on its own address; by default `--target`.
+    #[arg(long)]
+    inventory: Option<String>,
     /// Purchases to run (after the warmup).
     #[arg(long, default_value_t = 2_000)]
     count: usize,
@@ -299,28 +307,41 @@ async fn bench_own_mesh(args: &BenchArgs, mode: Mode) -> Result<(Results, Durati
     outcome
 }
 
-/// Creates the bench's users and items on the mesh at `target`, warms up,
-/// and measures `--count` purchases.
-async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Duration), String> {
-    let uri = if target.contains("://") {
-        target.to_owned()
+/// A channel to `address`, retried for a while: the mesh may still be
+/// starting (an own mesh).
+async fn connect(address: &str) -> Result<Channel, String> {
+    let uri = if address.contains("://") {
+        address.to_owned()
     } else {
-        format!("http://{target}")
+        format!("http://{address}")
     };
     let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| format!("bad --target: {e}"))?
+        .map_err(|e| format!("bad address {address}: {e}"))?
         .tcp_nodelay(true);
-    // The mesh may still be starting (an own mesh): retry for a while.
     let mut attempts = 0;
-    let channel = loop {
+    loop {
         match endpoint.connect().await {
-            Ok(channel) => break channel,
-            Err(e) if attempts >= 50 => return Err(format!("cannot reach the mesh at {target}: {e}")),
+            Ok(channel) => return Ok(channel),
+            Err(e) if attempts >= 50 => return Err(format!("cannot reach the mesh at {address}: {e}")),
             Err(_) => {
                 attempts += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Creates the bench's users and items on the mesh at `target`, warms up,
+/// and measures `--count` purchases.
+async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Duration), String> {
+    let channel = connect(target).await?;
+    let wallets_channel = match &args.wallets {
+        Some(address) => connect(address).await?,
+        None => channel.clone(),
+    };
+    let inventory_channel = match &args.inventory {
+        Some(address) => connect(address).await?,
+        None => channel.clone(),
     };
 
     let run_id = run_suffix();
@@ -329,7 +350,7 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
     let budget: u64 = 1 << 40;
     let item_ok = format!("bench-{run_id}-item");
     let item_empty = format!("bench-{run_id}-sold-out");
-    let mut wallets = WalletsClient::new(channel.clone());
+    let mut wallets = WalletsClient::new(wallets_channel);
     for i in 0..users {
         wallets
             .create_user(CreateUserRequest {
@@ -339,7 +360,7 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
             .await
             .map_err(|e| format!("cannot create bench users: {}", e.message()))?;
     }
-    let mut inventory = InventoryClient::new(channel.clone());
+    let mut inventory = InventoryClient::new(inventory_channel);
     for (item_id, stock) in [(&item_ok, budget), (&item_empty, 0)] {
         inventory
             .create_item(CreateItemRequest {

@@ -57,6 +57,19 @@ pub(crate) const SCHEMA: Schema = Schema {
     CREATE INDEX transactions_by_progress ON transactions (status, updated_ms)",
         // Each outbox row's writer, for replicas sharing a database.
         OUTBOX_WRITER_MIGRATION,
+        // Counters per writer connection, so that concurrent writers never
+        // wait on the same counter row; readers add them up.
+        "CREATE TABLE status_counts_by_writer (
+            writer TEXT NOT NULL DEFAULT '',
+            mode INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (writer, mode, status)
+        ) WITHOUT ROWID;
+        INSERT INTO status_counts_by_writer (mode, status, count)
+            SELECT mode, status, count FROM status_counts;
+        DROP TABLE status_counts;
+        ALTER TABLE status_counts_by_writer RENAME TO status_counts",
     ],
     postgres: &[
         "CREATE TABLE transactions (
@@ -75,10 +88,11 @@ pub(crate) const SCHEMA: Schema = Schema {
         CREATE INDEX transactions_by_status ON transactions (status, seq);
         CREATE INDEX transactions_by_progress ON transactions (status, updated_ms);
         CREATE TABLE status_counts (
+            writer TEXT NOT NULL DEFAULT current_setting('sagamesh.writer', true),
             mode BIGINT NOT NULL,
             status BIGINT NOT NULL,
             count BIGINT NOT NULL,
-            PRIMARY KEY (mode, status)
+            PRIMARY KEY (writer, mode, status)
         );
         CREATE TABLE orchestrations (
             transaction_id TEXT PRIMARY KEY,
@@ -124,7 +138,7 @@ fn recount(tx: &mut dyn Tx, mode: i32, from: i32, to: i32) -> Result<(), StoreEr
 fn count(tx: &mut dyn Tx, mode: i32, status: i32, delta: i64) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO status_counts (mode, status, count) VALUES ($1, $2, $3)
-         ON CONFLICT (mode, status) DO UPDATE SET count = status_counts.count + excluded.count",
+         ON CONFLICT (writer, mode, status) DO UPDATE SET count = status_counts.count + excluded.count",
         &values![mode, status, delta],
     )?;
     Ok(())
@@ -394,7 +408,8 @@ pub(crate) fn list(
 /// `(mode, status, count)` for every pair with sagas.
 pub(crate) fn status_counts(tx: &mut dyn Tx) -> Result<Vec<(i32, i32, u64)>, CoordinatorError> {
     let rows = tx.query(
-        "SELECT mode, status, count FROM status_counts WHERE count > 0 ORDER BY mode, status",
+        "SELECT mode, status, CAST(SUM(count) AS BIGINT) FROM status_counts
+         GROUP BY mode, status HAVING SUM(count) > 0 ORDER BY mode, status",
         &[],
     )?;
     Ok(rows

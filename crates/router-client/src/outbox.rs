@@ -1,9 +1,9 @@
 //! The transactional outbox: events written with the business change, then
 //! relayed to the router.
 //!
-//! Each row carries its writer (the instance whose store connection wrote
-//! it): an instance's relay publishes its own rows in `seq` order, which is
-//! their commit order since one connection writes them. Where instances
+//! Each row carries its writer (the store connection that wrote it): an
+//! instance's relay publishes its own connections' rows, each connection's
+//! in `seq` order, which is their commit order. Where instances
 //! share a database, a relay also sweeps up rows another writer left behind
 //! for long (an instance that died before relaying them); publishing a row
 //! twice is harmless, since the router dedupes by event id.
@@ -112,6 +112,8 @@ impl From<StoreError> for RelayError {
 /// crash only makes the relay publish those events again, which the router
 /// dedupes, so they need not cost an fsync each on the hot path.
 struct Progress {
+    /// The writer connection whose rows these are.
+    writer: String,
     published_through: i64,
     deleted_through: i64,
 }
@@ -124,16 +126,21 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const LEFT_BEHIND_AFTER: Duration = Duration::from_secs(5);
 
 async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: CancellationToken) {
-    let mut progress = Progress {
-        published_through: 0,
-        deleted_through: 0,
-    };
+    let mut progress: Vec<Progress> = store
+        .writers()
+        .into_iter()
+        .map(|writer| Progress {
+            writer,
+            published_through: 0,
+            deleted_through: 0,
+        })
+        .collect();
     let mut delete_timer = tokio::time::interval(DELETE_EVERY);
     delete_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep_timer = tokio::time::interval(SWEEP_EVERY);
     sweep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match relay_batch(&store, &publisher, &mut progress).await {
+        match relay_batches(&store, &publisher, &mut progress).await {
             // A full batch: more may be waiting.
             Ok(n) if n == RELAY_BATCH => continue,
             Ok(_) => {
@@ -141,8 +148,10 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: Can
                     _ = nudge.notified() => {}
                     _ = tokio::time::sleep(RELAY_POLL) => {}
                     _ = delete_timer.tick() => {
-                        if let Err(e) = delete_confirmed(&store, &mut progress).await {
-                            tracing::warn!(error = %e.0, "could not delete relayed outbox rows");
+                        for progress in &mut progress {
+                            if let Err(e) = delete_confirmed(&store, progress).await {
+                                tracing::warn!(error = %e.0, "could not delete relayed outbox rows");
+                            }
                         }
                     }
                     _ = sweep_timer.tick(), if store.shared() => {
@@ -152,12 +161,14 @@ async fn relay(store: Store, publisher: Publisher, nudge: Arc<Notify>, stop: Can
                     }
                     _ = stop.cancelled() => {
                         // Last passes, so a clean stop leaves an empty outbox.
-                        while let Ok(n) = relay_batch(&store, &publisher, &mut progress).await {
+                        while let Ok(n) = relay_batches(&store, &publisher, &mut progress).await {
                             if n == 0 {
                                 break;
                             }
                         }
-                        let _ = delete_confirmed(&store, &mut progress).await;
+                        for progress in &mut progress {
+                            let _ = delete_confirmed(&store, progress).await;
+                        }
                         return;
                     }
                 }
@@ -178,7 +189,7 @@ async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), 
         return Ok(());
     }
     let through = progress.published_through;
-    let writer = store.writer().to_owned();
+    let writer = progress.writer.clone();
     store
         .write(move |tx| {
             tx.execute(
@@ -192,14 +203,28 @@ async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), 
     Ok(())
 }
 
-/// Publishes the next batch after what was confirmed; returns its size.
+/// Publishes the next batch of each writer connection; returns the largest.
+async fn relay_batches(
+    store: &Store,
+    publisher: &Publisher,
+    progress: &mut [Progress],
+) -> Result<usize, RelayError> {
+    let mut largest = 0;
+    for progress in progress {
+        largest = largest.max(relay_batch(store, publisher, progress).await?);
+    }
+    Ok(largest)
+}
+
+/// Publishes a writer's next batch after what was confirmed; returns its
+/// size.
 async fn relay_batch(
     store: &Store,
     publisher: &Publisher,
     progress: &mut Progress,
 ) -> Result<usize, RelayError> {
     let after = progress.published_through;
-    let writer = store.writer().to_owned();
+    let writer = progress.writer.clone();
     let rows: Vec<(i64, Envelope)> = store
         .read(move |tx| {
             let rows = tx.query(
@@ -236,7 +261,12 @@ async fn relay_batch(
 /// longer than [`LEFT_BEHIND_AFTER`] (its instance died before relaying
 /// them); returns how many.
 async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize, RelayError> {
-    let writer = store.writer().to_owned();
+    // This instance's connections share a prefix: `<instance>-<n>`.
+    let mine = store
+        .writers()
+        .first()
+        .and_then(|w| w.rsplit_once('-').map(|(instance, _)| format!("{instance}-%")))
+        .unwrap_or_default();
     let before_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -245,8 +275,8 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
     let rows: Vec<(i64, Envelope)> = store
         .read(move |tx| {
             let rows = tx.query(
-                "SELECT seq, body FROM outbox WHERE writer <> $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
-                &values![writer, before_ms, RELAY_BATCH],
+                "SELECT seq, body FROM outbox WHERE writer NOT LIKE $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
+                &values![mine, before_ms, RELAY_BATCH],
             )?;
             let mut events = Vec::new();
             for row in rows {

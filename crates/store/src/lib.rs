@@ -180,12 +180,14 @@ impl Store {
         matches!(self.engine, Engine::Postgres(_))
     }
 
-    /// This instance's writer id: rows a table defaults to the writer (see
-    /// the outbox) carry it. Empty on SQLite, where one instance writes.
-    pub fn writer(&self) -> &str {
+    /// This instance's writer connections: rows a table defaults to the
+    /// writer (see the outbox) carry one of them, and one connection's rows
+    /// commit in the order it wrote them. On SQLite one connection writes,
+    /// named "".
+    pub fn writers(&self) -> Vec<String> {
         match &self.engine {
-            Engine::Sqlite(_) => "",
-            Engine::Postgres(engine) => engine.writer(),
+            Engine::Sqlite(_) => vec![String::new()],
+            Engine::Postgres(engine) => engine.writers().to_vec(),
         }
     }
 

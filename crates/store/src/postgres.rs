@@ -2,15 +2,18 @@
 //! replicas: a service's tables live in a schema of its own, so several
 //! services (or test runs) share one database.
 //!
-//! It mirrors the SQLite engine: one writer thread runs the writes, each in
-//! a savepoint inside its transaction, and answers them after the commit
+//! Like the SQLite engine it runs writes on threads of its own, each write in
+//! a savepoint inside its transaction, answered after the commit
 //! (PostgreSQL's own commit is durable, so a staged write is answered then
-//! too); reads go to a reader thread. The threads use the
+//! too). There are [`WRITERS`] writer threads, each with its connection, so
+//! commits overlap and PostgreSQL shares WAL flushes among them, and
+//! [`READERS`] reader threads. The threads use the
 //! synchronous `postgres` client, so no call ever blocks an async worker.
 //! Statements are prepared once per connection and reused.
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Statement};
@@ -26,6 +29,12 @@ use crate::{Row, StoreError, Synced, Tx, Value};
 const MAX_BATCH: usize = 1;
 /// Writes and reads waiting for their thread. When full, callers wait.
 const QUEUE: usize = 4096;
+/// Writer connections per store. Every instance of every service opens
+/// `WRITERS + READERS` connections: keep them few, PostgreSQL's default
+/// limit is a hundred.
+pub(crate) const WRITERS: usize = 2;
+/// Reader connections per store.
+const READERS: usize = 2;
 
 type Job = Box<dyn FnOnce(&mut PgTx<'_>) -> Finish + Send>;
 type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
@@ -39,10 +48,10 @@ struct Finish {
 pub(crate) struct PostgresStore {
     writes: mpsc::Sender<Job>,
     reads: mpsc::Sender<Job>,
-    /// This instance's writer, as its connection tells the database
-    /// (`sagamesh.writer`); rows a table defaults to it are this
-    /// instance's.
-    writer: String,
+    /// This instance's writer connections, as each tells the database
+    /// (`sagamesh.writer`): rows a table defaults to one of them are this
+    /// instance's. They share a prefix, the instance's id.
+    writers: Vec<String>,
 }
 
 impl From<postgres::Error> for StoreError {
@@ -78,29 +87,49 @@ impl PostgresStore {
             schema.to_owned(),
             migrations.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>(),
         );
-        let writer = uuid::Uuid::now_v7().simple().to_string();
-        let writer_setting = format!("SET sagamesh.writer = '{writer}'");
+        let instance = uuid::Uuid::now_v7().simple().to_string();
+        let writers: Vec<String> = (0..WRITERS).map(|n| format!("{instance}-{n}")).collect();
+        let names = writers.clone();
         let (writes, write_rx) = mpsc::channel::<Job>(QUEUE);
+        let write_rx = Arc::new(Mutex::new(write_rx));
         let (reads, read_rx) = mpsc::channel::<Job>(QUEUE);
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        let thread_name = format!("{schema}-pg");
         std::thread::Builder::new()
-            .name(format!("{schema}-pg-writer"))
+            .name(thread_name.clone())
             .spawn(move || {
-                let writer = connect(&url_owned, &schema_owned).and_then(|mut client| {
-                    client.batch_execute(&writer_setting)?;
-                    migrate(&mut client, &schema_owned, &migrations_owned)?;
-                    Ok(client)
-                });
-                let reader = writer
-                    .as_ref()
-                    .map_err(|e| StoreError::Sql(e.to_string()))
-                    .and_then(|_| connect(&url_owned, &schema_owned));
-                match (writer, reader) {
-                    (Ok(writer), Ok(reader)) => {
-                        let _ = opened_tx.send(Ok(()));
-                        std::thread::spawn(move || run_reader(reader, read_rx));
-                        run_writer(writer, write_rx);
+                let opened = (|| {
+                    let mut clients = Vec::new();
+                    for name in &names {
+                        let mut client = connect(&url_owned, &schema_owned)?;
+                        client.batch_execute(&format!("SET sagamesh.writer = '{name}'"))?;
+                        if clients.is_empty() {
+                            migrate(&mut client, &schema_owned, &migrations_owned)?;
+                        }
+                        clients.push(client);
                     }
-                    (Err(e), _) | (_, Err(e)) => {
+                    let readers = (0..READERS)
+                        .map(|_| connect(&url_owned, &schema_owned))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok::<_, StoreError>((clients, readers))
+                })();
+                match opened {
+                    Ok((clients, readers)) => {
+                        let _ = opened_tx.send(Ok(()));
+                        for client in clients {
+                            let jobs = write_rx.clone();
+                            let _ = std::thread::Builder::new()
+                                .name(format!("{thread_name}-writer"))
+                                .spawn(move || run_writer(client, jobs));
+                        }
+                        for client in readers {
+                            let jobs = read_rx.clone();
+                            let _ = std::thread::Builder::new()
+                                .name(format!("{thread_name}-reader"))
+                                .spawn(move || run_reader(client, jobs));
+                        }
+                    }
+                    Err(e) => {
                         let _ = opened_tx.send(Err(e));
                     }
                 }
@@ -110,12 +139,12 @@ impl PostgresStore {
         Ok(PostgresStore {
             writes,
             reads,
-            writer,
+            writers,
         })
     }
 
-    pub(crate) fn writer(&self) -> &str {
-        &self.writer
+    pub(crate) fn writers(&self) -> &[String] {
+        &self.writers
     }
 
     pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
@@ -299,18 +328,19 @@ impl ToSql for Value {
     to_sql_checked!();
 }
 
-fn run_writer(mut client: Client, mut jobs: mpsc::Receiver<Job>) {
+fn run_writer(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut prepared = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = jobs.blocking_recv() {
+    loop {
+        // One writer waits for the queue at a time; the lock is released
+        // before the write runs.
+        let next = jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .blocking_recv();
+        let Some(first) = next else { return };
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
         let outcome = commit_batch(&mut client, &mut prepared, &mut batch, &mut done);
         if let Err(e) = &outcome {
             tracing::error!(error = %e, writes = done.len(), "store commit failed");
@@ -371,9 +401,14 @@ fn commit_batch(
     client.batch_execute("COMMIT").map_err(|e| e.to_string())
 }
 
-fn run_reader(mut client: Client, mut jobs: mpsc::Receiver<Job>) {
+fn run_reader(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut prepared = HashMap::new();
-    while let Some(job) = jobs.blocking_recv() {
+    loop {
+        let next = jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .blocking_recv();
+        let Some(job) = next else { return };
         let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             job(&mut PgTx {
                 client: &mut client,
