@@ -658,7 +658,9 @@ impl Core {
                 receipt: event.receipt,
             },
             envelope: event.envelope,
-            attempts: 0,
+            // JetStream counts deliveries across routers: a router that takes
+            // over a partition goes on counting where the last one stopped.
+            attempts: event.delivered.saturating_sub(1),
             last_error: String::new(),
             replay_of: None,
         });
