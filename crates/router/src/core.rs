@@ -658,9 +658,7 @@ impl Core {
                 receipt: event.receipt,
             },
             envelope: event.envelope,
-            // JetStream counts deliveries across routers: a router that takes
-            // over a partition goes on counting where the last one stopped.
-            attempts: event.delivered.saturating_sub(1),
+            attempts: 0,
             last_error: String::new(),
             replay_of: None,
         });
