@@ -4,12 +4,13 @@
 //! kind is SIGKILLed mid-load, and the others finish every saga.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use sagamesh_proto::v1::{PurchaseRequest, TransactionStatus};
 use tokio::sync::Mutex;
 
-use crate::support::{Clients, MarkerCounts, Process, distributed, eventually, wait_serving};
+use crate::support::{Clients, MarkerCounts, Process, distributed, eventually_within, wait_serving};
 
 const HANDLERS: [&str; 5] = [
     "wallets",
@@ -22,7 +23,11 @@ const USERS: usize = 16;
 const BALANCE: u64 = 10_000;
 const STOCK: u64 = 300;
 const PRICE: u64 = 3;
-const ROUNDS: u32 = 100;
+/// Purchases accepted before one instance of each kind is killed, at least.
+const BEFORE_KILL: usize = 500;
+/// Purchases each buyer still makes after the kill (if its coordinator
+/// lives).
+const AFTER_KILL: u32 = 20;
 
 struct Instance {
     name: String,
@@ -111,14 +116,24 @@ async fn two_instances_of_everything_share_the_work_and_finish_it_when_one_of_ea
 
             // Buyers on both coordinators; the stock runs out early, so most
             // later purchases fail and are compensated.
+            // Buyers go on until told to wind down, so every instance gets
+            // work however long the routers take to split the partitions.
             let accepted = Arc::new(Mutex::new(Vec::new()));
+            let killed = Arc::new(AtomicBool::new(false));
             let mut buyers = Vec::new();
             for (index, user) in users.iter().enumerate() {
                 let front = fronts[index % 2].clone();
-                let (user, accepted) = (user.clone(), accepted.clone());
+                let (user, accepted, killed) = (user.clone(), accepted.clone(), killed.clone());
                 buyers.push(tokio::spawn(async move {
                     let mut mine = 0usize;
-                    for round in 0..ROUNDS {
+                    let mut after_kill = 0;
+                    for round in 0u32.. {
+                        if killed.load(Ordering::Relaxed) {
+                            after_kill += 1;
+                            if after_kill > AFTER_KILL {
+                                break;
+                            }
+                        }
                         let request = PurchaseRequest {
                             user_id: user.clone(),
                             item_id: "gem".into(),
@@ -143,24 +158,29 @@ async fn two_instances_of_everything_share_the_work_and_finish_it_when_one_of_ea
             }
             // Every instance takes part (the routers split the partitions
             // between them within seconds) before one of each is killed.
-            eventually("a third of the purchases, and work on every instance", || {
-                let accepted = accepted.clone();
-                let idle: Vec<String> = handlers
-                    .iter()
-                    .filter(|h| h.work() == 0)
-                    .map(|h| h.name.clone())
-                    .collect();
-                async move {
-                    let enough = accepted.lock().await.len() >= USERS * ROUNDS as usize / 3;
-                    (enough && idle.is_empty()).then_some(())
-                }
-            })
+            eventually_within(
+                Duration::from_secs(90),
+                "purchases, and work on every instance",
+                || {
+                    let accepted = accepted.clone();
+                    let idle: Vec<String> = handlers
+                        .iter()
+                        .filter(|h| h.work() == 0)
+                        .map(|h| h.name.clone())
+                        .collect();
+                    async move {
+                        let enough = accepted.lock().await.len() >= BEFORE_KILL;
+                        (enough && idle.is_empty()).then_some(())
+                    }
+                },
+            )
             .await;
             for instance in handlers.iter_mut().filter(|h| h.name.ends_with("-0")) {
                 instance.process.kill();
             }
             coordinators[0].process.kill();
             routers[0].process.kill();
+            killed.store(true, Ordering::Relaxed);
             let mut per_coordinator = [0usize; 2];
             for buyer in buyers {
                 let (coordinator, mine) = buyer.await.unwrap();

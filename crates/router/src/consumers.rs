@@ -48,7 +48,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// dropped as already held.
 const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
 /// How long a lease or membership lives without renewal.
-const LEASE_TTL: Duration = Duration::from_secs(3);
+const LEASE_TTL: Duration = Duration::from_secs(6);
 /// How often leases are renewed and the shares looked at again.
 const BALANCE_EVERY: Duration = Duration::from_millis(500);
 /// How long a release waits for the held events to be handed back.
