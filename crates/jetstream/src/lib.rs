@@ -105,7 +105,6 @@ impl Receipt {
 /// The routers' leases and memberships (see the crate documentation).
 pub struct Leases {
     kv: kv::Store,
-    bucket: String,
 }
 
 impl Leases {
@@ -149,10 +148,6 @@ impl Leases {
     pub async fn keys(&self) -> Result<Vec<String>, LogError> {
         let keys = self.kv.keys().await.map_err(storage)?;
         keys.try_collect().await.map_err(storage)
-    }
-
-    pub fn bucket(&self) -> &str {
-        &self.bucket
     }
 }
 
@@ -337,10 +332,7 @@ impl JetStream {
     /// The leases and memberships of the namespace's routers, which expire
     /// `ttl` after they were last renewed.
     pub async fn leases(&self, ttl: Duration) -> Result<Leases, LogError> {
-        let bucket = format!(
-            "{}_LEASES",
-            self.events.cached_info().config.name.trim_end_matches("_EVENTS")
-        );
+        let bucket = self.leases_bucket();
         // The bucket's stream is made here rather than by the client's
         // bucket creation, whose request the JetStream 2.9 servers we
         // support answer in a form the client does not parse.
@@ -363,14 +355,22 @@ impl JetStream {
         .await
         .map_err(storage)?;
         let kv = self.context.get_key_value(&bucket).await.map_err(storage)?;
-        Ok(Leases { kv, bucket })
+        Ok(Leases { kv })
+    }
+
+    /// The lease bucket's name: `SAGAMESH_<NS>_LEASES`.
+    fn leases_bucket(&self) -> String {
+        let events = &self.events.cached_info().config.name;
+        format!("{}_LEASES", events.trim_end_matches("_EVENTS"))
     }
 
     /// Deletes the namespace's streams and consumers (tests clean up with it).
     pub async fn delete(self) -> Result<(), LogError> {
-        let events = self.events.cached_info().config.name.clone();
-        let leases = format!("KV_{}_LEASES", events.trim_end_matches("_EVENTS"));
-        for name in [&events, &self.dead.cached_info().config.name] {
+        let leases = format!("KV_{}", self.leases_bucket());
+        for name in [
+            &self.events.cached_info().config.name,
+            &self.dead.cached_info().config.name,
+        ] {
             self.context.delete_stream(name).await.map_err(storage)?;
         }
         // The leases bucket exists only once a router started.

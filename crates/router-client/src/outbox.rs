@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use sagamesh_proto::v1::Envelope;
-use sagamesh_store::{Store, StoreError, Tx, values};
+use sagamesh_store::{Row, Store, StoreError, Tx, values};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -231,15 +231,7 @@ async fn relay_batch(
                 "SELECT seq, body FROM outbox WHERE writer = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 &values![writer, after, RELAY_BATCH],
             )?;
-            let mut events = Vec::new();
-            for row in rows {
-                let (seq, body) = (row.int(0)?, row.blob(1)?);
-                match Envelope::decode(body) {
-                    Ok(event) => events.push((seq, event)),
-                    Err(e) => tracing::error!(seq, error = %e, "skipping an undecodable outbox row"),
-                }
-            }
-            Ok::<_, RelayError>(events)
+            decode_rows(&rows)
         })
         .await?;
     let Some(&(last, _)) = rows.last() else {
@@ -278,16 +270,7 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
                 "SELECT seq, body FROM outbox WHERE writer NOT LIKE $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
                 &values![mine, before_ms, RELAY_BATCH],
             )?;
-            let mut events = Vec::new();
-            for row in rows {
-                match Envelope::decode(row.blob(1)?) {
-                    Ok(event) => events.push((row.int(0)?, event)),
-                    Err(e) => {
-                        tracing::error!(seq = row.int(0)?, error = %e, "skipping an undecodable outbox row")
-                    }
-                }
-            }
-            Ok::<_, RelayError>(events)
+            decode_rows(&rows)
         })
         .await?;
     if rows.is_empty() {
@@ -312,4 +295,18 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
         })
         .await?;
     Ok(count)
+}
+
+/// The events of `SELECT seq, body` outbox rows, skipping (and logging) a
+/// row that does not decode.
+fn decode_rows(rows: &[Row]) -> Result<Vec<(i64, Envelope)>, RelayError> {
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let seq = row.int(0)?;
+        match Envelope::decode(row.blob(1)?) {
+            Ok(event) => events.push((seq, event)),
+            Err(e) => tracing::error!(seq, error = %e, "skipping an undecodable outbox row"),
+        }
+    }
+    Ok(events)
 }

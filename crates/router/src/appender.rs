@@ -57,8 +57,18 @@ pub(crate) async fn run(
     }
 }
 
-/// Takes what is waiting, up to the batch limit, after `first`.
-fn take_batch(first: Append, requests: &mut mpsc::Receiver<Append>, batch: &mut Vec<Append>) -> usize {
+/// Waits for a publish, then takes what else is waiting, up to the batch
+/// limit, into `batch`; returns the batch's events in order. `None` once
+/// stopped.
+async fn next_batch(
+    requests: &mut mpsc::Receiver<Append>,
+    shutdown: &CancellationToken,
+    batch: &mut Vec<Append>,
+) -> Option<Vec<Arc<Envelope>>> {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        first = requests.recv() => first?,
+    };
     let mut count = first.events.len();
     batch.push(first);
     while count < MAX_EVENTS_PER_APPEND {
@@ -70,7 +80,14 @@ fn take_batch(first: Append, requests: &mut mpsc::Receiver<Append>, batch: &mut 
             Err(_) => break,
         }
     }
-    count
+    Some(batch.iter().flat_map(|a| a.events.iter().cloned()).collect())
+}
+
+/// Answers every publisher of the batch with the failure.
+fn fail_batch(batch: &mut Vec<Append>, reason: &str) {
+    for append in batch.drain(..) {
+        let _ = append.reply.send(Err(reason.to_owned()));
+    }
 }
 
 /// Answers each publisher of the batch with its share of the outcomes.
@@ -102,16 +119,7 @@ async fn publish_to_jetstream(
     shutdown: CancellationToken,
 ) {
     let mut batch: Vec<Append> = Vec::new();
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            first = requests.recv() => match first {
-                Some(first) => first,
-                None => return,
-            },
-        };
-        let count = take_batch(first, &mut requests, &mut batch);
-        let events: Vec<Arc<Envelope>> = batch.iter().flat_map(|a| a.events.iter().cloned()).collect();
+    while let Some(events) = next_batch(&mut requests, &shutdown, &mut batch).await {
         match bus.publish(&events).await {
             Ok(outcomes) => {
                 for (reply, counts) in share_outcomes(&mut batch, outcomes) {
@@ -119,10 +127,8 @@ async fn publish_to_jetstream(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, events = count, "publishing to JetStream failed");
-                for append in batch.drain(..) {
-                    let _ = append.reply.send(Err(e.to_string()));
-                }
+                tracing::error!(error = %e, events = events.len(), "publishing to JetStream failed");
+                fail_batch(&mut batch, &e.to_string());
             }
         }
     }
@@ -137,16 +143,7 @@ async fn append_to_log(
     let (confirmations, pending) = mpsc::channel(CONFIRM_QUEUE);
     tokio::spawn(confirm(pending));
     let mut batch: Vec<Append> = Vec::new();
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            first = requests.recv() => match first {
-                Some(first) => first,
-                None => return,
-            },
-        };
-        let count = take_batch(first, &mut requests, &mut batch);
-        let events: Vec<Arc<Envelope>> = batch.iter().flat_map(|a| a.events.iter().cloned()).collect();
+    while let Some(events) = next_batch(&mut requests, &shutdown, &mut batch).await {
         match log.append_staged(events.clone()).await {
             Ok(Appending {
                 outcomes: appended,
@@ -176,10 +173,8 @@ async fn append_to_log(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, events = count, "event log append failed");
-                for append in batch.drain(..) {
-                    let _ = append.reply.send(Err(e.to_string()));
-                }
+                tracing::error!(error = %e, events = events.len(), "event log append failed");
+                fail_batch(&mut batch, &e.to_string());
             }
         }
     }
