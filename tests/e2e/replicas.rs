@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sagamesh_proto::v1::{PurchaseRequest, TransactionStatus};
+use sagamesh_proto::v1::{PurchaseRequest, StreamTransactionRequest, TransactionStatus};
 use tokio::sync::Mutex;
 
-use crate::support::{Clients, MarkerCounts, Process, distributed, eventually_within, wait_serving};
+use crate::support::{Clients, MarkerCounts, Process, distributed, wait_serving};
 
 const HANDLERS: [&str; 5] = [
     "wallets",
@@ -28,6 +28,9 @@ const BEFORE_KILL: usize = 500;
 /// Purchases each buyer still makes after the kill (if its coordinator
 /// lives).
 const AFTER_KILL: u32 = 20;
+/// How long the routers may take to split the partitions so that every
+/// instance gets work.
+const WORK_EVERYWHERE_WITHIN: Duration = Duration::from_secs(90);
 
 struct Instance {
     name: String,
@@ -140,17 +143,23 @@ async fn two_instances_of_everything_share_the_work_and_finish_it_when_one_of_ea
                             quantity: 1 + (round + index as u32) % 2,
                             idempotency_key: String::new(),
                         };
-                        match front.coordinator.clone().purchase(request).await {
-                            Ok(response) => {
-                                let id = response.into_inner().transaction_id;
-                                accepted.lock().await.push(id);
-                                mine += 1;
-                            }
-                            // Its coordinator was killed.
-                            Err(e) => {
-                                eprintln!("buyer {index} stops: {e}");
-                                break;
-                            }
+                        // A closed loop: each buyer waits for its purchase
+                        // to end before the next one.
+                        let bought = async {
+                            let response = front.coordinator.clone().purchase(request).await?;
+                            let id = response.into_inner().transaction_id;
+                            accepted.lock().await.push(id.clone());
+                            mine += 1;
+                            let follow = StreamTransactionRequest { transaction_id: id };
+                            let mut updates =
+                                front.coordinator.clone().stream_transaction(follow).await?.into_inner();
+                            while updates.message().await?.is_some() {}
+                            Ok::<(), tonic::Status>(())
+                        };
+                        // Its coordinator was killed.
+                        if let Err(e) = bought.await {
+                            eprintln!("buyer {index} stops: {e}");
+                            break;
                         }
                     }
                     (index % 2, mine)
@@ -158,23 +167,24 @@ async fn two_instances_of_everything_share_the_work_and_finish_it_when_one_of_ea
             }
             // Every instance takes part (the routers split the partitions
             // between them within seconds) before one of each is killed.
-            eventually_within(
-                Duration::from_secs(90),
-                "purchases, and work on every instance",
-                || {
-                    let accepted = accepted.clone();
-                    let idle: Vec<String> = handlers
-                        .iter()
-                        .filter(|h| h.work() == 0)
-                        .map(|h| h.name.clone())
-                        .collect();
-                    async move {
-                        let enough = accepted.lock().await.len() >= BEFORE_KILL;
-                        (enough && idle.is_empty()).then_some(())
-                    }
-                },
-            )
-            .await;
+            let started = Instant::now();
+            let mut poll = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                poll.tick().await;
+                let idle: Vec<&str> = handlers
+                    .iter()
+                    .filter(|h| h.work() == 0)
+                    .map(|h| h.name.as_str())
+                    .collect();
+                let accepted = accepted.lock().await.len();
+                if accepted >= BEFORE_KILL && idle.is_empty() {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < WORK_EVERYWHERE_WITHIN,
+                    "after {WORK_EVERYWHERE_WITHIN:?}, {accepted} purchases were accepted and these instances had done no work: {idle:?}"
+                );
+            }
             for instance in handlers.iter_mut().filter(|h| h.name.ends_with("-0")) {
                 instance.process.kill();
             }

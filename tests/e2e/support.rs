@@ -458,7 +458,7 @@ pub const LOG_MARKERS: [&str; 6] = [
     "drained:",
     // A step done, and a compensation's progress: an instance did work.
     "successful: ",
-    "Compensat",
+    "] Compensat",
 ];
 
 /// How often each of [`LOG_MARKERS`] appeared in a process's log.

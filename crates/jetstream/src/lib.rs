@@ -103,6 +103,7 @@ impl Receipt {
 }
 
 /// The routers' leases and memberships (see the crate documentation).
+#[derive(Clone)]
 pub struct Leases {
     kv: kv::Store,
 }

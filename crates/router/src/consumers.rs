@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::future::{join_all, try_join_all};
 use sagamesh_jetstream::{JetStream, Leases, PARTITIONS};
 use sagamesh_log::LogError;
 use sagamesh_proto::v1::EventType;
@@ -122,37 +123,31 @@ impl Balancer {
         }
         let all: Vec<(usize, u32)> = self.held.keys().copied().collect();
         for (group, partition) in all {
-            self.give_up(group, partition).await;
+            self.give_up(group, partition);
         }
     }
 
+    /// One look at the bucket: renews what this router holds, gives up
+    /// what is beyond its share and takes free partitions up to it. The
+    /// bucket calls of a step go out together, and hand-backs run on their
+    /// own tasks, so a slow answer or a busy core cannot hold the renewals
+    /// up until the leases expire.
     async fn balance(&mut self) -> Result<(), LogError> {
         let attached = self.attached.borrow().clone();
-        for (index, subscription) in self.config.subscriptions.iter().enumerate() {
-            if attached[index] > 0 {
-                let key = format!("member.{}.{}", subscription.group, self.me);
-                self.leases.announce(&key, &self.me).await?;
-            }
-        }
-        let held: Vec<(usize, u32)> = self.held.keys().copied().collect();
-        for (group, partition) in held {
-            let key = lease_key(self.config.subscriptions[group].group, partition);
-            let revision = self.held[&(group, partition)].revision;
-            match self.leases.renew(&key, &self.me, revision).await? {
-                Some(revision) => {
-                    if let Some(held) = self.held.get_mut(&(group, partition)) {
-                        held.revision = revision;
-                    }
-                }
-                None => {
-                    tracing::warn!(lease = %key, "lost a partition lease; another router pulls it now");
-                    if let Some(held) = self.held.remove(&(group, partition)) {
-                        held.stop.cancel();
-                    }
-                    self.hand_back(group, partition).await;
-                }
-            }
-        }
+        let (leases, me) = (&self.leases, self.me.as_str());
+        let memberships = self
+            .config
+            .subscriptions
+            .iter()
+            .zip(&attached)
+            .filter(|(_, instances)| **instances > 0)
+            .map(|(subscription, _)| {
+                let key = format!("member.{}.{}", subscription.group, me);
+                async move { leases.announce(&key, me).await }
+            });
+        try_join_all(memberships).await?;
+        self.renew_all().await;
+
         let keys: HashSet<String> = self.leases.keys().await?.into_iter().collect();
         let config = self.config.clone();
         for (index, subscription) in config.subscriptions.iter().enumerate() {
@@ -164,7 +159,7 @@ impl Balancer {
                 .collect();
             if attached[index] == 0 {
                 for partition in mine {
-                    self.give_up(index, partition).await;
+                    self.give_up(index, partition);
                 }
                 continue;
             }
@@ -172,60 +167,114 @@ impl Balancer {
             let routers = keys.iter().filter(|k| k.starts_with(&prefix)).count().max(1) as u32;
             let share = PARTITIONS.div_ceil(routers) as usize;
             for &partition in mine.iter().skip(share) {
-                self.give_up(index, partition).await;
+                self.give_up(index, partition);
             }
-            let mut count = mine.len();
-            for partition in 0..PARTITIONS {
-                if count >= share {
-                    break;
-                }
+            let free = (0..PARTITIONS)
+                .filter(|p| {
+                    !self.held.contains_key(&(index, *p))
+                        && !keys.contains(&lease_key(subscription.group, *p))
+                })
+                .take(share.saturating_sub(mine.len()))
+                .collect::<Vec<u32>>();
+            let (leases, me) = (&self.leases, self.me.as_str());
+            let takes = free.into_iter().map(|partition| {
                 let key = lease_key(subscription.group, partition);
-                if self.held.contains_key(&(index, partition)) || keys.contains(&key) {
-                    continue;
-                }
-                if let Some(revision) = self.leases.take(&key, &self.me).await? {
-                    let stop = CancellationToken::new();
-                    self.tasks.spawn(feed(
-                        self.bus.clone(),
-                        index,
-                        partition,
-                        self.config.clone(),
-                        self.ack_wait,
-                        self.core.clone(),
-                        stop.clone(),
-                    ));
-                    self.held.insert((index, partition), Held { revision, stop });
-                    count += 1;
+                async move { (partition, leases.take(&key, me).await) }
+            });
+            for (partition, taken) in join_all(takes).await {
+                match taken {
+                    Ok(Some(revision)) => self.pull(index, partition, revision),
+                    // Another router was quicker.
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(lease = %lease_key(subscription.group, partition), error = %e, "could not take a partition lease")
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// Stops pulling a partition, hands its events back, frees the lease.
-    async fn give_up(&mut self, group: usize, partition: u32) {
+    /// Renews every held lease; a lease lost meanwhile stops its pulling.
+    async fn renew_all(&mut self) {
+        let (leases, me) = (&self.leases, self.me.as_str());
+        let renewals = self.held.iter().map(|(&(group, partition), held)| {
+            let key = lease_key(self.config.subscriptions[group].group, partition);
+            let revision = held.revision;
+            async move {
+                let renewed = leases.renew(&key, me, revision).await;
+                (group, partition, key, renewed)
+            }
+        });
+        for (group, partition, key, renewed) in join_all(renewals).await {
+            match renewed {
+                Ok(Some(revision)) => {
+                    if let Some(held) = self.held.get_mut(&(group, partition)) {
+                        held.revision = revision;
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!(lease = %key, "lost a partition lease; another router pulls it now");
+                    if let Some(held) = self.held.remove(&(group, partition)) {
+                        held.stop.cancel();
+                    }
+                    self.tasks.spawn(hand_back(self.core.clone(), group, partition));
+                }
+                // Tried again on the next tick, well before the lease expires.
+                Err(e) => tracing::warn!(lease = %key, error = %e, "could not renew a partition lease"),
+            }
+        }
+    }
+
+    /// Starts pulling a partition whose lease this router just took.
+    fn pull(&mut self, group: usize, partition: u32, revision: u64) {
+        let stop = CancellationToken::new();
+        self.tasks.spawn(feed(
+            self.bus.clone(),
+            group,
+            partition,
+            self.config.clone(),
+            self.ack_wait,
+            self.core.clone(),
+            stop.clone(),
+        ));
+        self.held.insert((group, partition), Held { revision, stop });
+    }
+
+    /// Stops pulling a partition; on a task of its own, hands its events
+    /// back and then frees the lease (which keeps anyone else from pulling
+    /// it until the events are back).
+    fn give_up(&mut self, group: usize, partition: u32) {
         let Some(held) = self.held.remove(&(group, partition)) else {
             return;
         };
         held.stop.cancel();
-        self.hand_back(group, partition).await;
         let key = lease_key(self.config.subscriptions[group].group, partition);
-        if let Err(e) = self.leases.release(&key, held.revision).await {
-            tracing::warn!(lease = %key, error = %e, "could not release a partition lease; it will expire");
-        }
+        let (core, leases) = (self.core.clone(), self.leases.clone());
+        self.tasks.spawn(async move {
+            hand_back(core, group, partition).await;
+            if let Err(e) = leases.release(&key, held.revision).await {
+                tracing::warn!(lease = %key, error = %e, "could not release a partition lease; it will expire");
+            }
+        });
     }
+}
 
-    async fn hand_back(&self, group: usize, partition: u32) {
-        let (done, handed_back) = oneshot::channel();
-        let forget = Command::Forget {
-            group,
-            partition,
-            done,
-        };
-        if self.core.send(forget).await.is_ok() {
-            let _ = tokio::time::timeout(HAND_BACK_WAIT, handed_back).await;
+/// Has the core hand a partition's held events back to JetStream, waiting
+/// [`HAND_BACK_WAIT`] at most.
+async fn hand_back(core: mpsc::Sender<Command>, group: usize, partition: u32) {
+    let (done, handed_back) = oneshot::channel();
+    let forget = Command::Forget {
+        group,
+        partition,
+        done,
+    };
+    let _ = tokio::time::timeout(HAND_BACK_WAIT, async {
+        if core.send(forget).await.is_ok() {
+            let _ = handed_back.await;
         }
-    }
+    })
+    .await;
 }
 
 /// Pulls one partition of a group into the core until stopped.
