@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
+use rusqlite::config::DbConfig;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Durability, StoreError, Synced, settle};
@@ -82,11 +83,25 @@ impl Readers {
     }
 }
 
+/// Statements each connection keeps prepared: every statement the services
+/// run, with room to spare (rusqlite keeps 16 by default, fewer than the
+/// coordinator uses).
+const STATEMENT_CACHE: usize = 128;
+
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    Connection::open(path).map_err(|source| StoreError::Open {
+    let conn = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
         reason: source.to_string(),
-    })
+    })?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // A prepared statement keeps its plan whatever values are bound. By
+    // default SQLite plans again when a bound value changes if the plan
+    // could use it (`writer = ?1 AND seq > ?2`), which re-parsed the
+    // relay's query on every run.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // Savepoint journals stay in memory.
+    conn.execute_batch("PRAGMA temp_store = MEMORY")?;
+    Ok(conn)
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
@@ -307,39 +322,47 @@ fn commit_batch(
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
 ) -> Result<(), String> {
-    let mut began = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string());
+    let mut began = control(conn, "BEGIN IMMEDIATE");
     for job in batch.drain(..) {
         // Once the transaction is broken, the rest of the batch is not run;
         // dropping a job answers its caller with `StoreError::Closed`.
         if began.is_err() {
             continue;
         }
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-            began = Err(e.to_string());
+        if let Err(e) = control(conn, "SAVEPOINT job") {
+            began = Err(e);
             continue;
         }
         // A panicking job must not take the writer down with it: its
         // savepoint is rolled back and its caller sees the write fail.
         let Ok(finish) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) else {
             tracing::error!("a store write panicked; rolled back");
-            if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
-                began = Err(e.to_string());
+            if let Err(e) = control(conn, "ROLLBACK TO job").and_then(|()| control(conn, "RELEASE job")) {
+                began = Err(e);
             }
             continue;
         };
-        let end = if finish.keep {
-            "RELEASE job"
+        let ended = if finish.keep {
+            control(conn, "RELEASE job")
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            control(conn, "ROLLBACK TO job").and_then(|()| control(conn, "RELEASE job"))
         };
-        if let Err(e) = conn.execute_batch(end) {
-            began = Err(e.to_string());
+        if let Err(e) = ended {
+            began = Err(e);
         }
         committed.extend(finish.committed);
         synced.push(finish.synced);
     }
     began?;
-    conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+    control(conn, "COMMIT")
+}
+
+/// Runs a transaction-control statement, prepared once per connection.
+fn control(conn: &Connection, sql: &str) -> Result<(), String> {
+    conn.prepare_cached(sql)
+        .and_then(|mut statement| statement.execute([]))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
