@@ -5,6 +5,7 @@
 //! Every server gets the same stack (see [`server`]): load shedding, a
 //! concurrency limit, a timeout on the response head, health and reflection.
 
+mod local;
 mod server;
 
 use std::path::PathBuf;
@@ -217,7 +218,8 @@ pub async fn run(
     let drain = shutdown.child_token();
     let router_stop = CancellationToken::new();
     let mut services = Services::default();
-    let own = channel(&address.to_string())?;
+    // Services of this process reach each other in-process.
+    let (own, local) = local::connect();
     let dir = &config.data_dir;
     let durability = config.durability;
     let database = match &config.database {
@@ -309,7 +311,7 @@ pub async fn run(
 
     let names = services.names();
     // The server must be up before in-process handlers attach to it.
-    let server = tasks.spawn(server::serve(services, listener, shutdown.clone()));
+    let server = tasks.spawn(server::serve(services, listener, local, shutdown.clone()));
     tracing::info!(%address, mode = config.mode.name(), services = ?names, "sagamesh listening on {address}");
 
     let attached = attach(

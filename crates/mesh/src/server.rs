@@ -1,6 +1,7 @@
 //! The one function that builds a gRPC server for any set of services, so
 //! every process gets the same stack.
 
+use std::io;
 use std::time::Duration;
 
 use sagamesh_coordinator::CoordinatorService;
@@ -15,7 +16,9 @@ use sagamesh_proto::v1::wallets_server::WalletsServer;
 use sagamesh_purchase_log::PurchaseLogsService;
 use sagamesh_router::RouterService;
 use sagamesh_wallets::WalletsService;
+use tokio::io::DuplexStream;
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -63,10 +66,12 @@ impl Services {
     }
 }
 
-/// Serves `services` with health and reflection until `shutdown`.
+/// Serves `services` with health and reflection until `shutdown`, on the
+/// listener and on the in-process connections of [`crate::local`].
 pub(crate) async fn serve(
     services: Services,
     listener: TcpListener,
+    local: impl Stream<Item = io::Result<DuplexStream>> + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), MeshError> {
     let names = services.names();
@@ -120,6 +125,22 @@ pub(crate) async fn serve(
                 .await;
         }
     };
+    let routes = routes.routes();
+    let network = server()
+        .add_routes(routes.clone())
+        // Small messages: latency matters more than packing (no Nagle).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+    let in_process = server()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(local, shutdown.cancelled_owned());
+    let (network, in_process) = tokio::join!(network, in_process);
+    network
+        .and(in_process)
+        .map_err(|e| MeshError::Serve(e.to_string()))
+}
+
+/// The server stack, the same for every connection.
+fn server() -> Server {
     Server::builder()
         // Overload answers at once rather than queueing: a full connection
         // gets RESOURCE_EXHAUSTED.
@@ -127,9 +148,4 @@ pub(crate) async fn serve(
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_routes(routes.routes())
-        // Small messages: latency matters more than packing (no Nagle).
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
-        .await
-        .map_err(|e| MeshError::Serve(e.to_string()))
 }
