@@ -136,7 +136,7 @@ impl Coordinator {
     /// Subscribes to every saga event and starts relaying the outbox.
     pub async fn start(
         &self,
-        router: Channel,
+        router: sagamesh_router_client::RouterLink,
         config: CoordinatorConfig,
         tasks: &TaskTracker,
         shutdown: CancellationToken,

@@ -17,17 +17,21 @@ use sagamesh_inventory::{Inventory, InventoryService};
 use sagamesh_jetstream::JetStream;
 use sagamesh_log_sqlite::SqliteLog;
 use sagamesh_notifications::{Notifications, NotificationsService};
-use sagamesh_proto::v1::{Item, SagaMode};
+use sagamesh_proto::v1::{AttachRequest, Item, SagaMode};
 use sagamesh_purchase_log::{PurchaseLog, PurchaseLogsService};
-use sagamesh_router::{Backend, Router, RouterConfig};
+use sagamesh_router::{Backend, Router, RouterConfig, RouterService};
+use sagamesh_router_client::{Attach, BoxFuture, Inbound, RouterLink};
 use sagamesh_saga::Faults;
 use sagamesh_step::StepConfig;
 use sagamesh_store::Database;
 use sagamesh_store::Durability;
 use sagamesh_wallets::{Wallets, WalletsService};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
 pub use server::Services;
@@ -234,6 +238,7 @@ pub async fn run(
     };
 
     let runs_router = matches!(role, Role::All | Role::Router);
+    let mut in_process_router = None;
     if runs_router {
         let backend = match &config.bus {
             Some(bus) => {
@@ -250,12 +255,14 @@ pub async fn run(
         router_config.retry_max = config.retry_max;
         router_config.drop_stream_probability = config.faults.drop_stream_probability();
         let router = Router::start(backend, router_config, &tasks, router_stop.clone()).await?;
+        in_process_router = Some(router.service());
         services.router = Some(router.service().into_server());
     }
-    let (router_channel, inventory_channel) = match &role {
-        Role::All | Role::Router => (own.clone(), own.clone()),
-        Role::Coordinator { router, inventory } => (channel(router)?, channel(inventory)?),
-        Role::Handler { router, .. } => (channel(router)?, own.clone()),
+    let (router_link, inventory_channel) = match (&role, in_process_router) {
+        (Role::Coordinator { router, inventory }, _) => (channel(router)?.into(), channel(inventory)?),
+        (Role::Handler { router, .. }, _) => (channel(router)?.into(), own.clone()),
+        (Role::All | Role::Router, Some(router)) => (RouterLink::new(InProcessRouter(router)), own.clone()),
+        (Role::All | Role::Router, None) => unreachable!("this process runs the router"),
     };
     let wants = |service: HandlerService| match &role {
         Role::All => true,
@@ -314,16 +321,19 @@ pub async fn run(
     let server = tasks.spawn(server::serve(services, listener, local, shutdown.clone()));
     tracing::info!(%address, mode = config.mode.name(), services = ?names, "sagamesh listening on {address}");
 
+    // Instances of this process attached to a router; on a stop they drain
+    // before the router stops.
+    let clients = TaskTracker::new();
     let attached = attach(
         &config,
-        router_channel,
+        router_link,
         &wallets,
         &inventory,
         &purchase_log,
         &notifications,
         &compensation,
         &coordinator,
-        &tasks,
+        &clients,
         &drain,
     )
     .await;
@@ -355,7 +365,13 @@ pub async fn run(
             Err(e)
         }
     };
-    // Servers are down: stop the router and wait for every task.
+    // Servers are down. Instances finish the deliveries in hand and flush
+    // their outboxes through the router, which then stops; then every task
+    // is waited for.
+    clients.close();
+    if tokio::time::timeout(config.grace, clients.wait()).await.is_err() {
+        tracing::warn!("some instances did not drain within the grace period");
+    }
     router_stop.cancel();
     drain.cancel();
     tasks.close();
@@ -368,7 +384,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn attach(
     config: &MeshConfig,
-    router: Channel,
+    router: RouterLink,
     wallets: &Option<Wallets>,
     inventory: &Option<Inventory>,
     purchase_log: &Option<PurchaseLog>,
@@ -487,4 +503,14 @@ fn pascal_case(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The router of this process, attached to through channels: the same
+/// Attach protocol and router code, without gRPC's framing and encoding.
+struct InProcessRouter(RouterService);
+
+impl Attach for InProcessRouter {
+    fn attach(&self, outbound: ReceiverStream<AttachRequest>) -> BoxFuture<'_, Result<Inbound, Status>> {
+        Box::pin(self.0.attach_stream(outbound.map(Ok::<_, Status>)))
+    }
 }

@@ -20,7 +20,10 @@ const ACCEPT_QUEUE: usize = 16;
 
 /// A channel to this process's own server, and the connections it opens,
 /// for the server to accept.
-pub(crate) fn connect() -> (Channel, impl Stream<Item = io::Result<DuplexStream>> + Send + 'static) {
+pub(crate) fn connect() -> (
+    Channel,
+    impl Stream<Item = io::Result<DuplexStream>> + Send + 'static,
+) {
     let (accept, accepted) = mpsc::channel::<DuplexStream>(ACCEPT_QUEUE);
     let connector = tower::service_fn(move |_: Uri| {
         let accept = accept.clone();

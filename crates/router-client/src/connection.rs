@@ -20,10 +20,11 @@ use sagamesh_proto::v1::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 /// Messages waiting to go to the router. When full, acks and publishes wait.
@@ -104,14 +105,58 @@ enum Done {
 
 struct Attached {
     outbound: mpsc::Sender<AttachRequest>,
-    inbound: Streaming<AttachResponse>,
+    inbound: Inbound,
+}
+
+/// What a router answers on an Attach stream.
+pub type Inbound = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
+
+/// Opens Attach streams to one router.
+pub trait Attach: Send + Sync + 'static {
+    /// Opens a stream that carries `outbound` to the router and returns
+    /// the router's answers.
+    fn attach(&self, outbound: ReceiverStream<AttachRequest>) -> BoxFuture<'_, Result<Inbound, Status>>;
+}
+
+/// The router a client attaches to: over gRPC, or in this process (see
+/// [`RouterLink::new`]).
+#[derive(Clone)]
+pub struct RouterLink(Arc<dyn Attach>);
+
+impl RouterLink {
+    /// A link through any [`Attach`], such as a router in this process.
+    pub fn new(attach: impl Attach) -> RouterLink {
+        RouterLink(Arc::new(attach))
+    }
+}
+
+impl From<Channel> for RouterLink {
+    fn from(channel: Channel) -> RouterLink {
+        let client = EventRouterClient::new(channel)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        RouterLink::new(Grpc(client))
+    }
+}
+
+/// A router reached over gRPC.
+struct Grpc(EventRouterClient<Channel>);
+
+impl Attach for Grpc {
+    fn attach(&self, outbound: ReceiverStream<AttachRequest>) -> BoxFuture<'_, Result<Inbound, Status>> {
+        let mut client = self.0.clone();
+        Box::pin(async move {
+            let inbound = client.attach(outbound).await?.into_inner();
+            Ok(Box::pin(inbound) as Inbound)
+        })
+    }
 }
 
 impl RouterClient {
     /// Attaches once (so a refusal, such as a mode mismatch, fails here with
     /// the router's reason) and then keeps the attachment alive on `tasks`.
     pub async fn start(
-        channel: Channel,
+        router: impl Into<RouterLink>,
         config: HandlerConfig,
         handler: Arc<dyn Handler>,
         tasks: &TaskTracker,
@@ -126,9 +171,7 @@ impl RouterClient {
             mode: config.mode as i32,
             credentials: Vec::new(),
         };
-        let client = EventRouterClient::new(channel)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(16 * 1024 * 1024);
+        let client = router.into();
         let first = attach(&client, &hello).await?;
         let (jobs, job_rx) = mpsc::channel(PUBLISH_QUEUE);
         let drained = CancellationToken::new();
@@ -162,7 +205,7 @@ impl RouterClient {
     }
 }
 
-async fn attach(client: &EventRouterClient<Channel>, hello: &Hello) -> Result<Attached, ClientError> {
+async fn attach(router: &RouterLink, hello: &Hello) -> Result<Attached, ClientError> {
     let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
     outbound
         .send(AttachRequest {
@@ -176,13 +219,8 @@ async fn attach(client: &EventRouterClient<Channel>, hello: &Hello) -> Result<At
         }
         _ => ClientError::Unreachable(status.message().to_owned()),
     };
-    let mut inbound = client
-        .clone()
-        .attach(ReceiverStream::new(rx))
-        .await
-        .map_err(refused)?
-        .into_inner();
-    match inbound.message().await.map_err(refused)? {
+    let mut inbound = router.0.attach(ReceiverStream::new(rx)).await.map_err(refused)?;
+    match inbound.next().await.transpose().map_err(refused)? {
         Some(AttachResponse {
             kind: Some(attach_response::Kind::Welcome(_)),
         }) => Ok(Attached { outbound, inbound }),
@@ -193,7 +231,7 @@ async fn attach(client: &EventRouterClient<Channel>, hello: &Hello) -> Result<At
 }
 
 struct Connection {
-    client: EventRouterClient<Channel>,
+    client: RouterLink,
     hello: Hello,
     handler: Arc<dyn Handler>,
     tasks: TaskTracker,
@@ -288,7 +326,7 @@ impl Connection {
                     tracing::warn!(service = %self.hello.service, handling, "stop grace period over; closing the stream");
                     break Ended::Stopped;
                 }
-                message = inbound.message() => match message {
+                message = inbound.next() => match message.transpose() {
                     Ok(Some(AttachResponse { kind: Some(kind) })) => match kind {
                         attach_response::Kind::Deliveries(batch) => {
                             for delivery in batch.deliveries {

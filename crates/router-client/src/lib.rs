@@ -15,7 +15,9 @@ mod connection;
 mod idempotency;
 mod outbox;
 
-pub use connection::{BoxFuture, ClientError, Handler, HandlerConfig, Publisher, RouterClient};
+pub use connection::{
+    Attach, BoxFuture, ClientError, Handler, HandlerConfig, Inbound, Publisher, RouterClient, RouterLink,
+};
 pub use idempotency::{PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, claim, claimed};
 pub use outbox::{
     OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OUTBOX_WRITER_MIGRATION, OutboxRelay, push_outbox,

@@ -13,8 +13,8 @@ use sagamesh_proto::v1::{
     ReplayDeadLetterRequest, ReplayDeadLetterResponse, attach_request, attach_response,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Router;
@@ -67,53 +67,17 @@ impl RouterService {
             duplicates,
         })
     }
-}
 
-fn check_events(events: &[Envelope]) -> Result<(), Status> {
-    if events.is_empty() {
-        return Err(Status::invalid_argument(
-            "a publish must carry at least one event",
-        ));
-    }
-    if events.len() > MAX_EVENTS_PER_PUBLISH {
-        return Err(Status::invalid_argument(format!(
-            "a publish may carry at most {MAX_EVENTS_PER_PUBLISH} events, not {}",
-            events.len()
-        )));
-    }
-    for (index, event) in events.iter().enumerate() {
-        if uuid::Uuid::parse_str(&event.event_id).is_err() {
-            return Err(Status::invalid_argument(format!(
-                "event {index}: event_id must be a UUID, not '{}'",
-                event.event_id
-            )));
-        }
-        if let Err(e) = sagamesh_saga::validate_id("transaction_id", &event.transaction_id) {
-            return Err(Status::invalid_argument(format!("event {index}: {e}")));
-        }
-        if event.payload.is_none() {
-            return Err(Status::invalid_argument(format!(
-                "event {index}: the payload is missing"
-            )));
-        }
-    }
-    Ok(())
-}
-
-type AttachStream = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl EventRouter for RouterService {
-    type AttachStream = AttachStream;
-
-    async fn attach(
+    /// Serves one Attach stream, whichever transport carries it: tonic's
+    /// for remote instances, or channels for instances in this process.
+    pub async fn attach_stream(
         &self,
-        request: Request<Streaming<AttachRequest>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        mut inbound: impl Stream<Item = Result<AttachRequest, Status>> + Send + Unpin + 'static,
+    ) -> Result<AttachStream, Status> {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 10 seconds of attaching"))??;
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 seconds of attaching"))?
+            .transpose()?;
         let Some(AttachRequest {
             kind: Some(attach_request::Kind::Hello(hello)),
         }) = first
@@ -170,9 +134,9 @@ impl EventRouter for RouterService {
         let core = self.router.core.clone();
         tokio::spawn(async move {
             loop {
-                let message = match inbound.message().await {
-                    Ok(Some(message)) => message,
-                    Ok(None) | Err(_) => break,
+                let message = match inbound.next().await {
+                    Some(Ok(message)) => message,
+                    Some(Err(_)) | None => break,
                 };
                 let command = match message.kind {
                     Some(attach_request::Kind::Ack(ack)) => Command::Ack {
@@ -208,7 +172,53 @@ impl EventRouter for RouterService {
             let _ = core.send(Command::Detach { instance }).await;
         });
 
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound_rx))))
+        Ok(Box::pin(ReceiverStream::new(outbound_rx)))
+    }
+}
+
+fn check_events(events: &[Envelope]) -> Result<(), Status> {
+    if events.is_empty() {
+        return Err(Status::invalid_argument(
+            "a publish must carry at least one event",
+        ));
+    }
+    if events.len() > MAX_EVENTS_PER_PUBLISH {
+        return Err(Status::invalid_argument(format!(
+            "a publish may carry at most {MAX_EVENTS_PER_PUBLISH} events, not {}",
+            events.len()
+        )));
+    }
+    for (index, event) in events.iter().enumerate() {
+        if uuid::Uuid::parse_str(&event.event_id).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "event {index}: event_id must be a UUID, not '{}'",
+                event.event_id
+            )));
+        }
+        if let Err(e) = sagamesh_saga::validate_id("transaction_id", &event.transaction_id) {
+            return Err(Status::invalid_argument(format!("event {index}: {e}")));
+        }
+        if event.payload.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "event {index}: the payload is missing"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a router answers on an Attach stream.
+pub type AttachStream = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventRouter for RouterService {
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<AttachRequest>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        self.attach_stream(request.into_inner()).await.map(Response::new)
     }
 
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {

@@ -27,7 +27,6 @@ use sagamesh_saga::{Fault, Faults};
 use sagamesh_store::{Store, StoreError, Tx};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
 /// What a step's business change decided.
 pub enum Outcome {
@@ -79,7 +78,7 @@ pub struct StepConfig {
 pub async fn start<O: StepOwner>(
     owner: Arc<O>,
     store: Store,
-    router: Channel,
+    router: sagamesh_router_client::RouterLink,
     config: StepConfig,
     tasks: &TaskTracker,
     shutdown: CancellationToken,

@@ -80,7 +80,7 @@ impl Compensation {
 /// Attaches the compensation handler to the router.
 pub async fn start(
     compensation: &Compensation,
-    router: tonic::transport::Channel,
+    router: sagamesh_router_client::RouterLink,
     mode: SagaMode,
     max_in_flight: u32,
     tasks: &TaskTracker,

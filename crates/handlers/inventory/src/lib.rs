@@ -261,7 +261,7 @@ impl StepOwner for ItemGrant {
 /// Starts the inventory service's step handler; the gRPC service is separate.
 pub async fn start(
     inventory: &Inventory,
-    router: tonic::transport::Channel,
+    router: sagamesh_router_client::RouterLink,
     config: sagamesh_step::StepConfig,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: tokio_util::sync::CancellationToken,

@@ -185,7 +185,7 @@ impl StepOwner for Notify {
 /// Starts the notifications service's step handler.
 pub async fn start(
     notifications: &Notifications,
-    router: tonic::transport::Channel,
+    router: sagamesh_router_client::RouterLink,
     config: sagamesh_step::StepConfig,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: tokio_util::sync::CancellationToken,

@@ -169,7 +169,7 @@ impl StepOwner for LogRecord {
 /// Starts the purchase-log service's step handler.
 pub async fn start(
     log: &PurchaseLog,
-    router: tonic::transport::Channel,
+    router: sagamesh_router_client::RouterLink,
     config: sagamesh_step::StepConfig,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: tokio_util::sync::CancellationToken,

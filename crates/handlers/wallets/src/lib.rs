@@ -190,7 +190,7 @@ impl StepOwner for UserValidation {
 /// Starts the wallets service's step handler; the gRPC service is separate.
 pub async fn start(
     wallets: &Wallets,
-    router: tonic::transport::Channel,
+    router: sagamesh_router_client::RouterLink,
     config: sagamesh_step::StepConfig,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: tokio_util::sync::CancellationToken,
