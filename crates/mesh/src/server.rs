@@ -133,9 +133,8 @@ pub(crate) async fn serve(
     let in_process = server()
         .add_routes(routes)
         .serve_with_incoming_shutdown(local, shutdown.cancelled_owned());
-    let (network, in_process) = tokio::join!(network, in_process);
-    network
-        .and(in_process)
+    tokio::try_join!(network, in_process)
+        .map(|_| ())
         .map_err(|e| MeshError::Serve(e.to_string()))
 }
 

@@ -13,8 +13,10 @@
 //! to the new owner once the ack wait has passed.
 //!
 //! A router that gives a partition up (its share shrank, or its last
-//! instance of the group left) first hands the events it holds back to
-//! JetStream, so the next owner gets them before the ones behind them.
+//! instance of the group left) stops pulling it, hands the events it holds
+//! back to JetStream and keeps the lease for one ack wait more, until the
+//! events still in its consumer's buffer are back too. So the next owner
+//! gets them before the ones behind them.
 //!
 //! Events of types the group does not subscribe to are acked at once: the
 //! consumers read a whole partition (the server this targets filters on one
@@ -31,6 +33,7 @@ use sagamesh_jetstream::{JetStream, Leases, PARTITIONS};
 use sagamesh_log::LogError;
 use sagamesh_proto::v1::EventType;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -84,10 +87,21 @@ pub(crate) async fn start(
     Ok(())
 }
 
+/// Whether a partition given up frees its lease for the next router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// After its events are back in JetStream.
+    WhenHandedBack,
+    /// Never: the lease expires (this router is stopping).
+    Never,
+}
+
 /// A partition this router pulls.
 struct Held {
     revision: u64,
     stop: CancellationToken,
+    /// The task pulling the partition into the core.
+    feed: JoinHandle<()>,
 }
 
 struct Balancer {
@@ -123,7 +137,7 @@ impl Balancer {
         }
         let all: Vec<(usize, u32)> = self.held.keys().copied().collect();
         for (group, partition) in all {
-            self.give_up(group, partition);
+            self.give_up(group, partition, Release::Never);
         }
     }
 
@@ -159,7 +173,7 @@ impl Balancer {
                 .collect();
             if attached[index] == 0 {
                 for partition in mine {
-                    self.give_up(index, partition);
+                    self.give_up(index, partition, Release::WhenHandedBack);
                 }
                 continue;
             }
@@ -167,7 +181,7 @@ impl Balancer {
             let routers = keys.iter().filter(|k| k.starts_with(&prefix)).count().max(1) as u32;
             let share = PARTITIONS.div_ceil(routers) as usize;
             for &partition in mine.iter().skip(share) {
-                self.give_up(index, partition);
+                self.give_up(index, partition, Release::WhenHandedBack);
             }
             let free = (0..PARTITIONS)
                 .filter(|p| {
@@ -216,9 +230,11 @@ impl Balancer {
                 Ok(None) => {
                     tracing::warn!(lease = %key, "lost a partition lease; another router pulls it now");
                     if let Some(held) = self.held.remove(&(group, partition)) {
-                        held.stop.cancel();
+                        let core = self.core.clone();
+                        self.tasks.spawn(async move {
+                            stop_and_hand_back(core, group, partition, held).await;
+                        });
                     }
-                    self.tasks.spawn(hand_back(self.core.clone(), group, partition));
                 }
                 // Tried again on the next tick, well before the lease expires.
                 Err(e) => tracing::warn!(lease = %key, error = %e, "could not renew a partition lease"),
@@ -229,7 +245,7 @@ impl Balancer {
     /// Starts pulling a partition whose lease this router just took.
     fn pull(&mut self, group: usize, partition: u32, revision: u64) {
         let stop = CancellationToken::new();
-        self.tasks.spawn(feed(
+        let feed = self.tasks.spawn(feed(
             self.bus.clone(),
             group,
             partition,
@@ -238,43 +254,61 @@ impl Balancer {
             self.core.clone(),
             stop.clone(),
         ));
-        self.held.insert((group, partition), Held { revision, stop });
+        self.held.insert((group, partition), Held { revision, stop, feed });
     }
 
-    /// Stops pulling a partition; on a task of its own, hands its events
-    /// back and then frees the lease (which keeps anyone else from pulling
-    /// it until the events are back).
-    fn give_up(&mut self, group: usize, partition: u32) {
+    /// Stops pulling a partition and, on a task of its own, hands its
+    /// events back. The lease is freed only once every event JetStream
+    /// handed this router is back: the held ones at once (nak), the ones
+    /// still in the consumer's buffer after the ack wait. Until then no
+    /// other router pulls the partition, so its next owner gets a
+    /// transaction's events in order. On `Release::Never` (the router is
+    /// stopping) or if the hand-back fails, the lease is left to expire,
+    /// which takes longer than the ack wait.
+    fn give_up(&mut self, group: usize, partition: u32, release: Release) {
         let Some(held) = self.held.remove(&(group, partition)) else {
             return;
         };
-        held.stop.cancel();
         let key = lease_key(self.config.subscriptions[group].group, partition);
-        let (core, leases) = (self.core.clone(), self.leases.clone());
+        let (core, leases, revision) = (self.core.clone(), self.leases.clone(), held.revision);
+        let ack_wait = self.ack_wait;
         self.tasks.spawn(async move {
-            hand_back(core, group, partition).await;
-            if let Err(e) = leases.release(&key, held.revision).await {
+            let handed_back = stop_and_hand_back(core, group, partition, held).await;
+            if release == Release::Never {
+                return;
+            }
+            if !handed_back {
+                tracing::warn!(lease = %key, "could not hand a partition's events back; its lease will expire");
+                return;
+            }
+            tokio::time::sleep(ack_wait).await;
+            if let Err(e) = leases.release(&key, revision).await {
                 tracing::warn!(lease = %key, error = %e, "could not release a partition lease; it will expire");
             }
         });
     }
 }
 
-/// Has the core hand a partition's held events back to JetStream, waiting
-/// [`HAND_BACK_WAIT`] at most.
-async fn hand_back(core: mpsc::Sender<Command>, group: usize, partition: u32) {
+/// Stops pulling a partition and, once none of its events can reach the
+/// core any more, has the core hand the ones it holds back to JetStream;
+/// returns whether they were handed back within [`HAND_BACK_WAIT`].
+async fn stop_and_hand_back(core: mpsc::Sender<Command>, group: usize, partition: u32, held: Held) -> bool {
+    held.stop.cancel();
+    // It ends at once: it looks at `stop` before each step.
+    let _ = held.feed.await;
     let (done, handed_back) = oneshot::channel();
     let forget = Command::Forget {
         group,
         partition,
         done,
     };
-    let _ = tokio::time::timeout(HAND_BACK_WAIT, async {
-        if core.send(forget).await.is_ok() {
-            let _ = handed_back.await;
-        }
-    })
-    .await;
+    if core.send(forget).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(HAND_BACK_WAIT, handed_back).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Pulls one partition of a group into the core until stopped.
@@ -289,15 +323,20 @@ async fn feed(
 ) {
     let subscription = &config.subscriptions[group];
     let wanted: HashSet<EventType> = subscription.event_types.iter().copied().collect();
+    // Every wait looks at `stop` first: once stopped, nothing more of the
+    // partition may reach the core, or it would arrive after the hand-back.
     loop {
-        match bus
-            .consume(subscription.group, partition, ack_wait, MAX_PENDING_PER_PARTITION)
-            .await
-        {
+        let consumer = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            consumer = bus.consume(subscription.group, partition, ack_wait, MAX_PENDING_PER_PARTITION) => consumer,
+        };
+        match consumer {
             Ok(events) => {
                 let mut events = std::pin::pin!(events);
                 loop {
                     let next = tokio::select! {
+                        biased;
                         _ = stop.cancelled() => return,
                         next = events.next() => next,
                     };
@@ -306,7 +345,12 @@ async fn feed(
                             event.receipt.ack().await;
                         }
                         Some(Ok(event)) => {
-                            if core.send(Command::Consumed { group, event }).await.is_err() {
+                            let sent = tokio::select! {
+                                biased;
+                                _ = stop.cancelled() => return,
+                                sent = core.send(Command::Consumed { group, event }) => sent,
+                            };
+                            if sent.is_err() {
                                 return;
                             }
                         }
@@ -326,6 +370,7 @@ async fn feed(
             }
         }
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RETRY) => {}
         }

@@ -21,6 +21,9 @@ use crate::Router;
 use crate::appender::Append;
 use crate::core::Command;
 
+/// The largest message on the router's streams, and the most event bytes
+/// in one publish.
+const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Most events in one publish.
 const MAX_EVENTS_PER_PUBLISH: usize = 1_000;
 /// How long a new stream may take to say hello.
@@ -43,8 +46,8 @@ impl RouterService {
 
     pub fn into_server(self) -> EventRouterServer<RouterService> {
         EventRouterServer::new(self)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(16 * 1024 * 1024)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
     }
 
     /// Appends checked events; answers once they are durable.
@@ -177,6 +180,14 @@ impl RouterService {
 }
 
 fn check_events(events: &[Envelope]) -> Result<(), Status> {
+    // The gRPC limit, kept for publishes from this process too: an event
+    // stored here must fit a delivery to any instance.
+    let size: usize = events.iter().map(prost::Message::encoded_len).sum();
+    if size > MAX_MESSAGE_SIZE {
+        return Err(Status::invalid_argument(format!(
+            "a publish may carry at most {MAX_MESSAGE_SIZE} bytes of events, not {size}"
+        )));
+    }
     if events.is_empty() {
         return Err(Status::invalid_argument(
             "a publish must carry at least one event",
