@@ -364,6 +364,21 @@ impl Coordinator {
 
     async fn apply(&self, event: Envelope) -> Result<(), CoordinatorError> {
         let event_type = event.event_type();
+        if event.producer == GROUP && view::only_recorded(&event) {
+            // Folded into the view when this coordinator (or a replica)
+            // wrote it: watchers hear of it, and nothing is written.
+            let (tx_id, event_id) = (event.transaction_id.clone(), event.event_id.clone());
+            let recorded = self.inner.store.read(move |tx| store::get(tx, &tx_id)).await?;
+            if let Some(transaction) = recorded
+                && transaction.history.iter().any(|h| h.event_id == event_id)
+            {
+                self.inner.watchers.publish(TransactionUpdate {
+                    transaction: Some(transaction),
+                    event: event_type as i32,
+                });
+                return Ok(());
+            }
+        }
         let timing = event
             .payload
             .as_ref()

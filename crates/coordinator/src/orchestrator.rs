@@ -9,7 +9,7 @@
 //! again, so each decision is made exactly once.
 
 use sagamesh_proto::v1::envelope::Payload;
-use sagamesh_proto::v1::{Envelope, PurchaseDetails};
+use sagamesh_proto::v1::{Envelope, PurchaseDetails, Transaction};
 use sagamesh_router_client::push_outbox;
 use sagamesh_saga::{CompensationPlan, PlanAction};
 use sagamesh_step::compensation::advance;
@@ -43,6 +43,7 @@ pub(crate) fn react(
     tx: &mut dyn Tx,
     event: &Envelope,
     purchase: PurchaseDetails,
+    view: &mut Transaction,
 ) -> Result<Vec<PlanAction>, StoreError> {
     let Some(payload) = event.payload.as_ref() else {
         return Ok(Vec::new());
@@ -54,8 +55,9 @@ pub(crate) fn react(
         Some((_, false)) if state.is_some() => return Ok(Vec::new()),
         Some((step, false)) => {
             if let Some(next) = sagamesh_saga::next_step(step) {
-                let command = sagamesh_saga::execute_command(next, purchase);
-                push_outbox(tx, &event.caused(GROUP, command))?;
+                let command = event.caused(GROUP, sagamesh_saga::execute_command(next, purchase));
+                push_outbox(tx, &command)?;
+                crate::view::apply(view, &command);
             }
             return Ok(Vec::new());
         }

@@ -170,6 +170,12 @@ pub(crate) fn insert(
     {
         return Ok(Some(existing));
     }
+    // The saga's first events are in its history from the start, so their
+    // return from the router needs no write.
+    let mut transaction = transaction.clone();
+    for event in first_events.iter().filter(|e| view::only_recorded(e)) {
+        view::apply(&mut transaction, event);
+    }
     tx.execute(
         "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -229,6 +235,15 @@ pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>
     if !view::apply(&mut transaction, event) {
         return Ok(None);
     }
+    // A saga that had already ended needs no more decisions (a timeout
+    // decided on a lagging view, a late answer). Decisions come first: the
+    // commands they write go into the view written below.
+    let was_moving = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default());
+    let actions = if transaction.mode() == SagaMode::Orchestration && was_moving {
+        orchestrator::react(tx, event, purchase_of(&transaction), &mut transaction)?
+    } else {
+        Vec::new()
+    };
     if is_new {
         tx.execute(
             "INSERT INTO transactions (transaction_id, user_id, status, mode, body, updated_ms)
@@ -257,14 +272,6 @@ pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>
             recount(tx, transaction.mode, before, transaction.status)?;
         }
     }
-    // A saga that had already ended needs no more decisions (a timeout
-    // decided on a lagging view, a late answer).
-    let was_moving = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default());
-    let actions = if transaction.mode() == SagaMode::Orchestration && was_moving {
-        orchestrator::react(tx, event, purchase_of(&transaction))?
-    } else {
-        Vec::new()
-    };
     let ended = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default())
         && view::is_terminal(transaction.status());
     Ok(Some(Applied {

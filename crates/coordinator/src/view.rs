@@ -157,6 +157,28 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
     true
 }
 
+/// Whether folding `event` into a view only records it in the history,
+/// leaving status and steps as they are: the saga's start and the commands
+/// that ask a step to run or to be undone. The coordinator folds the ones
+/// it writes itself into the view in the same transaction, so their return
+/// from the router costs no write.
+pub fn only_recorded(event: &Envelope) -> bool {
+    matches!(
+        event.payload,
+        Some(
+            Payload::PurchaseInitiated(_)
+                | Payload::ExecuteUserValidation(_)
+                | Payload::ExecuteItemGrant(_)
+                | Payload::ExecuteLogRecord(_)
+                | Payload::ExecuteNotification(_)
+                | Payload::CompensateUserValidation(_)
+                | Payload::CompensateItemGrant(_)
+                | Payload::CompensateLogRecord(_)
+                | Payload::CompensateNotification(_)
+        )
+    )
+}
+
 /// Replaces the record of a step, keeping the steps in saga order.
 fn set_step(view: &mut Transaction, record: StepRecord) {
     match view.steps.iter_mut().find(|s| s.step == record.step) {
@@ -178,6 +200,52 @@ mod tests {
 
     fn event(payload: Payload) -> Envelope {
         Envelope::new("tx-1", "", "test", payload)
+    }
+
+    #[test]
+    fn events_only_recorded_leave_status_and_steps_alone() {
+        use sagamesh_proto::v1::{CompensateStep, ExecuteStep, PurchaseInitiated};
+        let execute = ExecuteStep::default();
+        let compensate = CompensateStep::default();
+        let payloads = [
+            Payload::PurchaseInitiated(PurchaseInitiated::default()),
+            Payload::ExecuteUserValidation(execute.clone()),
+            Payload::ExecuteItemGrant(execute.clone()),
+            Payload::ExecuteLogRecord(execute.clone()),
+            Payload::ExecuteNotification(execute),
+            Payload::CompensateUserValidation(compensate.clone()),
+            Payload::CompensateItemGrant(compensate.clone()),
+            Payload::CompensateLogRecord(compensate.clone()),
+            Payload::CompensateNotification(compensate),
+        ];
+        let statuses = [
+            TransactionStatus::Initiated,
+            TransactionStatus::InProgress,
+            TransactionStatus::Compensating,
+            TransactionStatus::Completed,
+            TransactionStatus::Failed,
+        ];
+        for status in statuses {
+            for payload in payloads.clone() {
+                let recorded = event(payload);
+                assert!(only_recorded(&recorded));
+                let mut view = Transaction {
+                    status: status as i32,
+                    failure_reason: "before".into(),
+                    ..Default::default()
+                };
+                let before = view.clone();
+                assert!(apply(&mut view, &recorded));
+                assert_eq!(view.history.len(), 1, "{recorded:?}");
+                assert_eq!(
+                    (view.status, &view.steps, &view.failure_reason),
+                    (before.status, &before.steps, &before.failure_reason),
+                    "{recorded:?} changed the saga"
+                );
+            }
+        }
+        let outcome = event(Payload::UserValidated(UserValidated::default()));
+        assert!(!only_recorded(&outcome));
     }
 
     #[test]

@@ -254,7 +254,8 @@ impl Balancer {
             self.core.clone(),
             stop.clone(),
         ));
-        self.held.insert((group, partition), Held { revision, stop, feed });
+        self.held
+            .insert((group, partition), Held { revision, stop, feed });
     }
 
     /// Stops pulling a partition and, on a task of its own, hands its
