@@ -215,11 +215,12 @@ pub async fn run(
         .local_addr()
         .map_err(|e| MeshError::Serve(e.to_string()))?;
     let tasks = TaskTracker::new();
-    // A stop runs in order: the server stops accepting; handlers finish the
-    // deliveries in hand, hand the rest back and flush their outboxes, which
-    // ends their Attach streams; then the server is done and the router
-    // (which those last publishes still needed) stops.
-    let drain = shutdown.child_token();
+    // A stop runs in order: the servers stop accepting and finish the
+    // requests in hand (a purchase accepted then is recorded, and its saga
+    // goes on meanwhile); then the instances drain: they finish the
+    // deliveries in hand, hand the rest back and flush their outboxes
+    // through the router, which (needed by those last publishes) stops last.
+    let drain = CancellationToken::new();
     let router_stop = CancellationToken::new();
     let mut services = Services::default();
     // Services of this process reach each other in-process.
@@ -365,15 +366,14 @@ pub async fn run(
             Err(e)
         }
     };
-    // Servers are down. Instances finish the deliveries in hand and flush
-    // their outboxes through the router, which then stops; then every task
-    // is waited for.
+    // Servers are down: the instances drain, the router stops, and every
+    // task is waited for.
+    drain.cancel();
     clients.close();
     if tokio::time::timeout(config.grace, clients.wait()).await.is_err() {
         tracing::warn!("some instances did not drain within the grace period");
     }
     router_stop.cancel();
-    drain.cancel();
     tasks.close();
     if tokio::time::timeout(config.grace, tasks.wait()).await.is_err() {
         tracing::warn!("some tasks did not stop within the grace period");
