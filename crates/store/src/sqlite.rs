@@ -298,7 +298,12 @@ fn run_writer(conn: Connection, mut syncer: Syncer, mut jobs: mpsc::Receiver<Wri
         let mut outcome = commit_batch(&conn, &mut batch, &mut completions, &mut synced);
         if let Err(e) = &outcome {
             tracing::error!(error = %e, writes = synced.len(), "store commit failed");
-            let _ = conn.execute_batch("ROLLBACK");
+            // The batch may have failed before its transaction began.
+            if !conn.is_autocommit()
+                && let Err(e) = conn.execute_batch("ROLLBACK")
+            {
+                tracing::error!(error = %e, "store rollback failed; later writes will fail until a restart");
+            }
         }
         for complete in completions.drain(..) {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
