@@ -171,11 +171,7 @@ impl SqliteStore {
                 synced,
             }
         });
-        self.writes
-            .send(job)
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        rx.await.map_err(|_| E::from(StoreError::Closed))?
+        self.submit(job, rx).await
     }
 
     /// Like [`Store::write`], but returns as soon as the transaction is
@@ -206,6 +202,15 @@ impl SqliteStore {
                 synced,
             }
         });
+        self.submit(job, rx).await
+    }
+
+    /// Queues `job` for the writer and waits for the answer it sends on
+    /// `rx`; a writer that is gone answers `StoreError::Closed`.
+    async fn submit<T, E>(&self, job: WriteJob, rx: oneshot::Receiver<Result<T, E>>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
         self.writes
             .send(job)
             .await
@@ -342,7 +347,7 @@ fn commit_batch(
         // savepoint is rolled back and its caller sees the write fail.
         let Ok(finish) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) else {
             tracing::error!("a store write panicked; rolled back");
-            if let Err(e) = control(conn, "ROLLBACK TO job").and_then(|()| control(conn, "RELEASE job")) {
+            if let Err(e) = roll_back_job(conn) {
                 began = Err(e);
             }
             continue;
@@ -350,7 +355,7 @@ fn commit_batch(
         let ended = if finish.keep {
             control(conn, "RELEASE job")
         } else {
-            control(conn, "ROLLBACK TO job").and_then(|()| control(conn, "RELEASE job"))
+            roll_back_job(conn)
         };
         if let Err(e) = ended {
             began = Err(e);
@@ -360,6 +365,12 @@ fn commit_batch(
     }
     began?;
     control(conn, "COMMIT")
+}
+
+/// Undoes what the current job did, keeping the batch's transaction.
+fn roll_back_job(conn: &Connection) -> Result<(), String> {
+    control(conn, "ROLLBACK TO job")?;
+    control(conn, "RELEASE job")
 }
 
 /// Runs a transaction-control statement, prepared once per connection.
