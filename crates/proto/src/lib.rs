@@ -12,6 +12,10 @@ pub mod v1 {
 /// The encoded descriptors of every sagamesh proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sagamesh_descriptor.bin"));
 
+/// The largest gRPC message the router's streams carry, both ways, which
+/// also bounds the events of one publish.
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use v1::envelope::Payload;

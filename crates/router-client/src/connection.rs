@@ -133,8 +133,8 @@ impl RouterLink {
 impl From<Channel> for RouterLink {
     fn from(channel: Channel) -> RouterLink {
         let client = EventRouterClient::new(channel)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(16 * 1024 * 1024);
+            .max_decoding_message_size(sagamesh_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(sagamesh_proto::MAX_MESSAGE_SIZE);
         RouterLink::new(Grpc(client))
     }
 }

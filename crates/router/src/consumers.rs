@@ -92,7 +92,8 @@ pub(crate) async fn start(
 enum Release {
     /// After its events are back in JetStream.
     WhenHandedBack,
-    /// Never: the lease expires (this router is stopping).
+    /// Never: it is another router's already, or it expires (this router
+    /// is stopping).
     Never,
 }
 
@@ -229,12 +230,7 @@ impl Balancer {
                 }
                 Ok(None) => {
                     tracing::warn!(lease = %key, "lost a partition lease; another router pulls it now");
-                    if let Some(held) = self.held.remove(&(group, partition)) {
-                        let core = self.core.clone();
-                        self.tasks.spawn(async move {
-                            stop_and_hand_back(core, group, partition, held).await;
-                        });
-                    }
+                    self.give_up(group, partition, Release::Never);
                 }
                 // Tried again on the next tick, well before the lease expires.
                 Err(e) => tracing::warn!(lease = %key, error = %e, "could not renew a partition lease"),

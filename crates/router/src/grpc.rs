@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use sagamesh_proto::MAX_MESSAGE_SIZE;
 use sagamesh_proto::v1::event_router_server::{EventRouter, EventRouterServer};
 use sagamesh_proto::v1::{
     AttachRequest, AttachResponse, DeadLetter, DiscardDeadLetterRequest, DiscardDeadLetterResponse, Envelope,
@@ -21,9 +22,6 @@ use crate::Router;
 use crate::appender::Append;
 use crate::core::Command;
 
-/// The largest message on the router's streams, and the most event bytes
-/// in one publish.
-const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Most events in one publish.
 const MAX_EVENTS_PER_PUBLISH: usize = 1_000;
 /// How long a new stream may take to say hello.
