@@ -161,20 +161,19 @@ pub(crate) fn by_key(
 /// used already: then returns the saga recorded for it.
 pub(crate) fn insert(
     tx: &mut dyn Tx,
-    transaction: &Transaction,
+    mut transaction: Transaction,
     first_events: &[Envelope],
 ) -> Result<Option<Transaction>, CoordinatorError> {
+    // The saga's first events are in its history from the start, so their
+    // return from the router needs no write.
+    for event in first_events.iter().filter(|e| view::only_recorded(e)) {
+        view::apply(&mut transaction, event);
+    }
     let key = (!transaction.idempotency_key.is_empty()).then_some(&transaction.idempotency_key);
     if let Some(key) = key
         && let Some(existing) = by_key(tx, &transaction.user_id, key)?
     {
         return Ok(Some(existing));
-    }
-    // The saga's first events are in its history from the start, so their
-    // return from the router needs no write.
-    let mut transaction = transaction.clone();
-    for event in first_events.iter().filter(|e| view::only_recorded(e)) {
-        view::apply(&mut transaction, event);
     }
     tx.execute(
         "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
