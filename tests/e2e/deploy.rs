@@ -12,17 +12,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use crate::support::HANDLERS;
+
 const COMPOSE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/compose.yaml");
 const KUBERNETES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/kubernetes");
-
-/// The sagamesh services of the compose file and of the manifests.
-const HANDLERS: [&str; 5] = [
-    "wallets",
-    "inventory",
-    "purchase-log",
-    "notifications",
-    "compensation",
-];
 
 /// Whether a tool is present; in CI its absence is a failure.
 fn available(what: &str, install: &str, mut probe: Command) -> bool {

@@ -15,7 +15,8 @@ use sagamesh_proto::v1::{
 use tokio::sync::Mutex;
 
 use crate::support::{
-    Clients, MarkerCounts, Process, eventually, in_both_modes, mode_arg, on_both_backends, wait_serving,
+    Clients, HANDLERS, MarkerCounts, Process, eventually, in_both_modes, mode_arg, on_both_backends,
+    wait_serving,
 };
 
 /// Router, coordinator and every handler, each its own process.
@@ -24,14 +25,6 @@ struct Deployment {
     dir: std::path::PathBuf,
     mode: SagaMode,
 }
-
-const HANDLERS: [&str; 5] = [
-    "wallets",
-    "inventory",
-    "purchase-log",
-    "notifications",
-    "compensation",
-];
 
 impl Deployment {
     fn start(dir: &Path, mode: SagaMode) -> Deployment {

@@ -10,15 +10,8 @@ use std::time::{Duration, Instant};
 use sagamesh_proto::v1::{PurchaseRequest, StreamTransactionRequest, TransactionStatus};
 use tokio::sync::Mutex;
 
-use crate::support::{Clients, MarkerCounts, Process, distributed, wait_serving};
+use crate::support::{Clients, HANDLERS, MarkerCounts, Process, distributed, wait_serving};
 
-const HANDLERS: [&str; 5] = [
-    "wallets",
-    "inventory",
-    "purchase-log",
-    "notifications",
-    "compensation",
-];
 const USERS: usize = 16;
 const BALANCE: u64 = 10_000;
 const STOCK: u64 = 300;

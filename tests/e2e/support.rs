@@ -450,6 +450,15 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sagamesh"))
 }
 
+/// The handler services, as `sagamesh handler <name>` names them.
+pub const HANDLERS: [&str; 5] = [
+    "wallets",
+    "inventory",
+    "purchase-log",
+    "notifications",
+    "compensation",
+];
+
 /// Log lines a test may want to count, by a phrase they contain.
 pub const LOG_MARKERS: [&str; 6] = [
     "fault injection: dropping",
