@@ -238,19 +238,22 @@ impl Store {
     }
 }
 
-/// Statements on a SQLite connection. `$1`-style parameters become `?1`.
+/// Statements on a SQLite connection, which takes `$1`-style parameters
+/// as they are written (see [`bind`]).
 struct SqliteTx<'c>(&'c Connection);
 
 impl Tx for SqliteTx<'_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
-        let mut statement = self.0.prepare_cached(&sqlite_sql(sql))?;
-        Ok(statement.execute(rusqlite::params_from_iter(params.iter()))? as u64)
+        let mut statement = self.0.prepare_cached(sql)?;
+        bind(&mut statement, params)?;
+        Ok(statement.raw_execute()? as u64)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
-        let mut statement = self.0.prepare_cached(&sqlite_sql(sql))?;
+        let mut statement = self.0.prepare_cached(sql)?;
+        bind(&mut statement, params)?;
         let columns = statement.column_count();
-        let mut rows = statement.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut rows = statement.raw_query();
         let mut found = Vec::new();
         while let Some(row) = rows.next()? {
             let values = (0..columns)
@@ -262,21 +265,26 @@ impl Tx for SqliteTx<'_> {
     }
 }
 
-/// The statement with `$N` parameters written as SQLite's `?N`.
-fn sqlite_sql(sql: &str) -> std::borrow::Cow<'_, str> {
-    if !sql.contains('$') {
-        return sql.into();
+/// Binds `params` to a statement's `$N` parameters. SQLite reads `$1` as a
+/// parameter named "$1" and numbers parameters in order of first
+/// appearance, so each is bound by its name rather than its position; the
+/// statement text needs no rewriting and is cached as written.
+fn bind(statement: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<(), StoreError> {
+    for index in 1..=statement.parameter_count() {
+        let number = statement
+            .parameter_name(index)
+            .and_then(|name| name.strip_prefix('$'))
+            .and_then(|number| number.parse::<usize>().ok())
+            .filter(|number| (1..=params.len()).contains(number))
+            .ok_or_else(|| {
+                StoreError::Sql(format!(
+                    "parameter {index} of the statement is not one of $1..${}",
+                    params.len()
+                ))
+            })?;
+        statement.raw_bind_parameter(index, &params[number - 1])?;
     }
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('?');
-        } else {
-            out.push(c);
-        }
-    }
-    out.into()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -284,12 +292,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn numbered_parameters_become_sqlite_ones() {
-        assert_eq!(
-            sqlite_sql("SELECT $1, $12 WHERE a = '$x'"),
-            "SELECT ?1, ?12 WHERE a = '$x'"
-        );
-        assert_eq!(sqlite_sql("SELECT 1"), "SELECT 1");
+    fn numbered_parameters_bind_by_number_in_any_order() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mut tx = SqliteTx(&conn);
+        let rows = tx
+            .query("SELECT $2, $1, $2 || '$1'", &values!["first", "second"])
+            .unwrap();
+        assert_eq!(rows[0].string(0).unwrap(), "second");
+        assert_eq!(rows[0].string(1).unwrap(), "first");
+        assert_eq!(rows[0].string(2).unwrap(), "second$1");
+        let missing = tx.query("SELECT $3", &values!["only one"]);
+        assert!(matches!(missing, Err(StoreError::Sql(message)) if message.contains("$1..$1")));
     }
 
     const SCHEMA: Schema = Schema {
