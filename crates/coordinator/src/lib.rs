@@ -7,6 +7,7 @@
 //! (`view`), which `GetTransaction`, `ListTransactions`, `StreamTransaction`
 //! and `GetStats` serve.
 
+mod catalog;
 mod grpc;
 mod orchestrator;
 mod queries;
@@ -20,17 +21,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sagamesh_proto::v1::envelope::Payload;
-use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::{
-    Envelope, EventType, GetItemRequest, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext,
-    Transaction, TransactionStatus, TransactionUpdate,
+    Envelope, EventType, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext, Transaction,
+    TransactionStatus, TransactionUpdate,
 };
 use sagamesh_router_client::{BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient};
 use sagamesh_store::{Database, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
+pub use catalog::Catalog;
 pub use grpc::CoordinatorService;
 pub use view::is_terminal;
 
@@ -87,7 +87,7 @@ pub struct Coordinator {
 struct Inner {
     store: Store,
     relay: OutboxRelay,
-    inventory: InventoryClient<Channel>,
+    catalog: Catalog,
     mode: SagaMode,
     watchers: watchers::Watchers,
     steps: stats::StepStats,
@@ -106,7 +106,7 @@ impl Coordinator {
     /// behind it without bound.
     pub async fn open(
         database: &Database,
-        inventory: Channel,
+        catalog: Catalog,
         mode: SagaMode,
         max_sagas_in_flight: u64,
     ) -> Result<Coordinator, StoreError> {
@@ -121,7 +121,7 @@ impl Coordinator {
             inner: Arc::new(Inner {
                 store,
                 relay: OutboxRelay::new(),
-                inventory: InventoryClient::new(inventory),
+                catalog,
                 mode,
                 watchers: watchers::Watchers::default(),
                 steps: stats::StepStats::new(),
@@ -339,11 +339,8 @@ impl Coordinator {
     /// so the saga runs and fails at the item-grant step, which owns the
     /// catalog and says why.
     async fn price(&self, item_id: &str) -> Result<u64, CoordinatorError> {
-        let request = GetItemRequest {
-            item_id: item_id.to_owned(),
-        };
-        match self.inner.inventory.clone().get_item(request).await {
-            Ok(item) => Ok(item.into_inner().price),
+        match self.inner.catalog.get_item(item_id).await {
+            Ok(item) => Ok(item.price),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(0),
             Err(status) => Err(CoordinatorError::Pricing(format!(
                 "{:?}: {}",

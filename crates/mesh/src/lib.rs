@@ -5,14 +5,13 @@
 //! Every server gets the same stack (see [`server`]): load shedding, a
 //! concurrency limit, a timeout on the response head, health and reflection.
 
-mod local;
 mod server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sagamesh_coordinator::{Coordinator, CoordinatorConfig, CoordinatorService};
+use sagamesh_coordinator::{Catalog, Coordinator, CoordinatorConfig, CoordinatorService};
 use sagamesh_inventory::{Inventory, InventoryService};
 use sagamesh_jetstream::JetStream;
 use sagamesh_log_sqlite::SqliteLog;
@@ -223,8 +222,6 @@ pub async fn run(
     let drain = CancellationToken::new();
     let router_stop = CancellationToken::new();
     let mut services = Services::default();
-    // Services of this process reach each other in-process.
-    let (own, local) = local::connect();
     let dir = &config.data_dir;
     let durability = config.durability;
     let database = match &config.database {
@@ -259,10 +256,10 @@ pub async fn run(
         in_process_router = Some(router.service());
         services.router = Some(router.service().into_server());
     }
-    let (router_link, inventory_channel) = match (&role, in_process_router) {
-        (Role::Coordinator { router, inventory }, _) => (channel(router)?.into(), channel(inventory)?),
-        (Role::Handler { router, .. }, _) => (channel(router)?.into(), own.clone()),
-        (Role::All | Role::Router, Some(router)) => (RouterLink::new(InProcessRouter(router)), own.clone()),
+    // Services of this process reach each other in-process.
+    let router_link = match (&role, in_process_router) {
+        (Role::Coordinator { router, .. } | Role::Handler { router, .. }, _) => channel(router)?.into(),
+        (Role::All | Role::Router, Some(router)) => RouterLink::new(InProcessRouter(router)),
         (Role::All | Role::Router, None) => unreachable!("this process runs the router"),
     };
     let wants = |service: HandlerService| match &role {
@@ -277,9 +274,12 @@ pub async fn run(
     } else {
         None
     };
+    let mut catalog = None;
     let inventory = if wants(HandlerService::Inventory) {
         let inventory = Inventory::open(&database)?;
-        services.inventory = Some(InventoryService::new(inventory.clone()));
+        let service = Arc::new(InventoryService::new(inventory.clone()));
+        catalog = Some(Catalog::InProcess(service.clone()));
+        services.inventory = Some(InventoryService::server(service));
         Some(inventory)
     } else {
         None
@@ -303,14 +303,12 @@ pub async fn run(
     } else {
         None
     };
-    let coordinator = if matches!(role, Role::All | Role::Coordinator { .. }) {
-        let coordinator = Coordinator::open(
-            &database,
-            inventory_channel,
-            config.mode,
-            config.max_sagas_in_flight,
-        )
-        .await?;
+    if let Role::Coordinator { inventory, .. } = &role {
+        catalog = Some(Catalog::remote(channel(inventory)?));
+    }
+    let coordinator = if let (Role::All | Role::Coordinator { .. }, Some(catalog)) = (&role, catalog) {
+        let coordinator =
+            Coordinator::open(&database, catalog, config.mode, config.max_sagas_in_flight).await?;
         services.coordinator = Some(CoordinatorService::new(coordinator.clone()));
         Some(coordinator)
     } else {
@@ -319,7 +317,7 @@ pub async fn run(
 
     let names = services.names();
     // The server must be up before in-process handlers attach to it.
-    let server = tasks.spawn(server::serve(services, listener, local, shutdown.clone()));
+    let server = tasks.spawn(server::serve(services, listener, shutdown.clone()));
     tracing::info!(%address, mode = config.mode.name(), services = ?names, "sagamesh listening on {address}");
 
     // Instances of this process attached to a router; on a stop they drain

@@ -1,7 +1,6 @@
 //! The one function that builds a gRPC server for any set of services, so
 //! every process gets the same stack.
 
-use std::io;
 use std::time::Duration;
 
 use sagamesh_coordinator::CoordinatorService;
@@ -16,9 +15,7 @@ use sagamesh_proto::v1::wallets_server::WalletsServer;
 use sagamesh_purchase_log::PurchaseLogsService;
 use sagamesh_router::RouterService;
 use sagamesh_wallets::WalletsService;
-use tokio::io::DuplexStream;
 use tokio::net::TcpListener;
-use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -66,12 +63,11 @@ impl Services {
     }
 }
 
-/// Serves `services` with health and reflection until `shutdown`, on the
-/// listener and on the in-process connections of [`crate::local`].
+/// Serves `services` with health and reflection on `listener` until
+/// `shutdown`.
 pub(crate) async fn serve(
     services: Services,
     listener: TcpListener,
-    local: impl Stream<Item = io::Result<DuplexStream>> + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), MeshError> {
     let names = services.names();
@@ -125,16 +121,11 @@ pub(crate) async fn serve(
                 .await;
         }
     };
-    let routes = routes.routes();
-    let network = server()
-        .add_routes(routes.clone())
+    server()
+        .add_routes(routes.routes())
         // Small messages: latency matters more than packing (no Nagle).
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
-    let in_process = server()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(local, shutdown.cancelled_owned());
-    tokio::try_join!(network, in_process)
-        .map(|_| ())
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
+        .await
         .map_err(|e| MeshError::Serve(e.to_string()))
 }
 

@@ -1,5 +1,7 @@
 //! `sagamesh.v1.Inventory`: the catalog and what users hold.
 
+use std::sync::Arc;
+
 use sagamesh_proto::v1::inventory_server::{Inventory as InventoryApi, InventoryServer};
 use sagamesh_proto::v1::{CreateItemRequest, GetItemRequest, GetUserItemsRequest, Item, UserItems};
 use tonic::{Request, Response, Status};
@@ -15,8 +17,13 @@ pub struct InventoryService {
 }
 
 impl InventoryService {
-    pub fn new(inventory: Inventory) -> InventoryServer<InventoryService> {
-        InventoryServer::new(InventoryService { inventory })
+    pub fn new(inventory: Inventory) -> InventoryService {
+        InventoryService { inventory }
+    }
+
+    /// The service ready to serve, sharing `service` with in-process callers.
+    pub fn server(service: Arc<InventoryService>) -> InventoryServer<InventoryService> {
+        InventoryServer::from_arc(service)
     }
 }
 
