@@ -14,11 +14,17 @@
 //! another thread and waking the caller again would cost.
 //!
 //! A commit and its fsync are two steps here: SQLite commits with
-//! `synchronous = NORMAL` (no fsync) and the writer then syncs the WAL file
-//! itself, so a staged write can be answered in between.
+//! `synchronous = NORMAL` (no fsync) and the WAL file is then synced by
+//! hand, so a staged write can be answered in between. When more writes
+//! are already waiting, a syncer thread does the fsync and the writer goes
+//! on committing meanwhile; one fsync then covers every commit made before
+//! it started, so a slow disk makes batches wait for the next fsync instead
+//! of leaving the writer idle. When nothing is waiting, the writer syncs
+//! itself and saves the hand-off.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
@@ -46,6 +52,8 @@ struct Finish {
 const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer. When full, callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
+/// Committed batches waiting for the syncer. When full, the writer waits.
+const SYNC_QUEUE: usize = 64;
 /// Idle read connections kept open; more are opened while reads overlap.
 const IDLE_READERS: usize = 4;
 
@@ -142,10 +150,23 @@ impl SqliteStore {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
+        let spawn_error = |e: std::io::Error| StoreError::Commit(e.to_string());
+        let syncer = if syncer.wal_path.is_some() {
+            let wal = Arc::new(Mutex::new(syncer));
+            let (to_sync, sync_rx) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
+            let shared = wal.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-sync"))
+                .spawn(move || run_syncer(&shared, sync_rx))
+                .map_err(spawn_error)?;
+            Some(SyncHandle { wal, to_sync })
+        } else {
+            None
+        };
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
             .spawn(move || run_writer(writer, syncer, write_rx))
-            .map_err(|e| StoreError::Commit(e.to_string()))?;
+            .map_err(spawn_error)?;
         Ok(SqliteStore { writes, readers })
     }
 
@@ -288,7 +309,25 @@ fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn run_writer(conn: Connection, mut syncer: Syncer, mut jobs: mpsc::Receiver<WriteJob>) {
+/// How the writer gets its commits synced: itself, or through the syncer
+/// thread when more writes are waiting.
+struct SyncHandle {
+    wal: Arc<Mutex<Syncer>>,
+    to_sync: SyncSender<Vec<Completion>>,
+}
+
+impl SyncHandle {
+    fn sync(&self) -> Result<(), String> {
+        self.wal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .sync()
+    }
+}
+
+/// Commits batches of queued jobs; `syncer` is `None` when the durability
+/// asks for no fsync.
+fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Receiver<WriteJob>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
@@ -313,7 +352,15 @@ fn run_writer(conn: Connection, mut syncer: Syncer, mut jobs: mpsc::Receiver<Wri
         for complete in completions.drain(..) {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         }
-        if outcome.is_ok() {
+        if let (Some(syncer), Ok(())) = (&syncer, &outcome) {
+            if !jobs.is_empty() {
+                // More to commit: the syncer waits for the disk instead.
+                let waiting = std::mem::replace(&mut synced, Vec::with_capacity(MAX_BATCH));
+                match syncer.to_sync.send(waiting) {
+                    Ok(()) => continue,
+                    Err(std::sync::mpsc::SendError(waiting)) => synced = waiting,
+                }
+            }
             outcome = syncer.sync();
             if let Err(e) = &outcome {
                 tracing::error!(error = %e, writes = synced.len(), "store sync failed");
@@ -321,6 +368,24 @@ fn run_writer(conn: Connection, mut syncer: Syncer, mut jobs: mpsc::Receiver<Wri
         }
         for complete in synced.drain(..) {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+    }
+}
+
+/// Syncs the WAL for every batch handed over since its last sync, then
+/// answers them all.
+fn run_syncer(wal: &Mutex<Syncer>, batches: Receiver<Vec<Completion>>) {
+    let mut waiting: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = batches.recv() {
+        waiting.extend(first);
+        waiting.extend(batches.try_iter().flatten());
+        let outcome = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sync();
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, writes = waiting.len(), "store sync failed");
+        }
+        let outcome = outcome.as_ref().map(|_| ()).map_err(String::as_str);
+        for complete in waiting.drain(..) {
+            complete(outcome);
         }
     }
 }
@@ -474,6 +539,24 @@ mod tests {
             .collect();
         assert_eq!(kept, ["second kept", "first kept", "third kept"]);
         assert!(conn.is_autocommit(), "the batch's transaction is over");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_all_answer_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
+        // Enough at once that the writer finds more waiting after a commit
+        // and hands its fsyncs to the syncer thread.
+        let writes: Vec<_> = (0..500)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.write(insert("note")).await })
+            })
+            .collect();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(count(&store).await, 500);
     }
 
     #[tokio::test]
