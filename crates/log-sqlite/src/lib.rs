@@ -4,10 +4,12 @@
 //! so concurrent publishes share one fsync, and are staged: readable as soon
 //! as committed, durable once the writer's fsync that follows is done. The `events` table's
 //! AUTOINCREMENT key is the offset (never reused, even after truncation), and
-//! the unique `event_id` column dedupes publishes.
+//! the unique `event_id` column dedupes publishes. A batch is inserted with
+//! one statement per chunk of up to 32 events.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -15,7 +17,7 @@ use sagamesh_log::{
     Appended, Appending, BoxFuture, DeadLetter, DeadLetterStore, EventLog, LogError, Offset, StoredEvent,
 };
 use sagamesh_proto::v1::Envelope;
-use sagamesh_store::{Durability, Row, Store, StoreError, Tx, values};
+use sagamesh_store::{Durability, Row, Store, StoreError, Tx, Value, values};
 
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE events (
@@ -108,6 +110,55 @@ fn list_dead(
     rows.iter().map(to_dead_letter).collect()
 }
 
+/// Events appended per statement: a batch is cut into chunks of these
+/// sizes, so that a few prepared statements serve every batch.
+const INSERT_CHUNKS: [usize; 3] = [32, 8, 1];
+
+/// `INSERT ... VALUES ($1, $2), ($3, $4), ...` for each chunk size.
+static INSERTS: LazyLock<[String; 3]> = LazyLock::new(|| {
+    INSERT_CHUNKS.map(|rows| {
+        let values: Vec<String> = (0..rows)
+            .map(|row| format!("(${}, ${})", 2 * row + 1, 2 * row + 2))
+            .collect();
+        format!(
+            "INSERT INTO events (event_id, body) VALUES {}
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id, offset",
+            values.join(", ")
+        )
+    })
+});
+
+/// The statement for the next chunk of `remaining` events, and its size.
+fn insert_statement(remaining: usize) -> (&'static str, usize) {
+    let index = INSERT_CHUNKS
+        .iter()
+        .position(|&rows| rows <= remaining)
+        .unwrap_or(INSERT_CHUNKS.len() - 1);
+    (INSERTS[index].as_str(), INSERT_CHUNKS[index])
+}
+
+/// Appends `chunk` in one statement. Rows get offsets in the order they are
+/// listed; an event id already stored, or listed earlier in the chunk, is
+/// a duplicate.
+fn insert(tx: &mut dyn Tx, sql: &str, chunk: &[Arc<Envelope>]) -> Result<Vec<Appended>, Failure> {
+    let params: Vec<Value> = chunk
+        .iter()
+        .flat_map(|event| [Value::from(&event.event_id), Value::from(event.encode_to_vec())])
+        .collect();
+    // RETURNING lists the inserted rows in no promised order.
+    let mut offsets = HashMap::with_capacity(chunk.len());
+    for row in tx.query(sql, &params)? {
+        offsets.insert(row.string(0)?, row.int(1)? as Offset);
+    }
+    Ok(chunk
+        .iter()
+        .map(|event| match offsets.remove(&event.event_id) {
+            Some(offset) => Appended::New(offset),
+            None => Appended::Duplicate,
+        })
+        .collect())
+}
+
 impl EventLog for SqliteLog {
     fn append_staged(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Appending, LogError>> {
         Box::pin(async move {
@@ -115,16 +166,12 @@ impl EventLog for SqliteLog {
                 .store
                 .write_staged(move |tx| {
                     let mut appended = Vec::with_capacity(events.len());
-                    for event in &events {
-                        let inserted = tx.query_opt(
-                            "INSERT INTO events (event_id, body) VALUES ($1, $2)
-                             ON CONFLICT (event_id) DO NOTHING RETURNING offset",
-                            &values![&event.event_id, event.encode_to_vec()],
-                        )?;
-                        appended.push(match inserted {
-                            Some(row) => Appended::New(row.int(0)? as Offset),
-                            None => Appended::Duplicate,
-                        });
+                    let mut rest = &events[..];
+                    while !rest.is_empty() {
+                        let (sql, rows) = insert_statement(rest.len());
+                        let (chunk, tail) = rest.split_at(rows);
+                        appended.extend(insert(tx, sql, chunk)?);
+                        rest = tail;
                     }
                     Ok::<_, Failure>(appended)
                 })
@@ -296,6 +343,58 @@ mod tests {
     async fn append_read_dedupe() {
         let (_dir, log) = open();
         conformance::append_read_dedupe(&log).await;
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_keeps_its_order_and_dedupes_within_itself() {
+        use sagamesh_proto::v1::envelope::Payload;
+        use sagamesh_proto::v1::{PurchaseDetails, PurchaseInitiated};
+        let (_dir, log) = open();
+        let event = |tx: &str| {
+            Arc::new(Envelope::new(
+                tx,
+                "",
+                "test",
+                Payload::PurchaseInitiated(PurchaseInitiated {
+                    purchase: Some(PurchaseDetails::default()),
+                }),
+            ))
+        };
+        let stored = event("stored");
+        log.append(vec![stored.clone()]).await.unwrap();
+        // 45 events: chunks of 32, 8 and 1, with repeats inside the first
+        // chunk, across chunks, and of an event stored before.
+        let fresh: Vec<_> = (0..40).map(|i| event(&format!("tx-{i}"))).collect();
+        let mut batch = fresh.clone();
+        batch.insert(5, fresh[2].clone());
+        batch.insert(35, fresh[10].clone());
+        batch.insert(20, stored.clone());
+        batch.extend([fresh[39].clone(), event("last")]);
+        let outcomes = log.append(batch.clone()).await.unwrap();
+        let mut seen = std::collections::HashSet::from([stored.event_id.clone()]);
+        let mut last = 0;
+        for (event, outcome) in batch.iter().zip(&outcomes) {
+            if seen.insert(event.event_id.clone()) {
+                let Appended::New(offset) = *outcome else {
+                    panic!("{} is new: {outcome:?}", event.transaction_id)
+                };
+                assert!(offset > last, "offsets follow the batch's order");
+                last = offset;
+            } else {
+                assert_eq!(
+                    *outcome,
+                    Appended::Duplicate,
+                    "{} was seen before",
+                    event.transaction_id
+                );
+            }
+        }
+        let read = log.read(0, 100).await.unwrap();
+        let ids: Vec<_> = read.iter().map(|e| e.envelope.transaction_id.clone()).collect();
+        let mut expected = vec!["stored".to_owned()];
+        expected.extend((0..40).map(|i| format!("tx-{i}")));
+        expected.push("last".to_owned());
+        assert_eq!(ids, expected);
     }
 
     #[tokio::test]
