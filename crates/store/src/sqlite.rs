@@ -316,12 +316,15 @@ struct SyncHandle {
     to_sync: SyncSender<Vec<Completion>>,
 }
 
-impl SyncHandle {
-    fn sync(&self) -> Result<(), String> {
-        self.wal
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .sync()
+/// Syncs the WAL, then answers every write in `waiting`.
+fn sync_and_answer(wal: &Mutex<Syncer>, waiting: &mut Vec<Completion>) {
+    let outcome = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sync();
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, writes = waiting.len(), "store sync failed");
+    }
+    let outcome = outcome.as_ref().map(|_| ()).map_err(String::as_str);
+    for complete in waiting.drain(..) {
+        complete(outcome);
     }
 }
 
@@ -339,7 +342,7 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
                 Err(_) => break,
             }
         }
-        let mut outcome = commit_batch(&conn, &mut batch, &mut completions, &mut synced);
+        let outcome = commit_batch(&conn, &mut batch, &mut completions, &mut synced);
         if let Err(e) = &outcome {
             tracing::error!(error = %e, writes = synced.len(), "store commit failed");
             // The batch may have failed before its transaction began.
@@ -361,10 +364,8 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
                     Err(std::sync::mpsc::SendError(waiting)) => synced = waiting,
                 }
             }
-            outcome = syncer.sync();
-            if let Err(e) = &outcome {
-                tracing::error!(error = %e, writes = synced.len(), "store sync failed");
-            }
+            sync_and_answer(&syncer.wal, &mut synced);
+            continue;
         }
         for complete in synced.drain(..) {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
@@ -379,14 +380,7 @@ fn run_syncer(wal: &Mutex<Syncer>, batches: Receiver<Vec<Completion>>) {
     while let Ok(first) = batches.recv() {
         waiting.extend(first);
         waiting.extend(batches.try_iter().flatten());
-        let outcome = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sync();
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, writes = waiting.len(), "store sync failed");
-        }
-        let outcome = outcome.as_ref().map(|_| ()).map_err(String::as_str);
-        for complete in waiting.drain(..) {
-            complete(outcome);
-        }
+        sync_and_answer(wal, &mut waiting);
     }
 }
 
