@@ -3,14 +3,12 @@
 //! namespace of its own and deletes it at the end. Outside CI a missing
 //! server skips the tests with a printed reason; in CI it fails them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use sagamesh_jetstream::JetStream;
 use sagamesh_log::Appended;
-use sagamesh_proto::v1::envelope::Payload;
-use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
+use sagamesh_log::conformance::event;
 
 async fn bus(test: &str) -> Option<JetStream> {
     let url = std::env::var("SAGAMESH_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
@@ -31,17 +29,6 @@ fn uuid_suffix() -> String {
         .unwrap()
         .subsec_nanos();
     format!("{nanos:x}")
-}
-
-fn event(tx: &str) -> Arc<Envelope> {
-    Arc::new(Envelope::new(
-        tx,
-        "",
-        "test",
-        Payload::PurchaseInitiated(PurchaseInitiated {
-            purchase: Some(PurchaseDetails::default()),
-        }),
-    ))
 }
 
 #[tokio::test]

@@ -347,19 +347,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_batch_keeps_its_order_and_dedupes_within_itself() {
-        use sagamesh_proto::v1::envelope::Payload;
-        use sagamesh_proto::v1::{PurchaseDetails, PurchaseInitiated};
+        use conformance::event;
         let (_dir, log) = open();
-        let event = |tx: &str| {
-            Arc::new(Envelope::new(
-                tx,
-                "",
-                "test",
-                Payload::PurchaseInitiated(PurchaseInitiated {
-                    purchase: Some(PurchaseDetails::default()),
-                }),
-            ))
-        };
         let stored = event("stored");
         log.append(vec![stored.clone()]).await.unwrap();
         // 45 events: chunks of 32, 8 and 1, with repeats inside the first

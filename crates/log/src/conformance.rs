@@ -7,7 +7,8 @@ use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
 
 use crate::{Appended, DeadLetterStore, EventLog};
 
-fn event(tx: &str) -> Arc<Envelope> {
+/// A saga event of transaction `tx`, with a fresh id, for backends' tests.
+pub fn event(tx: &str) -> Arc<Envelope> {
     Arc::new(Envelope::new(
         tx,
         "",
