@@ -311,7 +311,7 @@ impl Coordinator {
         let existing = tokio::spawn(async move {
             let existing = inner
                 .store
-                .write(move |tx| store::insert(tx, record, &first_events))
+                .write(move |tx| store::insert(tx, record.clone(), &first_events))
                 .await?;
             if existing.is_none() {
                 reservation.keep();

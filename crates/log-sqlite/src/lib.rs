@@ -267,10 +267,10 @@ impl DeadLetterStore for SqliteLog {
                         "INSERT INTO dead_letters (grp, body, attempts, last_error, dead_at_ms)
                          VALUES ($1, $2, $3, $4, $5) RETURNING id",
                         &values![
-                            group,
+                            &group,
                             envelope.encode_to_vec(),
                             attempts,
-                            last_error,
+                            &last_error,
                             millis(SystemTime::now())
                         ],
                     )?;

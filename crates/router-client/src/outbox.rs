@@ -194,7 +194,7 @@ async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), 
         .write(move |tx| {
             tx.execute(
                 "DELETE FROM outbox WHERE writer = $1 AND seq <= $2",
-                &values![writer, through],
+                &values![&writer, through],
             )?;
             Ok::<_, RelayError>(())
         })
@@ -288,7 +288,7 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
     let count = seqs.len();
     store
         .write(move |tx| {
-            for seq in seqs {
+            for &seq in &seqs {
                 tx.execute("DELETE FROM outbox WHERE seq = $1", &values![seq])?;
             }
             Ok::<_, RelayError>(())

@@ -186,7 +186,7 @@ impl<O: StepOwner> StepHandler<O> {
         &self,
         cause: &Envelope,
         action: String,
-        body: impl FnOnce(&mut dyn Tx, &str) -> Result<(Payload, Done), StepError> + Send + 'static,
+        mut body: impl FnMut(&mut dyn Tx, &str) -> Result<(Payload, Done), StepError> + Send + 'static,
     ) -> Result<Option<Done>, String> {
         let cause = cause.clone();
         let done = self
@@ -238,7 +238,7 @@ impl<O: StepOwner> StepHandler<O> {
                         (event, false, summary)
                     }
                     Outcome::Failure(reason) => (
-                        sagamesh_saga::failure_event(O::STEP, purchase, timing, reason.clone()),
+                        sagamesh_saga::failure_event(O::STEP, purchase.clone(), timing, reason.clone()),
                         true,
                         reason,
                     ),
@@ -316,7 +316,7 @@ impl<O: StepOwner> StepHandler<O> {
                 let result = result?;
                 let timing = Some(timing);
                 let step = O::STEP as i32;
-                let purchase = Some(purchase);
+                let purchase = Some(purchase.clone());
                 let (payload, failed, summary) = match result {
                     Ok(summary) => (
                         Payload::StepCompensated(StepCompensated {

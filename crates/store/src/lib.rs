@@ -193,10 +193,11 @@ impl Store {
 
     /// Runs `f` in a write transaction shared with other callers. Returns
     /// once the transaction is durable. An `Err` from `f` rolls back only
-    /// what `f` did.
-    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    /// what `f` did. `f` may run more than once, only its last run counts:
+    /// it must do nothing but run its statements and compute its result.
+    pub async fn write<R, E, F>(&self, mut f: F) -> Result<R, E>
     where
-        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
@@ -211,9 +212,9 @@ impl Store {
     /// process dying. The returned [`Synced`] resolves once it also survives
     /// the machine. Use it only where whatever acts on the result early can
     /// be redone from a durable copy kept elsewhere.
-    pub async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    pub async fn write_staged<R, E, F>(&self, mut f: F) -> Result<(R, Synced), E>
     where
-        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {

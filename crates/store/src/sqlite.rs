@@ -3,9 +3,9 @@
 //!
 //! Why one writer thread: SQLite allows one writer per file anyway, and an
 //! fsync costs about as much as a hundred small inserts. Callers queue
-//! closures; the writer drains whatever is waiting, runs each inside its own
-//! savepoint (a failing closure rolls back alone), commits once, and only then
-//! answers every caller. So "the write returned Ok" always means "it is on
+//! closures; the writer drains whatever is waiting, runs them all in one
+//! transaction (a failing closure rolls back alone, see [`commit_batch`]),
+//! commits once, and only then answers every caller. So "the write returned Ok" always means "it is on
 //! disk" (group commit), and many concurrent sagas share one fsync.
 //!
 //! Reads run on their own connections, so they never wait behind a commit
@@ -35,17 +35,80 @@ use crate::{Durability, StoreError, Synced, settle};
 
 /// Runs after the batch's commit (or its sync), with the outcome.
 type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
-/// A queued write: runs inside a savepoint, says whether to keep it, and
-/// hands back what to do once the commit is known.
-type WriteJob = Box<dyn FnOnce(&Connection) -> Finish + Send>;
 
-/// What a write job asks of the writer once it ran.
+/// A queued write. The writer runs it in the batch's transaction, and may
+/// run it again when a later job of the batch fails after writing (see
+/// [`commit_batch`]); only the last run counts.
+trait WriteJob: Send {
+    /// Runs the write's statements; says whether to keep them.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// What to do once the commit is known, with the last run's result.
+    fn finish(self: Box<Self>) -> Finish;
+}
+
+/// What the writer does for a job once its batch committed.
 struct Finish {
-    keep: bool,
     /// Called once the batch is committed (visible, not yet synced).
     committed: Option<Completion>,
     /// Called once the batch is synced (durable as the store promises).
     synced: Completion,
+}
+
+/// A caller's write and where its answer goes.
+struct Queued<F, R, E> {
+    f: F,
+    /// The last run's result; `None` before the first run and after a
+    /// run that panicked.
+    result: Option<Result<R, E>>,
+    answer: Answer<R, E>,
+}
+
+enum Answer<R, E> {
+    /// [`SqliteStore::write`]: answered once synced.
+    Durable(oneshot::Sender<Result<R, E>>),
+    /// [`SqliteStore::write_staged`]: answered once committed, with a
+    /// [`Synced`] that resolves once synced.
+    Staged(oneshot::Sender<Result<(R, Synced), E>>),
+}
+
+impl<F, R, E> WriteJob for Queued<F, R, E>
+where
+    F: FnMut(&Connection) -> Result<R, E> + Send,
+    R: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        self.result = None;
+        let result = (self.f)(conn);
+        let keep = result.is_ok();
+        self.result = Some(result);
+        keep
+    }
+
+    fn finish(self: Box<Self>) -> Finish {
+        let Queued { result, answer, .. } = *self;
+        // A job that never ran to the end (it panicked) changed nothing.
+        let result = result.unwrap_or_else(|| Err(E::from(StoreError::Closed)));
+        match answer {
+            Answer::Durable(tx) => Finish {
+                committed: None,
+                synced: Box::new(move |outcome| {
+                    let _ = tx.send(settle(result, outcome));
+                }),
+            },
+            Answer::Staged(tx) => {
+                let (sync_tx, sync_rx) = oneshot::channel();
+                Finish {
+                    committed: Some(Box::new(move |outcome| {
+                        let _ = tx.send(settle(result, outcome).map(|value| (value, Synced::new(sync_rx))));
+                    })),
+                    synced: Box::new(move |outcome| {
+                        let _ = sync_tx.send(outcome.map_err(str::to_owned));
+                    }),
+                }
+            }
+        }
+    }
 }
 
 /// Most writes committed together; bounds the latency of a batch.
@@ -60,7 +123,7 @@ const IDLE_READERS: usize = 4;
 /// A handle to one SQLite file; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct SqliteStore {
-    writes: mpsc::Sender<WriteJob>,
+    writes: mpsc::Sender<Box<dyn WriteJob>>,
     readers: Arc<Readers>,
 }
 
@@ -172,27 +235,16 @@ impl SqliteStore {
 
     /// Runs `f` in a write transaction shared with other callers. Returns
     /// once the transaction is durable. An `Err` from `f` rolls back only
-    /// what `f` did.
+    /// what `f` did. `f` may run more than once (only its last run counts),
+    /// so it must do nothing but run statements.
     pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
-        F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
+        F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = f(conn);
-            let keep = result.is_ok();
-            let synced: Completion = Box::new(move |outcome| {
-                let _ = tx.send(settle(result, outcome));
-            });
-            Finish {
-                keep,
-                committed: None,
-                synced,
-            }
-        });
-        self.submit(job, rx).await
+        self.submit(Answer::Durable(tx), f, rx).await
     }
 
     /// Like [`Store::write`], but returns as soon as the transaction is
@@ -202,36 +254,32 @@ impl SqliteStore {
     /// be redone from a durable copy kept elsewhere.
     pub(crate) async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
     where
-        F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
+        F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = f(conn);
-            let keep = result.is_ok();
-            let (sync_tx, sync_rx) = oneshot::channel();
-            let committed: Completion = Box::new(move |outcome| {
-                let _ = tx.send(settle(result, outcome).map(|value| (value, Synced::new(sync_rx))));
-            });
-            let synced: Completion = Box::new(move |outcome| {
-                let _ = sync_tx.send(outcome.map_err(str::to_owned));
-            });
-            Finish {
-                keep,
-                committed: Some(committed),
-                synced,
-            }
-        });
-        self.submit(job, rx).await
+        self.submit(Answer::Staged(tx), f, rx).await
     }
 
-    /// Queues `job` for the writer and waits for the answer it sends on
-    /// `rx`; a writer that is gone answers `StoreError::Closed`.
-    async fn submit<T, E>(&self, job: WriteJob, rx: oneshot::Receiver<Result<T, E>>) -> Result<T, E>
+    /// Queues `f` for the writer and waits for the answer it sends on `rx`;
+    /// a writer that is gone answers `StoreError::Closed`.
+    async fn submit<F, R, E, T>(
+        &self,
+        answer: Answer<R, E>,
+        f: F,
+        rx: oneshot::Receiver<Result<T, E>>,
+    ) -> Result<T, E>
     where
-        E: From<StoreError>,
+        F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
+        let job = Box::new(Queued {
+            f,
+            result: None,
+            answer,
+        });
         self.writes
             .send(job)
             .await
@@ -330,7 +378,7 @@ fn sync_and_answer(wal: &Mutex<Syncer>, waiting: &mut Vec<Completion>) {
 
 /// Commits batches of queued jobs; `syncer` is `None` when the durability
 /// asks for no fsync.
-fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Receiver<WriteJob>) {
+fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
@@ -384,61 +432,80 @@ fn run_syncer(wal: &Mutex<Syncer>, batches: Receiver<Vec<Completion>>) {
     }
 }
 
-/// Runs every job of the batch in one transaction, each after the first in
-/// a savepoint. The first needs none: undoing it is undoing the transaction,
-/// which holds nothing else yet. (A savepoint copies every page its job
-/// touches, and a batch of one, the usual case at low load, would pay that
-/// for nothing.)
+/// Runs every job of the batch in one transaction and commits it.
+///
+/// Jobs run without savepoints while none fails: a savepoint copies every
+/// page its job touches, about a tenth of the work of a busy batch. A job
+/// that fails having written nothing needs no undoing. One that fails after
+/// writing is undone by rolling the whole transaction back and running the
+/// jobs kept so far again, from then on each in its own savepoint.
 fn commit_batch(
     conn: &Connection,
-    batch: &mut Vec<WriteJob>,
+    batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
 ) -> Result<(), String> {
-    let mut began = control(conn, "BEGIN IMMEDIATE");
-    for (index, job) in batch.drain(..).enumerate() {
-        // Once the transaction is broken, the rest of the batch is not run;
-        // dropping a job answers its caller with `StoreError::Closed`.
-        if began.is_err() {
-            continue;
-        }
-        let alone = index == 0;
-        if !alone && let Err(e) = control(conn, "SAVEPOINT job") {
-            began = Err(e);
-            continue;
-        }
-        // A panicking job must not take the writer down with it: its
-        // changes are rolled back and its caller sees the write fail.
-        let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
-        let keep = match &finish {
-            Ok(finish) => finish.keep,
-            Err(_) => {
-                tracing::error!("a store write panicked; rolled back");
-                false
-            }
-        };
-        let ended = match (keep, alone) {
-            (true, true) => Ok(()),
-            (true, false) => control(conn, "RELEASE job"),
-            (false, true) => control(conn, "ROLLBACK").and_then(|()| control(conn, "BEGIN IMMEDIATE")),
-            (false, false) => roll_back_job(conn),
-        };
-        if let Err(e) = ended {
-            began = Err(e);
-        }
-        if let Ok(finish) = finish {
-            committed.extend(finish.committed);
-            synced.push(finish.synced);
-        }
+    let mut ran = Vec::with_capacity(batch.len());
+    // Once the transaction is broken, the rest of the batch is not run;
+    // dropping a job answers its caller with `StoreError::Closed`.
+    let outcome = run_batch(conn, batch, &mut ran);
+    batch.clear();
+    for (job, _) in ran {
+        let finish = job.finish();
+        committed.extend(finish.committed);
+        synced.push(finish.synced);
     }
-    began?;
+    outcome?;
     control(conn, "COMMIT")
 }
 
-/// Undoes what the current job did, keeping the batch's transaction.
-fn roll_back_job(conn: &Connection) -> Result<(), String> {
-    control(conn, "ROLLBACK TO job")?;
-    control(conn, "RELEASE job")
+/// Runs the jobs into `ran`, each with whether it is kept.
+fn run_batch(
+    conn: &Connection,
+    batch: &mut Vec<Box<dyn WriteJob>>,
+    ran: &mut Vec<(Box<dyn WriteJob>, bool)>,
+) -> Result<(), String> {
+    control(conn, "BEGIN IMMEDIATE")?;
+    let mut isolated = false;
+    for mut job in batch.drain(..) {
+        let keep = if isolated {
+            run_isolated(conn, job.as_mut())?
+        } else {
+            let changes = conn.total_changes();
+            let keep = run_job(conn, job.as_mut());
+            if !keep && conn.total_changes() != changes {
+                control(conn, "ROLLBACK")?;
+                control(conn, "BEGIN IMMEDIATE")?;
+                isolated = true;
+                for (job, keep) in ran.iter_mut().filter(|(_, keep)| *keep) {
+                    *keep = run_isolated(conn, job.as_mut())?;
+                }
+            }
+            keep
+        };
+        ran.push((job, keep));
+    }
+    Ok(())
+}
+
+/// Runs a job in its own savepoint, undone alone if it fails.
+fn run_isolated(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, String> {
+    control(conn, "SAVEPOINT job")?;
+    let keep = run_job(conn, job);
+    if !keep {
+        control(conn, "ROLLBACK TO job")?;
+    }
+    control(conn, "RELEASE job")?;
+    Ok(keep)
+}
+
+/// Runs a job; a panicking job must not take the writer down with it: it
+/// is not kept and its caller sees the write fail.
+fn run_job(conn: &Connection, job: &mut dyn WriteJob) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|_| {
+        tracing::error!("a store write panicked; rolled back");
+        false
+    })
 }
 
 /// Runs a transaction-control statement, prepared once per connection.
@@ -451,11 +518,13 @@ fn control(conn: &Connection, sql: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     const MIGRATIONS: &[&str] = &["CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"];
 
-    fn insert(body: &'static str) -> impl FnOnce(&Connection) -> Result<i64, StoreError> {
+    fn insert(body: &'static str) -> impl FnMut(&Connection) -> Result<i64, StoreError> + Send + 'static {
         move |conn| {
             conn.execute("INSERT INTO notes (body) VALUES (?1)", [body])?;
             Ok(conn.last_insert_rowid())
@@ -495,17 +564,62 @@ mod tests {
         assert_eq!(count(&store).await, 1);
     }
 
-    /// A job for `commit_batch` that inserts `body` and keeps it or not.
-    fn job(body: &'static str, keep: bool) -> WriteJob {
-        Box::new(move |conn| {
-            conn.execute("INSERT INTO notes (body) VALUES (?1)", [body])
-                .unwrap();
+    /// A job for `commit_batch`: inserts its note (or not) and keeps it
+    /// (or not), counting its runs.
+    struct Note {
+        body: &'static str,
+        writes: bool,
+        keep: bool,
+        runs: Arc<AtomicUsize>,
+    }
+
+    impl WriteJob for Note {
+        fn run(&mut self, conn: &Connection) -> bool {
+            self.runs.fetch_add(1, Ordering::Relaxed);
+            if self.writes {
+                conn.execute("INSERT INTO notes (body) VALUES (?1)", [self.body])
+                    .unwrap();
+            }
+            self.keep
+        }
+
+        fn finish(self: Box<Self>) -> Finish {
             Finish {
-                keep,
                 committed: None,
                 synced: Box::new(|_| {}),
             }
-        })
+        }
+    }
+
+    /// Commits one batch of `(body, writes, keep)` jobs; returns the notes
+    /// stored and how often each job ran.
+    fn commit_notes(conn: &Connection, jobs: &[(&'static str, bool, bool)]) -> (Vec<String>, Vec<usize>) {
+        let runs: Vec<_> = jobs.iter().map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let mut batch: Vec<Box<dyn WriteJob>> = jobs
+            .iter()
+            .zip(&runs)
+            .map(|(&(body, writes, keep), runs)| {
+                Box::new(Note {
+                    body,
+                    writes,
+                    keep,
+                    runs: runs.clone(),
+                }) as Box<dyn WriteJob>
+            })
+            .collect();
+        commit_batch(conn, &mut batch, &mut Vec::new(), &mut Vec::new()).unwrap();
+        assert!(conn.is_autocommit(), "the batch's transaction is over");
+        let mut notes = conn.prepare("SELECT body FROM notes ORDER BY id").unwrap();
+        let notes = notes
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        conn.execute("DELETE FROM notes", []).unwrap();
+        (
+            notes,
+            runs.iter().map(|runs| runs.load(Ordering::Relaxed)).collect(),
+        )
     }
 
     #[test]
@@ -513,26 +627,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_connection(&dir.path().join("notes.db")).unwrap();
         migrate(&conn, MIGRATIONS).unwrap();
-        let batches = [
-            vec![job("first lost", false), job("second kept", true)],
-            vec![
-                job("first kept", true),
-                job("second lost", false),
-                job("third kept", true),
+        let (notes, runs) = commit_notes(&conn, &[("first lost", true, false), ("second kept", true, true)]);
+        assert_eq!(notes, ["second kept"]);
+        assert_eq!(runs, [1, 1]);
+        // The first job runs again after the second is rolled back with
+        // the transaction; from then on each job has its own savepoint.
+        let (notes, runs) = commit_notes(
+            &conn,
+            &[
+                ("first kept", true, true),
+                ("second lost", true, false),
+                ("third kept", true, true),
+                ("fourth lost", true, false),
+                ("fifth kept", true, true),
             ],
-        ];
-        for jobs in batches {
-            let mut batch = jobs;
-            commit_batch(&conn, &mut batch, &mut Vec::new(), &mut Vec::new()).unwrap();
-        }
-        let mut kept = conn.prepare("SELECT body FROM notes ORDER BY id").unwrap();
-        let kept: Vec<String> = kept
-            .query_map([], |row| row.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(kept, ["second kept", "first kept", "third kept"]);
-        assert!(conn.is_autocommit(), "the batch's transaction is over");
+        );
+        assert_eq!(notes, ["first kept", "third kept", "fifth kept"]);
+        assert_eq!(runs, [2, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_job_failing_before_it_writes_costs_no_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
+        migrate(&conn, MIGRATIONS).unwrap();
+        let (notes, runs) = commit_notes(
+            &conn,
+            &[
+                ("first kept", true, true),
+                ("refused", false, false),
+                ("third kept", true, true),
+            ],
+        );
+        assert_eq!(notes, ["first kept", "third kept"]);
+        assert_eq!(runs, [1, 1, 1]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,7 +104,7 @@ impl Inventory {
                     &values![&item.item_id, &item.name, item.price as i64, item.stock as i64],
                 )?;
                 if inserted == 0 {
-                    return Err(InventoryError::ItemExists(item.item_id));
+                    return Err(InventoryError::ItemExists(item.item_id.clone()));
                 }
                 Ok(())
             })

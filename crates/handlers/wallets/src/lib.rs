@@ -84,7 +84,7 @@ impl Wallets {
                     &values![&user_id, balance as i64],
                 )?;
                 if inserted == 0 {
-                    return Err(WalletError::UserExists(user_id));
+                    return Err(WalletError::UserExists(user_id.clone()));
                 }
                 Ok(())
             })
