@@ -17,12 +17,13 @@ use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::purchase_coordinator_client::PurchaseCoordinatorClient;
 use sagamesh_proto::v1::wallets_client::WalletsClient;
 use sagamesh_proto::v1::{
-    CreateItemRequest, CreateUserRequest, EventType, PurchaseRequest, StreamTransactionRequest, Transaction,
-    TransactionStatus,
+    CreateItemRequest, CreateUserRequest, EventType, PurchaseRequest, TransactionStatus,
 };
 use tokio::sync::Mutex;
 
 use crate::cli::Mode;
+use crate::watch::{self, TransactionSeen};
+use tonic::client::Grpc;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Args, Clone)]
@@ -445,12 +446,13 @@ async fn drive(
     for worker in 0..args.concurrency {
         let progress = progress.clone();
         let client = PurchaseCoordinatorClient::new(channel.clone());
+        let grpc = Grpc::new(channel.clone());
         let next = next.clone();
         let results = results.clone();
         let user_id = format!("bench-{run_id}-user-{worker}");
         let (item_ok, item_empty, scenario) = (item_ok.to_owned(), item_empty.to_owned(), args.scenario);
         workers.push(tokio::spawn(async move {
-            let mut client = client;
+            let (mut client, mut grpc) = (client, grpc);
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= count || until.is_some_and(|until| Instant::now() >= until) {
@@ -466,7 +468,7 @@ async fn drive(
                 } else {
                     item_ok.clone()
                 };
-                let outcome = one_purchase(&mut client, user_id.clone(), item_id).await;
+                let outcome = one_purchase(&mut client, &mut grpc, user_id.clone(), item_id).await;
                 if let Some(results) = &results {
                     record(&mut *results.lock().await, outcome);
                     progress.inc(1);
@@ -483,11 +485,12 @@ async fn drive(
 struct Measured {
     rpc: Duration,
     end_to_end: Duration,
-    transaction: Transaction,
+    transaction: TransactionSeen,
 }
 
 async fn one_purchase(
     client: &mut PurchaseCoordinatorClient<Channel>,
+    grpc: &mut Grpc<Channel>,
     user_id: String,
     item_id: String,
 ) -> Result<Measured, tonic::Status> {
@@ -502,12 +505,7 @@ async fn one_purchase(
         .await?
         .into_inner();
     let rpc = started.elapsed();
-    let mut stream = client
-        .stream_transaction(StreamTransactionRequest {
-            transaction_id: response.transaction_id,
-        })
-        .await?
-        .into_inner();
+    let mut stream = watch::stream_transaction(grpc, response.transaction_id).await?;
     while let Some(update) = stream.message().await? {
         if let Some(transaction) = update.transaction
             && sagamesh_coordinator::is_terminal(transaction.status())

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod watch;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
