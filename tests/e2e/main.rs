@@ -2,6 +2,7 @@
 //! stores in temporary directories. One binary, a module per area.
 
 mod bad_input;
+mod bench;
 mod chaos;
 mod deploy;
 mod flows;

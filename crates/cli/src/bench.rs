@@ -17,7 +17,8 @@ use sagamesh_proto::v1::inventory_client::InventoryClient;
 use sagamesh_proto::v1::purchase_coordinator_client::PurchaseCoordinatorClient;
 use sagamesh_proto::v1::wallets_client::WalletsClient;
 use sagamesh_proto::v1::{
-    CreateItemRequest, CreateUserRequest, EventType, PurchaseRequest, TransactionStatus,
+    CreateItemRequest, CreateUserRequest, EventType, GetStatsRequest, ListTransactionsRequest,
+    PurchaseRequest, TransactionStatus,
 };
 use tokio::sync::Mutex;
 
@@ -126,6 +127,42 @@ struct Results {
     /// CPU time of this whole process while measuring: with a mesh of its
     /// own, the mesh and the load generator together.
     cpu: Option<Duration>,
+    /// `GetStats` and the first page of `ListTransactions`, timed after
+    /// the run with everything it stored.
+    reads: Option<Reads>,
+}
+
+/// Latency of the read RPCs, one call at a time.
+struct Reads {
+    get_stats: Histogram<u64>,
+    list_first_page: Histogram<u64>,
+}
+
+/// Calls of each read RPC timed after a run.
+const READ_CALLS: usize = 200;
+
+/// Times `GetStats` and the first page of `ListTransactions` (50
+/// transactions, newest first), one call at a time.
+async fn time_reads(channel: &Channel) -> Result<Reads, tonic::Status> {
+    let mut client = PurchaseCoordinatorClient::new(channel.clone());
+    let mut reads = Reads {
+        get_stats: histogram(),
+        list_first_page: histogram(),
+    };
+    for _ in 0..READ_CALLS {
+        let started = Instant::now();
+        client.get_stats(GetStatsRequest {}).await?;
+        reads.get_stats.saturating_record(micros(started.elapsed()));
+        let started = Instant::now();
+        client
+            .list_transactions(ListTransactionsRequest {
+                page_size: 50,
+                ..Default::default()
+            })
+            .await?;
+        reads.list_first_page.saturating_record(micros(started.elapsed()));
+    }
+    Ok(reads)
 }
 
 /// The CPU time this process has used, from `/proc/self/stat` (Linux).
@@ -405,6 +442,11 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
     results.cpu = cpu_before
         .zip(process_cpu())
         .map(|(before, after)| after.saturating_sub(before));
+    results.reads = Some(
+        time_reads(&channel)
+            .await
+            .map_err(|e| format!("cannot time the read RPCs: {}", e.message()))?,
+    );
     Ok((results, elapsed))
 }
 
@@ -604,8 +646,17 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
             .iter()
             .map(|(k, v)| format!("\"{k}\":{v}"))
             .collect();
+        let reads = results.reads.as_ref().map_or(String::new(), |reads| {
+            format!(
+                ",\"get_stats_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"list_first_page_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}}",
+                ms(reads.get_stats.value_at_quantile(0.5)),
+                ms(reads.get_stats.value_at_quantile(0.99)),
+                ms(reads.list_first_page.value_at_quantile(0.5)),
+                ms(reads.list_first_page.value_at_quantile(0.99)),
+            )
+        });
         println!(
-            "{{\"mode\":\"{mode_name}\",\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"errors\":{{{}}},\"stages\":[{}]}}",
+            "{{\"mode\":\"{mode_name}\",\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}}{reads},\"errors\":{{{}}},\"stages\":[{}]}}",
             args.concurrency,
             elapsed.as_secs_f64(),
             ms(e2e.value_at_quantile(0.5)),
@@ -637,6 +688,15 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
         ms(rpc.value_at_quantile(0.5)),
         ms(rpc.value_at_quantile(0.99))
     );
+    if let Some(reads) = &results.reads {
+        println!(
+            "  read RPCs        GetStats p50 {:.2} ms p99 {:.2} ms; ListTransactions first page p50 {:.2} ms p99 {:.2} ms",
+            ms(reads.get_stats.value_at_quantile(0.5)),
+            ms(reads.get_stats.value_at_quantile(0.99)),
+            ms(reads.list_first_page.value_at_quantile(0.5)),
+            ms(reads.list_first_page.value_at_quantile(0.99)),
+        );
+    }
     if let (Some(cpu), Some(_)) = (results.cpu, mode) {
         println!(
             "  CPU per purchase {:.3} ms (the mesh and this load generator, one process)",

@@ -1,0 +1,76 @@
+//! `sagamesh bench`: the load generator users reproduce our figures with.
+//! Runs it for real on a mesh of its own and checks what it reports.
+
+use std::process::Command;
+
+use crate::support::binary;
+
+/// Runs `sagamesh bench <args>`; returns its standard output.
+fn bench(args: &[&str]) -> String {
+    let output = Command::new(binary())
+        .arg("bench")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("SAGAMESH_TARGET")
+        .output()
+        .expect("the bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "bench {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_bench_reports_every_purchase_and_the_read_rpcs() {
+    let json = bench(&[
+        "--mode",
+        "choreography",
+        "--scenario",
+        "mixed",
+        "--count",
+        "40",
+        "--warmup",
+        "4",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    let line = json.lines().last().unwrap_or_default();
+    for expected in [
+        "\"scenario\":\"mixed\"",
+        "\"concurrency\":4",
+        "\"purchases\":40",
+        "\"errors\":{}",
+        "\"get_stats_ms\":{\"p50\":",
+        "\"list_first_page_ms\":{\"p50\":",
+    ] {
+        assert!(line.contains(expected), "{expected} missing from {line}");
+    }
+}
+
+#[test]
+fn a_sweep_writes_its_curve_as_json_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("curve");
+    let out = out.to_str().unwrap();
+    bench(&[
+        "--mode",
+        "orchestration",
+        "--sweep",
+        "1,3",
+        "--count",
+        "12",
+        "--warmup",
+        "2",
+        "--out",
+        out,
+    ]);
+    let json = std::fs::read_to_string(format!("{out}.json")).unwrap();
+    assert_eq!(json.matches("\"concurrency\"").count(), 2, "{json}");
+    assert!(json.contains("\"concurrency\":3"), "{json}");
+    let svg = std::fs::read_to_string(format!("{out}.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+}
