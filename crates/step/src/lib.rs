@@ -181,7 +181,9 @@ impl<O: StepOwner> StepHandler<O> {
     /// Runs `body` once per transaction and `action`: in one local
     /// transaction it claims the action, runs the business change and puts
     /// the outcome event in the outbox; then it nudges the relay. `None`
-    /// when the action was done before (a redelivery).
+    /// when the action was done before (a redelivery). (The store may run
+    /// the closure twice within one write, only the last run kept, so
+    /// `body` only runs statements.)
     async fn once(
         &self,
         cause: &Envelope,

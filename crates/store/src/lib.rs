@@ -195,6 +195,8 @@ impl Store {
     /// once the transaction is durable. An `Err` from `f` rolls back only
     /// what `f` did. `f` may run more than once, only its last run counts:
     /// it must do nothing but run its statements and compute its result.
+    /// Its statements change rows, not the schema (migrations do that): on
+    /// SQLite a failed `f` that changed no rows is not rolled back.
     pub async fn write<R, E, F>(&self, mut f: F) -> Result<R, E>
     where
         F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,

@@ -4,8 +4,8 @@
 //! Why one writer thread: SQLite allows one writer per file anyway, and an
 //! fsync costs about as much as a hundred small inserts. Callers queue
 //! closures; the writer drains whatever is waiting, runs them all in one
-//! transaction (a failing closure rolls back alone, see [`commit_batch`]),
-//! commits once, and only then answers every caller. So "the write returned Ok" always means "it is on
+//! transaction (a failing closure rolls back alone, see
+//! [`commit_batch`]), commits once, and only then answers every caller. So "the write returned Ok" always means "it is on
 //! disk" (group commit), and many concurrent sagas share one fsync.
 //!
 //! Reads run on their own connections, so they never wait behind a commit
@@ -46,7 +46,7 @@ trait WriteJob: Send {
     fn finish(self: Box<Self>) -> Finish;
 }
 
-/// What the writer does for a job once its batch committed.
+/// What the writer does for a job once its batch committed, or failed to.
 struct Finish {
     /// Called once the batch is committed (visible, not yet synced).
     committed: Option<Completion>,
@@ -236,7 +236,8 @@ impl SqliteStore {
     /// Runs `f` in a write transaction shared with other callers. Returns
     /// once the transaction is durable. An `Err` from `f` rolls back only
     /// what `f` did. `f` may run more than once (only its last run counts),
-    /// so it must do nothing but run statements.
+    /// so it must do nothing but run statements, and they change rows, not
+    /// the schema (see [`commit_batch`]).
     pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
@@ -434,11 +435,12 @@ fn run_syncer(wal: &Mutex<Syncer>, batches: Receiver<Vec<Completion>>) {
 
 /// Runs every job of the batch in one transaction and commits it.
 ///
-/// Jobs run without savepoints while none fails: a savepoint copies every
-/// page its job touches, about a tenth of the work of a busy batch. A job
-/// that fails having written nothing needs no undoing. One that fails after
-/// writing is undone by rolling the whole transaction back and running the
-/// jobs kept so far again, from then on each in its own savepoint.
+/// Jobs run without savepoints while none fails after writing: a savepoint
+/// copies every page its job touches, about a quarter of a busy writer's
+/// work. A job that fails having changed no rows needs no undoing. One that
+/// fails after writing is undone by rolling the whole transaction back and
+/// running the jobs kept so far again; from then on each job of the batch
+/// runs in its own savepoint, so that no job runs more than twice.
 fn commit_batch(
     conn: &Connection,
     batch: &mut Vec<Box<dyn WriteJob>>,
@@ -447,7 +449,8 @@ fn commit_batch(
 ) -> Result<(), String> {
     let mut ran = Vec::with_capacity(batch.len());
     // Once the transaction is broken, the rest of the batch is not run;
-    // dropping a job answers its caller with `StoreError::Closed`.
+    // dropping a job answers its caller with `StoreError::Closed`. A job
+    // that ran is answered with its own error, or the batch's.
     let outcome = run_batch(conn, batch, &mut ran);
     batch.clear();
     for (job, _) in ran {
@@ -467,23 +470,26 @@ fn run_batch(
 ) -> Result<(), String> {
     control(conn, "BEGIN IMMEDIATE")?;
     let mut isolated = false;
-    for mut job in batch.drain(..) {
+    for job in batch.drain(..) {
+        let index = ran.len();
+        ran.push((job, false));
         let keep = if isolated {
-            run_isolated(conn, job.as_mut())?
+            run_isolated(conn, ran[index].0.as_mut())?
         } else {
             let changes = conn.total_changes();
-            let keep = run_job(conn, job.as_mut());
+            let keep = run_job(conn, ran[index].0.as_mut())?;
             if !keep && conn.total_changes() != changes {
                 control(conn, "ROLLBACK")?;
                 control(conn, "BEGIN IMMEDIATE")?;
-                isolated = true;
-                for (job, keep) in ran.iter_mut().filter(|(_, keep)| *keep) {
-                    *keep = run_isolated(conn, job.as_mut())?;
+                // With nothing kept before it, the transaction is as new.
+                isolated = ran[..index].iter().any(|(_, kept)| *kept);
+                for (job, kept) in ran[..index].iter_mut().filter(|(_, kept)| *kept) {
+                    *kept = run_isolated(conn, job.as_mut())?;
                 }
             }
             keep
         };
-        ran.push((job, keep));
+        ran[index].1 = keep;
     }
     Ok(())
 }
@@ -491,7 +497,7 @@ fn run_batch(
 /// Runs a job in its own savepoint, undone alone if it fails.
 fn run_isolated(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, String> {
     control(conn, "SAVEPOINT job")?;
-    let keep = run_job(conn, job);
+    let keep = run_job(conn, job)?;
     if !keep {
         control(conn, "ROLLBACK TO job")?;
     }
@@ -499,13 +505,21 @@ fn run_isolated(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, Strin
     Ok(keep)
 }
 
-/// Runs a job; a panicking job must not take the writer down with it: it
-/// is not kept and its caller sees the write fail.
-fn run_job(conn: &Connection, job: &mut dyn WriteJob) -> bool {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|_| {
-        tracing::error!("a store write panicked; rolled back");
-        false
-    })
+/// Runs a job; says whether to keep it. A panicking job must not take the
+/// writer down with it: it is not kept and its caller sees the write fail.
+/// `Err` when the batch's transaction is gone: SQLite rolls back the whole
+/// transaction on some errors (an I/O error, a full disk), and then
+/// nothing that ran before is kept either.
+fn run_job(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, String> {
+    let keep =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|_| {
+            tracing::error!("a store write panicked; rolled back");
+            false
+        });
+    if conn.is_autocommit() {
+        return Err("SQLite rolled the batch's transaction back".to_owned());
+    }
+    Ok(keep)
 }
 
 /// Runs a transaction-control statement, prepared once per connection.
@@ -522,7 +536,11 @@ mod tests {
 
     use super::*;
 
-    const MIGRATIONS: &[&str] = &["CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"];
+    const MIGRATIONS: &[&str] = &["CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+        -- What SQLite does on an I/O error or a full disk: it rolls back the
+        -- whole transaction, not only the statement.
+        CREATE TRIGGER roll_everything_back BEFORE INSERT ON notes WHEN NEW.body = 'roll back'
+        BEGIN SELECT RAISE(ROLLBACK, 'rolled back by SQLite'); END"];
 
     fn insert(body: &'static str) -> impl FnMut(&Connection) -> Result<i64, StoreError> + Send + 'static {
         move |conn| {
@@ -661,6 +679,97 @@ mod tests {
         );
         assert_eq!(notes, ["first kept", "third kept"]);
         assert_eq!(runs, [1, 1, 1]);
+    }
+
+    /// A caller's write for `commit_batch`: inserts `body`, then fails or
+    /// panics if asked; answers how many notes it saw after its insert.
+    fn counting(
+        body: &'static str,
+        outcome: &'static str,
+    ) -> (Box<dyn WriteJob>, oneshot::Receiver<Result<i64, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        let f = move |conn: &Connection| {
+            conn.execute("INSERT INTO notes (body) VALUES (?1)", [body])?;
+            match outcome {
+                "fail" => Err(StoreError::Commit("refused".into())),
+                "panic" => panic!("a write that panics after writing"),
+                _ => Ok(conn.query_row("SELECT count(*) FROM notes", [], |row| row.get(0))?),
+            }
+        };
+        let job = Box::new(Queued {
+            f,
+            result: None,
+            answer: Answer::Durable(tx),
+        });
+        (job, rx)
+    }
+
+    /// Commits the batch and answers it as synced.
+    fn commit_and_sync(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) -> Result<(), String> {
+        let (mut batch, mut committed, mut synced) = (batch, Vec::new(), Vec::new());
+        let outcome = commit_batch(conn, &mut batch, &mut committed, &mut synced);
+        if outcome.is_err() && !conn.is_autocommit() {
+            conn.execute_batch("ROLLBACK").unwrap();
+        }
+        for complete in synced {
+            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+        outcome
+    }
+
+    #[test]
+    fn a_write_run_again_is_answered_with_its_last_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
+        migrate(&conn, MIGRATIONS).unwrap();
+        let (first, mut first_answer) = counting("first", "ok");
+        let (failing, mut failing_answer) = counting("failing", "fail");
+        let (panicking, mut panicking_answer) = counting("panicking", "panic");
+        let (last, mut last_answer) = counting("last", "ok");
+        commit_and_sync(&conn, vec![first, failing, panicking, last]).unwrap();
+        // The first write ran twice, and both runs saw one note: its own.
+        assert_eq!(first_answer.try_recv().unwrap().unwrap(), 1);
+        assert!(
+            matches!(failing_answer.try_recv().unwrap(), Err(StoreError::Commit(reason)) if reason == "refused")
+        );
+        assert!(matches!(
+            panicking_answer.try_recv().unwrap(),
+            Err(StoreError::Closed)
+        ));
+        assert_eq!(last_answer.try_recv().unwrap().unwrap(), 2);
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM notes", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(count, 2, "only the kept writes' notes");
+    }
+
+    #[test]
+    fn a_transaction_sqlite_rolled_back_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
+        migrate(&conn, MIGRATIONS).unwrap();
+        let (before, mut before_answer) = counting("before", "ok");
+        let (rolling, mut rolling_answer) = counting("roll back", "ok");
+        let (after, mut after_answer) = counting("after", "ok");
+        let outcome = commit_and_sync(&conn, vec![before, rolling, after]);
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert!(conn.is_autocommit());
+        // Nothing was committed, and no write is told it was.
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM notes", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(count, 0);
+        assert!(matches!(
+            before_answer.try_recv().unwrap(),
+            Err(StoreError::Commit(_))
+        ));
+        assert!(
+            matches!(rolling_answer.try_recv().unwrap(), Err(StoreError::Sql(reason)) if reason.contains("rolled back by SQLite"))
+        );
+        assert!(
+            after_answer.try_recv().is_err(),
+            "the rest of the batch is not run"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
