@@ -1,25 +1,46 @@
 //! `sagamesh bench`: the load generator users reproduce our figures with.
 //! Runs it for real on a mesh of its own and checks what it reports.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use crate::support::binary;
+use crate::support::{DEADLINE, binary};
 
-/// Runs `sagamesh bench <args>`; returns its standard output.
+/// Runs `sagamesh bench <args>`; returns its standard output. Fails the
+/// test if the bench has not finished within the deadline.
 fn bench(args: &[&str]) -> String {
-    let output = Command::new(binary())
+    // Files rather than pipes: nothing has to read while the bench runs.
+    let mut stdout = tempfile::tempfile().unwrap();
+    let mut stderr = tempfile::tempfile().unwrap();
+    let mut child = Command::new(binary())
         .arg("bench")
         .args(args)
         .env("NO_COLOR", "1")
         .env_remove("SAGAMESH_TARGET")
-        .output()
-        .expect("the bench runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "bench {args:?} failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .stdout(stdout.try_clone().unwrap())
+        .stderr(stderr.try_clone().unwrap())
+        .spawn()
+        .expect("the bench starts");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the bench can be waited for") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("bench {args:?} did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |file: &mut std::fs::File| {
+        let mut text = String::new();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        file.read_to_string(&mut text).unwrap();
+        text
+    };
+    let (stdout, stderr) = (read(&mut stdout), read(&mut stderr));
+    assert!(status.success(), "bench {args:?} failed: {stdout}\n{stderr}");
     stdout
 }
 

@@ -1,7 +1,8 @@
 //! How the load generator follows a purchase on `StreamTransaction`: it
 //! decodes only what it reads, the status and when each event happened.
 //!
-//! A purchase streams five or six updates, each carrying the whole
+//! A purchase streams five or more updates (about ten in orchestration,
+//! where each command's return is one too), each carrying the whole
 //! transaction (ids, steps, the history so far). Decoding all of it is work
 //! of the load generator, not of the mesh, yet it shares the machine (and,
 //! with `--mode`, the process) with the mesh. The messages below name a
