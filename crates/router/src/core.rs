@@ -119,6 +119,38 @@ struct Pending {
     replay_of: Option<u64>,
 }
 
+/// Stream sequences of JetStream events a group settled lately. An ack
+/// races JetStream's redelivery of the same event (sent when it stayed
+/// unacked past the ack wait): a copy that arrives after the ack is not a
+/// new event.
+#[derive(Default)]
+struct Settled {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+/// Settled events remembered per group. Stale copies arrive within an ack
+/// wait of the ack; at thousands of events a second this covers a second
+/// or more, and JetStream redelivers only what stayed unacked that long.
+const SETTLED_REMEMBERED: usize = 8_192;
+
+impl Settled {
+    fn insert(&mut self, sequence: u64) {
+        if self.set.insert(sequence) {
+            self.order.push_back(sequence);
+            if self.order.len() > SETTLED_REMEMBERED
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.set.remove(&oldest);
+            }
+        }
+    }
+
+    fn contains(&self, sequence: u64) -> bool {
+        self.set.contains(&sequence)
+    }
+}
+
 struct Group {
     name: String,
     event_types: Vec<EventType>,
@@ -130,6 +162,8 @@ struct Group {
     /// Stream sequences of the JetStream events held, so that JetStream's
     /// redelivery of one still held is not queued twice.
     held: HashSet<u64>,
+    /// And of those settled lately, for the same reason.
+    settled: Settled,
     /// Attached instances, taken in turn.
     instances: Vec<u64>,
     next_instance: usize,
@@ -210,6 +244,7 @@ impl Core {
                     ready: VecDeque::new(),
                     unacked: BTreeSet::new(),
                     held: HashSet::new(),
+                    settled: Settled::default(),
                     instances: Vec::new(),
                     next_instance: 0,
                     saved_cursor: cursors.get(sub.group).copied().unwrap_or(0),
@@ -481,6 +516,7 @@ impl Core {
                 }
                 Settle::Receipt { sequence, receipt } => {
                     group.held.remove(&sequence);
+                    group.settled.insert(sequence);
                     tokio::spawn(receipt.ack());
                 }
                 Settle::Replay => {}
@@ -644,6 +680,11 @@ impl Core {
     /// ack deadline, even while it waits behind its transaction's head).
     fn enqueue_consumed(&mut self, group_index: usize, event: Consumed) {
         let group = &mut self.groups[group_index];
+        if group.settled.contains(event.sequence) {
+            // A redelivery sent before the ack reached JetStream.
+            tokio::spawn(event.receipt.ack());
+            return;
+        }
         if !group.held.insert(event.sequence) {
             return;
         }
