@@ -257,6 +257,12 @@ pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>
             ],
         )?;
         count(tx, transaction.mode, transaction.status, 1)?;
+    } else if before == transaction.status {
+        // Without `status` in the statement, its index is left alone.
+        tx.execute(
+            "UPDATE transactions SET body = $2, updated_ms = $3 WHERE transaction_id = $1",
+            &values![&transaction.transaction_id, transaction.encode_to_vec(), now_ms()],
+        )?;
     } else {
         tx.execute(
             "UPDATE transactions SET status = $2, body = $3, updated_ms = $4 WHERE transaction_id = $1",
@@ -267,9 +273,7 @@ pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>
                 now_ms()
             ],
         )?;
-        if before != transaction.status {
-            recount(tx, transaction.mode, before, transaction.status)?;
-        }
+        recount(tx, transaction.mode, before, transaction.status)?;
     }
     let ended = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default())
         && view::is_terminal(transaction.status());
