@@ -5,8 +5,9 @@
 //! fsync costs about as much as a hundred small inserts. Callers queue
 //! closures; the writer drains whatever is waiting, runs them all in one
 //! transaction (a failing closure rolls back alone, see
-//! [`commit_batch`]), commits once, and only then answers every caller. So "the write returned Ok" always means "it is on
-//! disk" (group commit), and many concurrent sagas share one fsync.
+//! [`commit_batch`]), commits once, and only then answers every caller. So
+//! "the write returned Ok" always means "it is on disk" (group commit), and
+//! many concurrent sagas share one fsync.
 //!
 //! Reads run on their own connections, so they never wait behind a commit
 //! (WAL readers see the last committed state). They run right on the
@@ -371,6 +372,11 @@ fn sync_and_answer(wal: &Mutex<Syncer>, waiting: &mut Vec<Completion>) {
     if let Err(e) = &outcome {
         tracing::error!(error = %e, writes = waiting.len(), "store sync failed");
     }
+    answer(waiting, &outcome);
+}
+
+/// Answers every write in `waiting` with `outcome`.
+fn answer(waiting: &mut Vec<Completion>, outcome: &Result<(), String>) {
     let outcome = outcome.as_ref().map(|_| ()).map_err(String::as_str);
     for complete in waiting.drain(..) {
         complete(outcome);
@@ -391,19 +397,7 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
                 Err(_) => break,
             }
         }
-        let outcome = commit_batch(&conn, &mut batch, &mut completions, &mut synced);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, writes = synced.len(), "store commit failed");
-            // The batch may have failed before its transaction began.
-            if !conn.is_autocommit()
-                && let Err(e) = conn.execute_batch("ROLLBACK")
-            {
-                tracing::error!(error = %e, "store rollback failed; later writes will fail until a restart");
-            }
-        }
-        for complete in completions.drain(..) {
-            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        }
+        let outcome = commit_and_answer(&conn, &mut batch, &mut completions, &mut synced);
         if let (Some(syncer), Ok(())) = (&syncer, &outcome) {
             if !jobs.is_empty() {
                 // More to commit: the syncer waits for the disk instead.
@@ -416,10 +410,31 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
             sync_and_answer(&syncer.wal, &mut synced);
             continue;
         }
-        for complete in synced.drain(..) {
-            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        answer(&mut synced, &outcome);
+    }
+}
+
+/// Commits the batch (rolling back what is left of a failed one) and
+/// answers the writes that wait only for the commit; the answers due once
+/// synced are left in `synced`.
+fn commit_and_answer(
+    conn: &Connection,
+    batch: &mut Vec<Box<dyn WriteJob>>,
+    committed: &mut Vec<Completion>,
+    synced: &mut Vec<Completion>,
+) -> Result<(), String> {
+    let outcome = commit_batch(conn, batch, committed, synced);
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, writes = synced.len(), "store commit failed");
+        // The batch may have failed before its transaction began.
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "store rollback failed; later writes will fail until a restart");
         }
     }
+    answer(committed, &outcome);
+    outcome
 }
 
 /// Syncs the WAL for every batch handed over since its last sync, then
@@ -582,6 +597,15 @@ mod tests {
         assert_eq!(count(&store).await, 1);
     }
 
+    /// A writer connection to a new notes file (the directory lives as long
+    /// as the returned guard).
+    fn notes_connection() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
+        migrate(&conn, MIGRATIONS).unwrap();
+        (dir, conn)
+    }
+
     /// A job for `commit_batch`: inserts its note (or not) and keeps it
     /// (or not), counting its runs.
     struct Note {
@@ -642,9 +666,7 @@ mod tests {
 
     #[test]
     fn a_failing_job_rolls_back_alone_wherever_it_is_in_the_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
-        migrate(&conn, MIGRATIONS).unwrap();
+        let (_dir, conn) = notes_connection();
         let (notes, runs) = commit_notes(&conn, &[("first lost", true, false), ("second kept", true, true)]);
         assert_eq!(notes, ["second kept"]);
         assert_eq!(runs, [1, 1]);
@@ -666,9 +688,7 @@ mod tests {
 
     #[test]
     fn a_job_failing_before_it_writes_costs_no_rollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
-        migrate(&conn, MIGRATIONS).unwrap();
+        let (_dir, conn) = notes_connection();
         let (notes, runs) = commit_notes(
             &conn,
             &[
@@ -704,24 +724,17 @@ mod tests {
         (job, rx)
     }
 
-    /// Commits the batch and answers it as synced.
+    /// Commits the batch as the writer does and answers it as synced.
     fn commit_and_sync(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) -> Result<(), String> {
-        let (mut batch, mut committed, mut synced) = (batch, Vec::new(), Vec::new());
-        let outcome = commit_batch(conn, &mut batch, &mut committed, &mut synced);
-        if outcome.is_err() && !conn.is_autocommit() {
-            conn.execute_batch("ROLLBACK").unwrap();
-        }
-        for complete in synced {
-            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        }
+        let (mut batch, mut synced) = (batch, Vec::new());
+        let outcome = commit_and_answer(conn, &mut batch, &mut Vec::new(), &mut synced);
+        answer(&mut synced, &outcome);
         outcome
     }
 
     #[test]
     fn a_write_run_again_is_answered_with_its_last_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
-        migrate(&conn, MIGRATIONS).unwrap();
+        let (_dir, conn) = notes_connection();
         let (first, mut first_answer) = counting("first", "ok");
         let (failing, mut failing_answer) = counting("failing", "fail");
         let (panicking, mut panicking_answer) = counting("panicking", "panic");
@@ -745,9 +758,7 @@ mod tests {
 
     #[test]
     fn a_transaction_sqlite_rolled_back_fails_the_whole_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open_connection(&dir.path().join("notes.db")).unwrap();
-        migrate(&conn, MIGRATIONS).unwrap();
+        let (_dir, conn) = notes_connection();
         let (before, mut before_answer) = counting("before", "ok");
         let (rolling, mut rolling_answer) = counting("roll back", "ok");
         let (after, mut after_answer) = counting("after", "ok");
