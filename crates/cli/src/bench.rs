@@ -138,6 +138,18 @@ struct Reads {
     list_first_page: Histogram<u64>,
 }
 
+impl Reads {
+    /// `GetStats` p50 and p99, then `ListTransactions`', in milliseconds.
+    fn quantiles_ms(&self) -> [f64; 4] {
+        [
+            ms(self.get_stats.value_at_quantile(0.5)),
+            ms(self.get_stats.value_at_quantile(0.99)),
+            ms(self.list_first_page.value_at_quantile(0.5)),
+            ms(self.list_first_page.value_at_quantile(0.99)),
+        ]
+    }
+}
+
 /// Calls of each read RPC timed after a run.
 const READ_CALLS: usize = 200;
 
@@ -649,12 +661,9 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
             .map(|(k, v)| format!("\"{k}\":{v}"))
             .collect();
         let reads = results.reads.as_ref().map_or(String::new(), |reads| {
+            let [stats_p50, stats_p99, list_p50, list_p99] = reads.quantiles_ms();
             format!(
-                ",\"get_stats_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"list_first_page_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}}",
-                ms(reads.get_stats.value_at_quantile(0.5)),
-                ms(reads.get_stats.value_at_quantile(0.99)),
-                ms(reads.list_first_page.value_at_quantile(0.5)),
-                ms(reads.list_first_page.value_at_quantile(0.99)),
+                ",\"get_stats_ms\":{{\"p50\":{stats_p50:.3},\"p99\":{stats_p99:.3}}},\"list_first_page_ms\":{{\"p50\":{list_p50:.3},\"p99\":{list_p99:.3}}}"
             )
         });
         println!(
@@ -691,12 +700,9 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
         ms(rpc.value_at_quantile(0.99))
     );
     if let Some(reads) = &results.reads {
+        let [stats_p50, stats_p99, list_p50, list_p99] = reads.quantiles_ms();
         println!(
-            "  read RPCs        GetStats p50 {:.2} ms p99 {:.2} ms; ListTransactions first page p50 {:.2} ms p99 {:.2} ms",
-            ms(reads.get_stats.value_at_quantile(0.5)),
-            ms(reads.get_stats.value_at_quantile(0.99)),
-            ms(reads.list_first_page.value_at_quantile(0.5)),
-            ms(reads.list_first_page.value_at_quantile(0.99)),
+            "  read RPCs        GetStats p50 {stats_p50:.2} ms p99 {stats_p99:.2} ms; ListTransactions first page p50 {list_p50:.2} ms p99 {list_p99:.2} ms"
         );
     }
     if let (Some(cpu), Some(_)) = (results.cpu, mode) {
