@@ -122,7 +122,7 @@ static INSERTS: LazyLock<[String; 3]> = LazyLock::new(|| {
             .collect();
         format!(
             "INSERT INTO events (event_id, body) VALUES {}
-             ON CONFLICT (event_id) DO NOTHING RETURNING event_id, offset",
+             ON CONFLICT (event_id) DO NOTHING",
             values.join(", ")
         )
     })
@@ -140,14 +140,39 @@ fn insert_statement(remaining: usize) -> (&'static str, usize) {
 /// Appends `chunk` in one statement. Rows get offsets in the order they are
 /// listed; an event id already stored, or listed earlier in the chunk, is
 /// a duplicate.
+///
+/// The offsets come from the rowid of the last row inserted: the one writer
+/// numbers a statement's rows one after another, above every offset before.
+/// (`RETURNING` would name them too, but SQLite gathers its rows in a
+/// temporary table per statement, which cost more than the insert.)
 fn insert(tx: &mut dyn Tx, sql: &str, chunk: &[Arc<Envelope>]) -> Result<Vec<Appended>, Failure> {
     let params: Vec<Value> = chunk
         .iter()
         .flat_map(|event| [Value::from(&event.event_id), Value::from(event.encode_to_vec())])
         .collect();
-    // RETURNING lists the inserted rows in no promised order.
-    let mut offsets = HashMap::with_capacity(chunk.len());
-    for row in tx.query(sql, &params)? {
+    let inserted = tx.execute(sql, &params)? as usize;
+    let last = tx
+        .last_rowid()
+        .ok_or_else(|| StoreError::Sql("the event log needs rowids".into()))?;
+    if inserted == chunk.len() {
+        let first = last - inserted as i64 + 1;
+        return Ok((first..=last)
+            .map(|offset| Appended::New(offset as Offset))
+            .collect());
+    }
+    // Some were duplicates (a publish repeated after a reconnect): the new
+    // rows are the `inserted` highest offsets among the listed ids.
+    let ids: Vec<Value> = chunk.iter().map(|event| Value::from(&event.event_id)).collect();
+    let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+    let stored = tx.query(
+        &format!(
+            "SELECT event_id, offset FROM events WHERE event_id IN ({}) ORDER BY offset DESC LIMIT {inserted}",
+            placeholders.join(", ")
+        ),
+        &ids,
+    )?;
+    let mut offsets = HashMap::with_capacity(stored.len());
+    for row in stored {
         offsets.insert(row.string(0)?, row.int(1)? as Offset);
     }
     Ok(chunk

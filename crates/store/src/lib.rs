@@ -82,6 +82,13 @@ pub trait Tx {
     fn for_update(&self) -> &'static str {
         ""
     }
+
+    /// The rowid this write's last `INSERT` gave its row, where one
+    /// connection writes and rowids therefore follow the commit order
+    /// (SQLite); `None` where writers interleave (PostgreSQL).
+    fn last_rowid(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Statement parameters: `&values![user_id, amount]`.
@@ -246,6 +253,10 @@ impl Store {
 struct SqliteTx<'c>(&'c Connection);
 
 impl Tx for SqliteTx<'_> {
+    fn last_rowid(&self) -> Option<i64> {
+        Some(self.0.last_insert_rowid())
+    }
+
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
         let mut statement = self.0.prepare_cached(sql)?;
         bind(&mut statement, params)?;
