@@ -57,6 +57,7 @@ async fn the_bench_reports_every_purchase_and_the_read_rpcs() {
         "\"errors\":{}",
         "\"get_stats_ms\":{\"p50\":",
         "\"list_first_page_ms\":{\"p50\":",
+        "\"machine\":{\"fdatasync_us\":",
     ] {
         assert!(line.contains(expected), "{expected} missing from {line}");
     }

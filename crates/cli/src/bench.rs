@@ -23,6 +23,7 @@ use sagamesh_proto::v1::{
 use tokio::sync::Mutex;
 
 use crate::cli::Mode;
+use crate::machine::Floor;
 use crate::watch::{self, TransactionSeen};
 use tonic::client::Grpc;
 use tonic::transport::{Channel, Endpoint};
@@ -130,6 +131,8 @@ struct Results {
     /// `GetStats` and the first page of `ListTransactions`, timed after
     /// the run with everything it stored.
     reads: Option<Reads>,
+    /// This machine's fsync and wake-up latency, just before the run.
+    floor: Option<Floor>,
 }
 
 /// Latency of the read RPCs, one call at a time.
@@ -434,6 +437,13 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
         stages: SEED_STAGES.iter().map(|_| Some(histogram())).collect(),
         ..Default::default()
     }));
+    // In the temp directory, where a bench's own mesh keeps its data.
+    let floor = tokio::task::spawn_blocking(|| Floor::measure(&std::env::temp_dir()))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|measured| measured.map_err(|e| e.to_string()))
+        .inspect_err(|e| eprintln!("sagamesh bench: cannot time this machine's fsync and wake-ups: {e}"))
+        .ok();
     let cpu_before = process_cpu();
     let started = Instant::now();
     let count = if args.duration.is_some() {
@@ -456,6 +466,7 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
     results.cpu = cpu_before
         .zip(process_cpu())
         .map(|(before, after)| after.saturating_sub(before));
+    results.floor = floor;
     // A failed read RPC costs the run its read figures, not the rest.
     results.reads = time_reads(&channel)
         .await
@@ -666,8 +677,14 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
                 ",\"get_stats_ms\":{{\"p50\":{stats_p50:.3},\"p99\":{stats_p99:.3}}},\"list_first_page_ms\":{{\"p50\":{list_p50:.3},\"p99\":{list_p99:.3}}}"
             )
         });
+        let floor = results.floor.map_or(String::new(), |floor| {
+            format!(
+                ",\"machine\":{{\"fdatasync_us\":{:.1},\"wake_up_round_trip_us\":{:.1}}}",
+                floor.fdatasync_us, floor.wake_up_round_trip_us
+            )
+        });
         println!(
-            "{{\"mode\":\"{mode_name}\",\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}}{reads},\"errors\":{{{}}},\"stages\":[{}]}}",
+            "{{\"mode\":\"{mode_name}\",\"scenario\":\"{scenario}\",\"concurrency\":{},\"purchases\":{done},\"seconds\":{:.3},\"purchases_per_second\":{rate:.1},\"e2e_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}},\"purchase_rpc_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}}{reads}{floor},\"errors\":{{{}}},\"stages\":[{}]}}",
             args.concurrency,
             elapsed.as_secs_f64(),
             ms(e2e.value_at_quantile(0.5)),
@@ -709,6 +726,12 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
         println!(
             "  CPU per purchase {:.3} ms (the mesh and this load generator, one process)",
             cpu.as_secs_f64() * 1000.0 / done.max(1) as f64
+        );
+    }
+    if let Some(floor) = results.floor {
+        println!(
+            "  this machine     fdatasync p50 {:.0} µs; thread wake-up round trip p50 {:.0} µs (just before the run)",
+            floor.fdatasync_us, floor.wake_up_round_trip_us
         );
     }
     let outcomes: Vec<String> = results.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();

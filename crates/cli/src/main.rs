@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod machine;
 mod watch;
 
 use std::io::IsTerminal;
