@@ -437,7 +437,8 @@ async fn bench_target(args: &BenchArgs, target: &str) -> Result<(Results, Durati
         stages: SEED_STAGES.iter().map(|_| Some(histogram())).collect(),
         ..Default::default()
     }));
-    // In the temp directory, where a bench's own mesh keeps its data.
+    // In the temp directory: where a bench's own mesh keeps its data; with
+    // `--target`, this machine's, which may not be the mesh's.
     let floor = tokio::task::spawn_blocking(|| Floor::measure(&std::env::temp_dir()))
         .await
         .map_err(|e| e.to_string())
@@ -730,7 +731,7 @@ fn report(args: &BenchArgs, results: &Results, elapsed: Duration, mode: Option<M
     }
     if let Some(floor) = results.floor {
         println!(
-            "  this machine     fdatasync p50 {:.0} µs; thread wake-up round trip p50 {:.0} µs (just before the run)",
+            "  this machine     fdatasync p50 {:.0} µs (temp directory); thread wake-up round trip p50 {:.0} µs (just before the run)",
             floor.fdatasync_us, floor.wake_up_round_trip_us
         );
     }

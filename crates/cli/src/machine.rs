@@ -4,19 +4,20 @@
 //! machine's figures for them change from hour to hour; printed beside a
 //! run's results, they tell which kind of hour it had.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Syncs timed, each of one 4 KB write.
-const SYNCS: usize = 200;
+const SYNCS: usize = 100;
 /// Round trips between two threads timed.
 const WAKE_UPS: usize = 2_000;
 const BLOCK: usize = 4096;
-/// The file's size in blocks: rewritten in place, so a sync carries data,
-/// not a growing file's metadata (as a reused WAL does).
+/// The file's size in blocks, all written before the timing: rewritten in
+/// place, a sync carries data, not new blocks or a growing file's metadata
+/// (as with a reused WAL).
 const BLOCKS: u64 = 64;
 
 /// The medians of this machine's two waits, in microseconds.
@@ -27,7 +28,9 @@ pub struct Floor {
 }
 
 impl Floor {
-    /// Times both, in `dir` for the sync. Blocks for a fraction of a second.
+    /// Times both, the syncs on a file in `dir`. Blocks for about 100
+    /// fsyncs and 2,000 wake-ups: a fraction of a second on a fast disk,
+    /// longer on a slow one.
     pub fn measure(dir: &Path) -> std::io::Result<Floor> {
         Ok(Floor {
             fdatasync_us: median_us(fdatasyncs(dir)?),
@@ -37,22 +40,19 @@ impl Floor {
 }
 
 fn fdatasyncs(dir: &Path) -> std::io::Result<Vec<Duration>> {
-    let path = dir.join(format!(".sagamesh-bench-sync-{}", std::process::id()));
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)?;
-    let timed = time_syncs(&file);
-    let _ = std::fs::remove_file(&path);
-    timed
+    // A new file of its own, removed when dropped.
+    let file = tempfile::Builder::new()
+        .prefix(".sagamesh-bench-sync-")
+        .tempfile_in(dir)?;
+    time_syncs(file.as_file())
 }
 
 fn time_syncs(file: &File) -> std::io::Result<Vec<Duration>> {
-    file.set_len(BLOCKS * BLOCK as u64)?;
-    file.sync_all()?;
     let block = [0x5a_u8; BLOCK];
+    for n in 0..BLOCKS {
+        file.write_all_at(&block, n * BLOCK as u64)?;
+    }
+    file.sync_all()?;
     let mut times = Vec::with_capacity(SYNCS);
     for n in 0..SYNCS as u64 {
         file.write_all_at(&block, (n % BLOCKS) * BLOCK as u64)?;

@@ -141,20 +141,25 @@ fn insert_statement(remaining: usize) -> (&'static str, usize) {
 /// listed; an event id already stored, or listed earlier in the chunk, is
 /// a duplicate.
 ///
-/// The offsets come from the rowid of the last row inserted: the one writer
-/// numbers a statement's rows one after another, above every offset before.
-/// (`RETURNING` would name them too, but SQLite gathers its rows in a
-/// temporary table per statement, which cost more than the insert.)
+/// The offsets come from the rowid of the last row inserted: when no row
+/// conflicts, the one writer numbers a statement's rows one after another,
+/// above every offset before. (A conflicting row still uses up an offset,
+/// so a chunk with duplicates asks the table.) `RETURNING` would name them
+/// too, but SQLite gathers its rows in a temporary table per statement,
+/// which cost more than the insert.
 fn insert(tx: &mut dyn Tx, sql: &str, chunk: &[Arc<Envelope>]) -> Result<Vec<Appended>, Failure> {
     let params: Vec<Value> = chunk
         .iter()
         .flat_map(|event| [Value::from(&event.event_id), Value::from(event.encode_to_vec())])
         .collect();
     let inserted = tx.execute(sql, &params)? as usize;
-    let last = tx
-        .last_rowid()
-        .ok_or_else(|| StoreError::Sql("the event log needs rowids".into()))?;
+    if inserted == 0 {
+        return Ok(vec![Appended::Duplicate; chunk.len()]);
+    }
     if inserted == chunk.len() {
+        let last = tx
+            .last_rowid()
+            .ok_or_else(|| StoreError::Sql("the event log needs rowids".into()))?;
         let first = last - inserted as i64 + 1;
         return Ok((first..=last)
             .map(|offset| Appended::New(offset as Offset))
@@ -162,14 +167,15 @@ fn insert(tx: &mut dyn Tx, sql: &str, chunk: &[Arc<Envelope>]) -> Result<Vec<App
     }
     // Some were duplicates (a publish repeated after a reconnect): the new
     // rows are the `inserted` highest offsets among the listed ids.
-    let ids: Vec<Value> = chunk.iter().map(|event| Value::from(&event.event_id)).collect();
-    let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+    let mut params: Vec<Value> = vec![(inserted as i64).into()];
+    params.extend(chunk.iter().map(|event| Value::from(&event.event_id)));
+    let placeholders: Vec<String> = (2..=params.len()).map(|n| format!("${n}")).collect();
     let stored = tx.query(
         &format!(
-            "SELECT event_id, offset FROM events WHERE event_id IN ({}) ORDER BY offset DESC LIMIT {inserted}",
+            "SELECT event_id, offset FROM events WHERE event_id IN ({}) ORDER BY offset DESC LIMIT $1",
             placeholders.join(", ")
         ),
-        &ids,
+        &params,
     )?;
     let mut offsets = HashMap::with_capacity(stored.len());
     for row in stored {
@@ -409,6 +415,21 @@ mod tests {
         expected.extend((0..40).map(|i| format!("tx-{i}")));
         expected.push("last".to_owned());
         assert_eq!(ids, expected);
+        // Each offset handed back is where the event was stored.
+        let stored_at: std::collections::HashMap<_, _> = read
+            .iter()
+            .map(|e| (e.envelope.event_id.clone(), e.offset))
+            .collect();
+        for (event, outcome) in batch.iter().zip(&outcomes) {
+            if let Appended::New(offset) = outcome {
+                assert_eq!(
+                    Some(offset),
+                    stored_at.get(&event.event_id),
+                    "{}",
+                    event.transaction_id
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -83,9 +83,11 @@ pub trait Tx {
         ""
     }
 
-    /// The rowid this write's last `INSERT` gave its row, where one
+    /// The rowid of the last row this connection inserted, where one
     /// connection writes and rowids therefore follow the commit order
-    /// (SQLite); `None` where writers interleave (PostgreSQL).
+    /// (SQLite); `None` where writers interleave (PostgreSQL). Meaningful
+    /// right after an `INSERT` that inserted rows: one that inserted none
+    /// leaves an earlier write's value.
     fn last_rowid(&self) -> Option<i64> {
         None
     }
