@@ -9,6 +9,7 @@
 
 mod catalog;
 mod grpc;
+mod live;
 mod orchestrator;
 mod queries;
 mod stats;
@@ -90,6 +91,8 @@ struct Inner {
     catalog: Catalog,
     mode: SagaMode,
     watchers: watchers::Watchers,
+    /// The views of sagas in flight, where this instance alone writes them.
+    live: live::LiveViews,
     steps: stats::StepStats,
     compensation_failures: AtomicU64,
     dead_letters: AtomicU64,
@@ -117,9 +120,11 @@ impl Coordinator {
             CoordinatorError::Store(e) => e,
             other => StoreError::Commit(other.to_string()),
         })?;
+        let live = live::LiveViews::new(!store.shared());
         Ok(Coordinator {
             inner: Arc::new(Inner {
                 store,
+                live,
                 relay: OutboxRelay::new(),
                 catalog,
                 mode,
@@ -309,14 +314,20 @@ impl Coordinator {
         // caller goes away meanwhile.
         let inner = self.inner.clone();
         let existing = tokio::spawn(async move {
-            let existing = inner
+            let recorded = inner
                 .store
                 .write(move |tx| store::insert(tx, record.clone(), &first_events))
                 .await?;
-            if existing.is_none() {
-                reservation.keep();
+            match recorded {
+                store::Recorded::New(live) => {
+                    reservation.keep();
+                    if let Some(live) = live {
+                        inner.live.keep_new(live);
+                    }
+                    Ok::<_, CoordinatorError>(None)
+                }
+                store::Recorded::Existing(existing) => Ok(Some(existing)),
             }
-            Ok::<_, CoordinatorError>(existing)
         })
         .await
         .map_err(|e| CoordinatorError::Store(StoreError::Commit(e.to_string())))??;
@@ -364,10 +375,15 @@ impl Coordinator {
         if event.producer == GROUP && view::only_recorded(&event) {
             // Folded into the view when this coordinator (or a replica)
             // wrote it: watchers hear of it, and nothing is written.
-            let (tx_id, event_id) = (event.transaction_id.clone(), event.event_id.clone());
-            let recorded = self.inner.store.read(move |tx| store::get(tx, &tx_id)).await?;
+            let recorded = match self.inner.live.get(&event.transaction_id) {
+                Some(live) => Some(live.view.clone()),
+                None => {
+                    let tx_id = event.transaction_id.clone();
+                    self.inner.store.read(move |tx| store::get(tx, &tx_id)).await?
+                }
+            };
             if let Some(transaction) = recorded
-                && transaction.history.iter().any(|h| h.event_id == event_id)
+                && transaction.history.iter().any(|h| h.event_id == event.event_id)
             {
                 self.inner.watchers.publish(TransactionUpdate {
                     transaction: Some(transaction),
@@ -393,20 +409,30 @@ impl Coordinator {
         // redelivers it and the view is rebuilt from it. A command the
         // orchestrator wrote here and that got out before a crash is
         // written again on redelivery; the step's claim absorbs the repeat.
+        let kept = self.inner.live.get(&tx_id);
         let (applied, synced) = self
             .inner
             .store
-            .write_staged(move |tx| store::apply(tx, &event))
+            .write_staged(move |tx| store::apply(tx, &event, kept.as_deref()))
             .await?;
-        let Some(store::Applied {
-            transaction,
-            actions,
-            ended,
-        }) = applied
-        else {
+        let Some(applied) = applied else {
             synced.durable().await?;
             return Ok(());
         };
+        let store::Applied {
+            transaction,
+            body,
+            seq,
+            actions,
+            ended,
+        } = applied;
+        if let Some(seq) = seq {
+            self.inner.live.keep(live::LiveView {
+                seq,
+                view: transaction.clone(),
+                body,
+            });
+        }
         if ended {
             let _ = self
                 .inner

@@ -16,6 +16,7 @@ use sagamesh_router_client::{
 use sagamesh_saga::PlanAction;
 use sagamesh_store::{Row, Schema, StoreError, Tx, Value, values};
 
+use crate::live::LiveView;
 use crate::{CoordinatorError, orchestrator, view};
 
 pub(crate) const SCHEMA: Schema = Schema {
@@ -157,13 +158,22 @@ pub(crate) fn by_key(
     row.map(|row| decode(row.blob(0)?)).transpose()
 }
 
+/// What recording a purchase did.
+pub(crate) enum Recorded {
+    /// A new saga, and its row as [`LiveView`] keeps it where the store
+    /// tells the row's `seq` (one writer numbers rows in commit order).
+    New(Option<LiveView>),
+    /// The idempotency key was used already, for this saga.
+    Existing(Transaction),
+}
+
 /// Records a new saga and its first events, unless the idempotency key was
 /// used already: then returns the saga recorded for it.
 pub(crate) fn insert(
     tx: &mut dyn Tx,
     mut transaction: Transaction,
     first_events: &[Envelope],
-) -> Result<Option<Transaction>, CoordinatorError> {
+) -> Result<Recorded, CoordinatorError> {
     // The saga's first events are in its history from the start, so their
     // return from the router needs no write.
     for event in first_events.iter().filter(|e| view::only_recorded(e)) {
@@ -173,8 +183,9 @@ pub(crate) fn insert(
     if let Some(key) = key
         && let Some(existing) = by_key(tx, &transaction.user_id, key)?
     {
-        return Ok(Some(existing));
+        return Ok(Recorded::Existing(existing));
     }
+    let body = transaction.encode_to_vec();
     tx.execute(
         "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -184,15 +195,20 @@ pub(crate) fn insert(
             transaction.status,
             key,
             transaction.mode,
-            transaction.encode_to_vec(),
+            body.as_slice(),
             now_ms()
         ],
     )?;
+    let seq = tx.last_rowid();
     count(tx, transaction.mode, transaction.status, 1)?;
     for event in first_events {
         push_outbox(tx, event)?;
     }
-    Ok(None)
+    Ok(Recorded::New(seq.map(|seq| LiveView {
+        seq,
+        view: transaction,
+        body,
+    })))
 }
 
 pub(crate) fn get(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
@@ -203,20 +219,26 @@ pub(crate) fn get(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transa
     row.map(|row| decode(row.blob(0)?)).transpose()
 }
 
-/// The transaction, locked until this write commits: replicas of the
-/// coordinator may apply an event and time the saga out at the same time.
-fn get_locked(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
+/// The transaction's row (`seq`, view), locked until this write commits:
+/// replicas of the coordinator may apply an event and time the saga out at
+/// the same time.
+fn get_locked(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<(i64, Transaction)>, CoordinatorError> {
     let sql = format!(
-        "SELECT body FROM transactions WHERE transaction_id = $1{}",
+        "SELECT seq, body FROM transactions WHERE transaction_id = $1{}",
         tx.for_update()
     );
     let row = tx.query_opt(&sql, &values![transaction_id])?;
-    row.map(|row| decode(row.blob(0)?)).transpose()
+    row.map(|row| Ok((row.int(0)?, decode(row.blob(1)?)?)))
+        .transpose()
 }
 
 /// What applying one event did.
 pub(crate) struct Applied {
     pub transaction: Transaction,
+    /// `transaction` as stored, and its row's `seq` (unknown for a row
+    /// inserted where writers interleave): what [`LiveView`] keeps.
+    pub body: Vec<u8>,
+    pub seq: Option<i64>,
     /// Compensation actions the orchestrator took, for the log.
     pub actions: Vec<PlanAction>,
     /// The saga reached a terminal state with this event.
@@ -225,11 +247,27 @@ pub(crate) struct Applied {
 
 /// Applies a saga event to its transaction's view and, for an orchestration
 /// saga, decides what comes next; `None` when it changed nothing (a
-/// redelivery).
-pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>, CoordinatorError> {
+/// redelivery). `kept` is the view as this coordinator last committed it,
+/// if it keeps one (see [`crate::live`]).
+pub(crate) fn apply(
+    tx: &mut dyn Tx,
+    event: &Envelope,
+    kept: Option<&LiveView>,
+) -> Result<Option<Applied>, CoordinatorError> {
+    // Only a choreography saga starts from the kept view: an orchestration
+    // saga's decisions write commands before its view is updated, so it
+    // must be sure of the view first, and reads it.
+    if let Some(kept) = kept.filter(|kept| kept.view.mode() == SagaMode::Choreography)
+        && let Some(outcome) = apply_to_kept(tx, event, kept)?
+    {
+        return Ok(outcome);
+    }
     let existing = get_locked(tx, &event.transaction_id)?;
-    let is_new = existing.is_none();
-    let mut transaction = existing.unwrap_or_else(|| view::from_event(event));
+    let seq = existing.as_ref().map(|(seq, _)| *seq);
+    let mut transaction = match existing {
+        Some((_, transaction)) => transaction,
+        None => view::from_event(event),
+    };
     let before = transaction.status;
     if !view::apply(&mut transaction, event) {
         return Ok(None);
@@ -243,45 +281,114 @@ pub(crate) fn apply(tx: &mut dyn Tx, event: &Envelope) -> Result<Option<Applied>
     } else {
         Vec::new()
     };
-    if is_new {
-        tx.execute(
-            "INSERT INTO transactions (transaction_id, user_id, status, mode, body, updated_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &values![
-                &transaction.transaction_id,
-                &transaction.user_id,
-                transaction.status,
-                transaction.mode,
-                transaction.encode_to_vec(),
-                now_ms()
-            ],
-        )?;
-        count(tx, transaction.mode, transaction.status, 1)?;
-    } else if before == transaction.status {
-        // Without `status` in the statement, its index is left alone.
-        tx.execute(
-            "UPDATE transactions SET body = $2, updated_ms = $3 WHERE transaction_id = $1",
-            &values![&transaction.transaction_id, transaction.encode_to_vec(), now_ms()],
-        )?;
-    } else {
-        tx.execute(
-            "UPDATE transactions SET status = $2, body = $3, updated_ms = $4 WHERE transaction_id = $1",
-            &values![
-                &transaction.transaction_id,
-                transaction.status,
-                transaction.encode_to_vec(),
-                now_ms()
-            ],
-        )?;
+    let body = transaction.encode_to_vec();
+    let seq = match seq {
+        None => {
+            tx.execute(
+                "INSERT INTO transactions (transaction_id, user_id, status, mode, body, updated_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &values![
+                    &transaction.transaction_id,
+                    &transaction.user_id,
+                    transaction.status,
+                    transaction.mode,
+                    body.as_slice(),
+                    now_ms()
+                ],
+            )?;
+            let seq = tx.last_rowid();
+            count(tx, transaction.mode, transaction.status, 1)?;
+            seq
+        }
+        Some(seq) => {
+            update(tx, seq, None, before, &transaction, &body)?;
+            Some(seq)
+        }
+    };
+    Ok(Some(applied(transaction, body, seq, actions, before)))
+}
+
+/// Applies the event to the kept view, if the row still holds it: `None`
+/// when the row moved on without this coordinator's entry (the caller then
+/// applies the event to the stored view).
+fn apply_to_kept(
+    tx: &mut dyn Tx,
+    event: &Envelope,
+    kept: &LiveView,
+) -> Result<Option<Option<Applied>>, CoordinatorError> {
+    let mut transaction = kept.view.clone();
+    let before = transaction.status;
+    // Already in a view the row held once, so in the row's history too.
+    if !view::apply(&mut transaction, event) {
+        return Ok(Some(None));
+    }
+    let body = transaction.encode_to_vec();
+    if !update(tx, kept.seq, Some(&kept.body), before, &transaction, &body)? {
+        return Ok(None);
+    }
+    Ok(Some(Some(applied(
+        transaction,
+        body,
+        Some(kept.seq),
+        Vec::new(),
+        before,
+    ))))
+}
+
+/// Writes the view to its row, if the row holds `expected` (when given);
+/// returns whether it did.
+fn update(
+    tx: &mut dyn Tx,
+    seq: i64,
+    expected: Option<&[u8]>,
+    before: i32,
+    transaction: &Transaction,
+    body: &[u8],
+) -> Result<bool, CoordinatorError> {
+    // Without `status` in the statement, its index is left alone.
+    let status_moved = before != transaction.status;
+    let sql = match (status_moved, expected.is_some()) {
+        (false, false) => "UPDATE transactions SET body = $2, updated_ms = $3 WHERE seq = $1",
+        (false, true) => "UPDATE transactions SET body = $2, updated_ms = $3 WHERE seq = $1 AND body = $4",
+        (true, false) => "UPDATE transactions SET body = $2, updated_ms = $3, status = $4 WHERE seq = $1",
+        (true, true) => {
+            "UPDATE transactions SET body = $2, updated_ms = $3, status = $4 WHERE seq = $1 AND body = $5"
+        }
+    };
+    // The parameters in the order the statement numbers them.
+    let mut params = Vec::from(values![seq, body, now_ms()]);
+    if status_moved {
+        params.push(transaction.status.into());
+    }
+    if let Some(expected) = expected {
+        params.push(expected.into());
+    }
+    let changed = tx.execute(sql, &params)?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    if before != transaction.status {
         recount(tx, transaction.mode, before, transaction.status)?;
     }
+    Ok(true)
+}
+
+fn applied(
+    transaction: Transaction,
+    body: Vec<u8>,
+    seq: Option<i64>,
+    actions: Vec<PlanAction>,
+    before: i32,
+) -> Applied {
     let ended = !view::is_terminal(TransactionStatus::try_from(before).unwrap_or_default())
         && view::is_terminal(transaction.status());
-    Ok(Some(Applied {
+    Applied {
         transaction,
+        body,
+        seq,
         actions,
         ended,
-    }))
+    }
 }
 
 /// What a saga buys, as its events carry it.
@@ -326,7 +433,7 @@ pub(crate) fn time_out(
     before_ms: i64,
     deadline: std::time::Duration,
 ) -> Result<bool, CoordinatorError> {
-    let Some(transaction) = get_locked(tx, transaction_id)? else {
+    let Some((_, transaction)) = get_locked(tx, transaction_id)? else {
         return Ok(false);
     };
     let updated_ms = tx
@@ -426,4 +533,107 @@ pub(crate) fn status_counts(tx: &mut dyn Tx) -> Result<Vec<(i32, i32, u64)>, Coo
         .iter()
         .map(|row| Ok((int32(row, 0)?, int32(row, 1)?, row.int(2)?.max(0) as u64)))
         .collect::<Result<Vec<_>, StoreError>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use sagamesh_proto::v1::{EventType, ItemGranted, PurchaseInitiated, UserValidated};
+    use sagamesh_store::{Durability, Store};
+
+    use super::*;
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(
+            &dir.path().join("coordinator.db"),
+            Durability::Process,
+            SCHEMA.sqlite,
+        )
+        .unwrap()
+    }
+
+    fn event(payload: Payload) -> Envelope {
+        Envelope::new("tx-1", "", "test", payload)
+    }
+
+    fn history(transaction: &Transaction) -> Vec<i32> {
+        transaction.history.iter().map(|h| h.event).collect()
+    }
+
+    async fn stored(store: &Store) -> Transaction {
+        store
+            .read(|tx| get(tx, "tx-1"))
+            .await
+            .unwrap()
+            .expect("the saga is stored")
+    }
+
+    #[tokio::test]
+    async fn a_kept_view_that_fell_behind_changes_nothing_and_the_stored_view_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let initiated = event(Payload::PurchaseInitiated(PurchaseInitiated::default()));
+        let record = Transaction {
+            transaction_id: "tx-1".into(),
+            user_id: "user-1".into(),
+            status: TransactionStatus::Initiated as i32,
+            mode: SagaMode::Choreography as i32,
+            ..Default::default()
+        };
+        let recorded = store
+            .write(move |tx| insert(tx, record.clone(), std::slice::from_ref(&initiated)))
+            .await
+            .unwrap();
+        let Recorded::New(Some(first)) = recorded else {
+            panic!("a new saga on SQLite is kept with its row");
+        };
+        let first = std::sync::Arc::new(first);
+
+        // From the kept view: the row held exactly these bytes.
+        let validated = event(Payload::UserValidated(UserValidated::default()));
+        let (kept, event_a) = (first.clone(), validated.clone());
+        let applied = store
+            .write(move |tx| apply(tx, &event_a, Some(&kept)))
+            .await
+            .unwrap()
+            .expect("a new event changes the view");
+        assert_eq!(applied.seq, Some(first.seq));
+        assert_eq!(applied.transaction.status(), TransactionStatus::InProgress);
+        assert_eq!(applied.body, stored(&store).await.encode_to_vec());
+
+        // The same kept view again: it is behind the row now, so the next
+        // event is applied to the stored view and keeps the one before.
+        let granted = event(Payload::ItemGranted(ItemGranted::default()));
+        let (kept, event_b) = (first.clone(), granted.clone());
+        let applied = store
+            .write(move |tx| apply(tx, &event_b, Some(&kept)))
+            .await
+            .unwrap()
+            .expect("a new event changes the view");
+        let expected = vec![
+            EventType::PurchaseInitiated as i32,
+            EventType::UserValidated as i32,
+            EventType::ItemGranted as i32,
+        ];
+        assert_eq!(history(&applied.transaction), expected);
+        assert_eq!(history(&stored(&store).await), expected);
+
+        // A redelivery judged against the stale view is still a redelivery.
+        let kept = first.clone();
+        let again = store
+            .write(move |tx| apply(tx, &validated, Some(&kept)))
+            .await
+            .unwrap();
+        assert!(again.is_none());
+        assert_eq!(history(&stored(&store).await), expected);
+
+        let counts = store.read(status_counts).await.unwrap();
+        assert_eq!(
+            counts,
+            vec![(
+                SagaMode::Choreography as i32,
+                TransactionStatus::InProgress as i32,
+                1
+            )]
+        );
+    }
 }

@@ -1,0 +1,142 @@
+//! The views of sagas in flight, kept in memory, so that applying an event
+//! does not first read the stored view back and decode it, and the return
+//! of a saga's own first event needs no read at all.
+//!
+//! Kept only where this coordinator is its store's one writer (the embedded
+//! store): replicas sharing PostgreSQL change views this instance never
+//! sees. An entry is a copy of a committed row: its `seq`, the view, and
+//! the exact bytes stored in `body`. The update that starts from an entry
+//! names those bytes (`WHERE seq = .. AND body = ..`), so an entry that
+//! fell behind its row (say, a write whose caller went away before it
+//! refreshed the entry) changes nothing, and the event is applied to the
+//! stored view instead. Nothing read from an entry is trusted further than
+//! that guard.
+//!
+//! An entry leaves when its saga ends. At most [`CAPACITY`] sagas are kept;
+//! past that, events take the stored path until entries leave.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sagamesh_proto::v1::Transaction;
+
+use crate::view;
+
+/// Most views kept; about 1–2 KB each.
+const CAPACITY: usize = 16_384;
+
+/// A saga's row as this coordinator committed it.
+pub(crate) struct LiveView {
+    pub seq: i64,
+    pub view: Transaction,
+    /// `view` encoded, byte for byte what the row's `body` holds.
+    pub body: Vec<u8>,
+}
+
+/// The views of sagas in flight, by transaction id.
+pub(crate) struct LiveViews {
+    /// `None` where other instances write the same store.
+    views: Option<Mutex<HashMap<String, Arc<LiveView>>>>,
+}
+
+impl LiveViews {
+    pub(crate) fn new(enabled: bool) -> LiveViews {
+        LiveViews {
+            views: enabled.then(|| Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub(crate) fn get(&self, transaction_id: &str) -> Option<Arc<LiveView>> {
+        self.lock()?.get(transaction_id).cloned()
+    }
+
+    /// Keeps the view a write just committed, replacing the saga's entry;
+    /// a saga that ended leaves instead.
+    pub(crate) fn keep(&self, live: LiveView) {
+        self.put(live, true);
+    }
+
+    /// Keeps a newly recorded saga's view, unless an event of the saga was
+    /// applied (and kept) first.
+    pub(crate) fn keep_new(&self, live: LiveView) {
+        self.put(live, false);
+    }
+
+    fn put(&self, live: LiveView, replace: bool) {
+        let Some(mut views) = self.lock() else {
+            return;
+        };
+        let id = &live.view.transaction_id;
+        if view::is_terminal(live.view.status()) {
+            views.remove(id);
+            return;
+        }
+        if views.contains_key(id) {
+            if replace {
+                views.insert(id.clone(), Arc::new(live));
+            }
+        } else if views.len() < CAPACITY {
+            views.insert(id.clone(), Arc::new(live));
+        }
+    }
+
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, HashMap<String, Arc<LiveView>>>> {
+        self.views
+            .as_ref()
+            .map(|views| views.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sagamesh_proto::v1::TransactionStatus;
+
+    use super::*;
+
+    fn live(id: &str, status: TransactionStatus, seq: i64) -> LiveView {
+        LiveView {
+            seq,
+            view: Transaction {
+                transaction_id: id.to_owned(),
+                status: status as i32,
+                ..Default::default()
+            },
+            body: vec![seq as u8],
+        }
+    }
+
+    #[test]
+    fn a_new_saga_does_not_replace_a_later_view() {
+        let views = LiveViews::new(true);
+        views.keep(live("t", TransactionStatus::InProgress, 2));
+        views.keep_new(live("t", TransactionStatus::Initiated, 1));
+        assert_eq!(views.get("t").map(|v| v.seq), Some(2));
+        views.keep(live("t", TransactionStatus::InProgress, 3));
+        assert_eq!(views.get("t").map(|v| v.seq), Some(3));
+    }
+
+    #[test]
+    fn an_ended_saga_leaves() {
+        let views = LiveViews::new(true);
+        views.keep_new(live("t", TransactionStatus::Initiated, 1));
+        views.keep(live("t", TransactionStatus::Completed, 1));
+        assert!(views.get("t").is_none());
+    }
+
+    #[test]
+    fn nothing_is_kept_when_disabled_or_full() {
+        let off = LiveViews::new(false);
+        off.keep_new(live("t", TransactionStatus::Initiated, 1));
+        assert!(off.get("t").is_none());
+
+        let views = LiveViews::new(true);
+        for n in 0..CAPACITY {
+            views.keep_new(live(&n.to_string(), TransactionStatus::Initiated, 1));
+        }
+        views.keep_new(live("one more", TransactionStatus::Initiated, 1));
+        assert!(views.get("one more").is_none());
+        // A saga already kept is still refreshed.
+        views.keep(live("0", TransactionStatus::InProgress, 2));
+        assert_eq!(views.get("0").map(|v| v.seq), Some(2));
+    }
+}
