@@ -16,6 +16,7 @@
 //! durable copy until the router confirms the sync.
 
 mod postgres;
+mod prepared;
 mod sqlite;
 mod value;
 
@@ -213,7 +214,7 @@ impl Store {
         E: From<StoreError> + Send + 'static,
     {
         match &self.engine {
-            Engine::Sqlite(engine) => engine.write(move |conn| f(&mut SqliteTx(conn))).await,
+            Engine::Sqlite(engine) => engine.write(move |conn| f(&mut SqliteTx::Writer(conn))).await,
             Engine::Postgres(engine) => engine.write(f).await,
         }
     }
@@ -230,7 +231,11 @@ impl Store {
         E: From<StoreError> + Send + 'static,
     {
         match &self.engine {
-            Engine::Sqlite(engine) => engine.write_staged(move |conn| f(&mut SqliteTx(conn))).await,
+            Engine::Sqlite(engine) => {
+                engine
+                    .write_staged(move |conn| f(&mut SqliteTx::Writer(conn)))
+                    .await
+            }
             Engine::Postgres(engine) => engine.write_staged(f).await,
         }
     }
@@ -244,29 +249,46 @@ impl Store {
         E: From<StoreError> + Send + 'static,
     {
         match &self.engine {
-            Engine::Sqlite(engine) => engine.read(move |conn| f(&mut SqliteTx(conn))).await,
+            Engine::Sqlite(engine) => engine.read(move |conn| f(&mut SqliteTx::Reader(conn))).await,
             Engine::Postgres(engine) => engine.read(f).await,
         }
     }
 }
 
 /// Statements on a SQLite connection, which takes `$1`-style parameters
-/// as they are written (see [`bind`]).
-struct SqliteTx<'c>(&'c Connection);
+/// as they are written (see [`bind`]): a store's writer, which keeps its
+/// statements prepared, or a pooled reader, which uses rusqlite's cache.
+enum SqliteTx<'a, 'c> {
+    Writer(&'a mut prepared::Prepared<'c>),
+    Reader(&'c Connection),
+}
 
-impl Tx for SqliteTx<'_> {
+impl<'c> SqliteTx<'_, 'c> {
+    fn statement(&mut self, sql: &str) -> Result<prepared::PreparedStatement<'_, 'c>, StoreError> {
+        Ok(match self {
+            SqliteTx::Writer(prepared) => prepared.statement(sql)?,
+            SqliteTx::Reader(conn) => prepared::PreparedStatement::Cached(conn.prepare_cached(sql)?),
+        })
+    }
+}
+
+impl Tx for SqliteTx<'_, '_> {
     fn last_rowid(&self) -> Option<i64> {
-        Some(self.0.last_insert_rowid())
+        let conn: &Connection = match self {
+            SqliteTx::Writer(prepared) => prepared,
+            SqliteTx::Reader(conn) => conn,
+        };
+        Some(conn.last_insert_rowid())
     }
 
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
-        let mut statement = self.0.prepare_cached(sql)?;
+        let mut statement = self.statement(sql)?;
         bind(&mut statement, params)?;
         Ok(statement.raw_execute()? as u64)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
-        let mut statement = self.0.prepare_cached(sql)?;
+        let mut statement = self.statement(sql)?;
         bind(&mut statement, params)?;
         let columns = statement.column_count();
         let mut rows = statement.raw_query();
@@ -310,7 +332,7 @@ mod tests {
     #[test]
     fn numbered_parameters_bind_by_number_in_any_order() {
         let conn = Connection::open_in_memory().unwrap();
-        let mut tx = SqliteTx(&conn);
+        let mut tx = SqliteTx::Reader(&conn);
         let rows = tx
             .query("SELECT $2, $1, $2 || '$1'", &values!["first", "second"])
             .unwrap();

@@ -32,6 +32,7 @@ use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::prepared::Prepared;
 use crate::{Durability, StoreError, Synced, settle};
 
 /// Runs after the batch's commit (or its sync), with the outcome.
@@ -42,7 +43,7 @@ type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
 /// [`commit_batch`]); only the last run counts.
 trait WriteJob: Send {
     /// Runs the write's statements; says whether to keep them.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, conn: &mut Prepared<'_>) -> bool;
     /// What to do once the commit is known, with the last run's result.
     fn finish(self: Box<Self>) -> Finish;
 }
@@ -74,11 +75,11 @@ enum Answer<R, E> {
 
 impl<F, R, E> WriteJob for Queued<F, R, E>
 where
-    F: FnMut(&Connection) -> Result<R, E> + Send,
+    F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send,
     R: Send + 'static,
     E: From<StoreError> + Send + 'static,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, conn: &mut Prepared<'_>) -> bool {
         self.result = None;
         let result = (self.f)(conn);
         let keep = result.is_ok();
@@ -241,7 +242,7 @@ impl SqliteStore {
     /// the schema (see [`commit_batch`]).
     pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
-        F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
@@ -256,7 +257,7 @@ impl SqliteStore {
     /// be redone from a durable copy kept elsewhere.
     pub(crate) async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
     where
-        F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
@@ -273,7 +274,7 @@ impl SqliteStore {
         rx: oneshot::Receiver<Result<T, E>>,
     ) -> Result<T, E>
     where
-        F: FnMut(&Connection) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
@@ -386,6 +387,7 @@ fn answer(waiting: &mut Vec<Completion>, outcome: &Result<(), String>) {
 /// Commits batches of queued jobs; `syncer` is `None` when the durability
 /// asks for no fsync.
 fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
+    let mut prepared = Prepared::new(&conn);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
@@ -397,7 +399,7 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
                 Err(_) => break,
             }
         }
-        let outcome = commit_and_answer(&conn, &mut batch, &mut completions, &mut synced);
+        let outcome = commit_and_answer(&mut prepared, &mut batch, &mut completions, &mut synced);
         if let (Some(syncer), Ok(())) = (&syncer, &outcome) {
             if !jobs.is_empty() {
                 // More to commit: the syncer waits for the disk instead.
@@ -418,7 +420,7 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
 /// answers the writes that wait only for the commit; the answers due once
 /// synced are left in `synced`.
 fn commit_and_answer(
-    conn: &Connection,
+    conn: &mut Prepared<'_>,
     batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
@@ -457,7 +459,7 @@ fn run_syncer(wal: &Mutex<Syncer>, batches: Receiver<Vec<Completion>>) {
 /// running the jobs kept so far again; from then on each job of the batch
 /// runs in its own savepoint, so that no job runs more than twice.
 fn commit_batch(
-    conn: &Connection,
+    conn: &mut Prepared<'_>,
     batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
@@ -479,7 +481,7 @@ fn commit_batch(
 
 /// Runs the jobs into `ran`, each with whether it is kept.
 fn run_batch(
-    conn: &Connection,
+    conn: &mut Prepared<'_>,
     batch: &mut Vec<Box<dyn WriteJob>>,
     ran: &mut Vec<(Box<dyn WriteJob>, bool)>,
 ) -> Result<(), String> {
@@ -510,7 +512,7 @@ fn run_batch(
 }
 
 /// Runs a job in its own savepoint, undone alone if it fails.
-fn run_isolated(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, String> {
+fn run_isolated(conn: &mut Prepared<'_>, job: &mut dyn WriteJob) -> Result<bool, String> {
     control(conn, "SAVEPOINT job")?;
     let keep = run_job(conn, job)?;
     if !keep {
@@ -525,7 +527,7 @@ fn run_isolated(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, Strin
 /// `Err` when the batch's transaction is gone: SQLite rolls back the whole
 /// transaction on some errors (an I/O error, a full disk), and then
 /// nothing that ran before is kept either.
-fn run_job(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, String> {
+fn run_job(conn: &mut Prepared<'_>, job: &mut dyn WriteJob) -> Result<bool, String> {
     let keep =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn))).unwrap_or_else(|_| {
             tracing::error!("a store write panicked; rolled back");
@@ -538,8 +540,8 @@ fn run_job(conn: &Connection, job: &mut dyn WriteJob) -> Result<bool, String> {
 }
 
 /// Runs a transaction-control statement, prepared once per connection.
-fn control(conn: &Connection, sql: &str) -> Result<(), String> {
-    conn.prepare_cached(sql)
+fn control(conn: &mut Prepared<'_>, sql: &str) -> Result<(), String> {
+    conn.statement(sql)
         .and_then(|mut statement| statement.execute([]))
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -557,7 +559,9 @@ mod tests {
         CREATE TRIGGER roll_everything_back BEFORE INSERT ON notes WHEN NEW.body = 'roll back'
         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by SQLite'); END"];
 
-    fn insert(body: &'static str) -> impl FnMut(&Connection) -> Result<i64, StoreError> + Send + 'static {
+    fn insert(
+        body: &'static str,
+    ) -> impl FnMut(&mut Prepared<'_>) -> Result<i64, StoreError> + Send + 'static {
         move |conn| {
             conn.execute("INSERT INTO notes (body) VALUES (?1)", [body])?;
             Ok(conn.last_insert_rowid())
@@ -616,7 +620,7 @@ mod tests {
     }
 
     impl WriteJob for Note {
-        fn run(&mut self, conn: &Connection) -> bool {
+        fn run(&mut self, conn: &mut Prepared<'_>) -> bool {
             self.runs.fetch_add(1, Ordering::Relaxed);
             if self.writes {
                 conn.execute("INSERT INTO notes (body) VALUES (?1)", [self.body])
@@ -649,7 +653,13 @@ mod tests {
                 }) as Box<dyn WriteJob>
             })
             .collect();
-        commit_batch(conn, &mut batch, &mut Vec::new(), &mut Vec::new()).unwrap();
+        commit_batch(
+            &mut Prepared::new(conn),
+            &mut batch,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert!(conn.is_autocommit(), "the batch's transaction is over");
         let mut notes = conn.prepare("SELECT body FROM notes ORDER BY id").unwrap();
         let notes = notes
@@ -708,7 +718,7 @@ mod tests {
         outcome: &'static str,
     ) -> (Box<dyn WriteJob>, oneshot::Receiver<Result<i64, StoreError>>) {
         let (tx, rx) = oneshot::channel();
-        let f = move |conn: &Connection| {
+        let f = move |conn: &mut Prepared<'_>| {
             conn.execute("INSERT INTO notes (body) VALUES (?1)", [body])?;
             match outcome {
                 "fail" => Err(StoreError::Commit("refused".into())),
@@ -727,7 +737,7 @@ mod tests {
     /// Commits the batch as the writer does and answers it as synced.
     fn commit_and_sync(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) -> Result<(), String> {
         let (mut batch, mut synced) = (batch, Vec::new());
-        let outcome = commit_and_answer(conn, &mut batch, &mut Vec::new(), &mut synced);
+        let outcome = commit_and_answer(&mut Prepared::new(conn), &mut batch, &mut Vec::new(), &mut synced);
         answer(&mut synced, &outcome);
         outcome
     }
