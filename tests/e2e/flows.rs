@@ -31,19 +31,27 @@ async fn a_purchase_completes_and_moves_money_and_stock(mode: SagaMode) {
     let id = c.purchase("alice", "sword", 2).await;
     let (statuses, done) = c.follow(&id).await;
 
-    assert_eq!(
-        statuses.first(),
-        Some(&TransactionStatus::Initiated),
-        "the stream starts with the current state"
+    // The stream starts with the state the saga is in when it is asked
+    // for: the first step may have run already.
+    assert!(
+        matches!(
+            statuses.first(),
+            Some(TransactionStatus::Initiated | TransactionStatus::InProgress)
+        ),
+        "the stream starts with the current state, the saga still moving: {statuses:?}"
+    );
+    assert!(
+        statuses.is_sorted_by_key(|status| match status {
+            TransactionStatus::Initiated => 0,
+            TransactionStatus::InProgress => 1,
+            _ => 2,
+        }),
+        "statuses only move forward: {statuses:?}"
     );
     assert_eq!(
         statuses.last(),
         Some(&TransactionStatus::Completed),
         "the stream ends after COMPLETED"
-    );
-    assert!(
-        statuses.len() >= 2,
-        "the stream shows steps as they happen: {statuses:?}"
     );
     assert_eq!(done.total_price, 300, "the price comes from the catalog");
     assert_eq!(

@@ -375,15 +375,16 @@ impl Coordinator {
         if event.producer == GROUP && view::only_recorded(&event) {
             // Folded into the view when this coordinator (or a replica)
             // wrote it: watchers hear of it, and nothing is written.
+            let has_event = |view: &Transaction| view.history.iter().any(|h| h.event_id == event.event_id);
             let recorded = match self.inner.live.get(&event.transaction_id) {
-                Some(live) => Some(live.view.clone()),
-                None => {
+                Some(live) if has_event(&live.view) => Some(live.view.clone()),
+                _ => {
                     let tx_id = event.transaction_id.clone();
                     self.inner.store.read(move |tx| store::get(tx, &tx_id)).await?
                 }
             };
             if let Some(transaction) = recorded
-                && transaction.history.iter().any(|h| h.event_id == event.event_id)
+                && has_event(&transaction)
             {
                 self.inner.watchers.publish(TransactionUpdate {
                     transaction: Some(transaction),
@@ -426,7 +427,7 @@ impl Coordinator {
             actions,
             ended,
         } = applied;
-        if let Some(seq) = seq {
+        if let Some(seq) = seq.filter(|_| self.inner.live.enabled()) {
             self.inner.live.keep(live::LiveView {
                 seq,
                 view: transaction.clone(),

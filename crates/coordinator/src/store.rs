@@ -257,10 +257,12 @@ pub(crate) fn apply(
     // Only a choreography saga starts from the kept view: an orchestration
     // saga's decisions write commands before its view is updated, so it
     // must be sure of the view first, and reads it.
-    if let Some(kept) = kept.filter(|kept| kept.view.mode() == SagaMode::Choreography)
-        && let Some(outcome) = apply_to_kept(tx, event, kept)?
-    {
-        return Ok(outcome);
+    if let Some(kept) = kept.filter(|kept| kept.view.mode() == SagaMode::Choreography) {
+        match apply_to_kept(tx, event, kept)? {
+            FromKept::Applied(applied) => return Ok(Some(*applied)),
+            FromKept::Redelivery => return Ok(None),
+            FromKept::Stale => {}
+        }
     }
     let existing = get_locked(tx, &event.transaction_id)?;
     let seq = existing.as_ref().map(|(seq, _)| *seq);
@@ -308,31 +310,29 @@ pub(crate) fn apply(
     Ok(Some(applied(transaction, body, seq, actions, before)))
 }
 
-/// Applies the event to the kept view, if the row still holds it: `None`
-/// when the row moved on without this coordinator's entry (the caller then
-/// applies the event to the stored view).
-fn apply_to_kept(
-    tx: &mut dyn Tx,
-    event: &Envelope,
-    kept: &LiveView,
-) -> Result<Option<Option<Applied>>, CoordinatorError> {
+/// What applying an event to a kept view came to.
+enum FromKept {
+    Applied(Box<Applied>),
+    /// The event is in the view already.
+    Redelivery,
+    /// The row no longer holds the kept view: apply to the stored one.
+    Stale,
+}
+
+/// Applies the event to the kept view, if the row still holds it.
+fn apply_to_kept(tx: &mut dyn Tx, event: &Envelope, kept: &LiveView) -> Result<FromKept, CoordinatorError> {
     let mut transaction = kept.view.clone();
     let before = transaction.status;
     // Already in a view the row held once, so in the row's history too.
     if !view::apply(&mut transaction, event) {
-        return Ok(Some(None));
+        return Ok(FromKept::Redelivery);
     }
     let body = transaction.encode_to_vec();
     if !update(tx, kept.seq, Some(&kept.body), before, &transaction, &body)? {
-        return Ok(None);
+        return Ok(FromKept::Stale);
     }
-    Ok(Some(Some(applied(
-        transaction,
-        body,
-        Some(kept.seq),
-        Vec::new(),
-        before,
-    ))))
+    let applied = applied(transaction, body, Some(kept.seq), Vec::new(), before);
+    Ok(FromKept::Applied(Box::new(applied)))
 }
 
 /// Writes the view to its row, if the row holds `expected` (when given);
@@ -367,7 +367,7 @@ fn update(
     if changed == 0 {
         return Ok(false);
     }
-    if before != transaction.status {
+    if status_moved {
         recount(tx, transaction.mode, before, transaction.status)?;
     }
     Ok(true)

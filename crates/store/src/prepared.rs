@@ -116,4 +116,23 @@ mod tests {
             .unwrap();
         assert_eq!(total, 3);
     }
+
+    #[test]
+    fn a_kept_statement_that_failed_runs_again() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (n INTEGER UNIQUE)").unwrap();
+        let mut prepared = Prepared::new(&conn);
+        let mut insert = |n: i64| {
+            let mut statement = prepared.statement("INSERT INTO t (n) VALUES (?1)").unwrap();
+            statement.raw_bind_parameter(1, n).unwrap();
+            statement.raw_execute()
+        };
+        insert(1).unwrap();
+        assert!(insert(1).is_err(), "a duplicate breaks the unique constraint");
+        assert_eq!(insert(2).unwrap(), 1);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 2);
+    }
 }
