@@ -186,21 +186,7 @@ pub(crate) fn insert(
         return Ok(Recorded::Existing(existing));
     }
     let body = transaction.encode_to_vec();
-    tx.execute(
-        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &values![
-            &transaction.transaction_id,
-            &transaction.user_id,
-            transaction.status,
-            key,
-            transaction.mode,
-            body.as_slice(),
-            now_ms()
-        ],
-    )?;
-    let seq = tx.last_rowid();
-    count(tx, transaction.mode, transaction.status, 1)?;
+    let seq = insert_row(tx, &transaction, key, &body)?;
     for event in first_events {
         push_outbox(tx, event)?;
     }
@@ -209,6 +195,32 @@ pub(crate) fn insert(
         view: transaction,
         body,
     })))
+}
+
+/// Inserts a saga's row and counts it; returns its `seq` where the store
+/// tells it (see [`Tx::last_rowid`]).
+fn insert_row(
+    tx: &mut dyn Tx,
+    transaction: &Transaction,
+    idempotency_key: Option<&String>,
+    body: &[u8],
+) -> Result<Option<i64>, StoreError> {
+    tx.execute(
+        "INSERT INTO transactions (transaction_id, user_id, status, idempotency_key, mode, body, updated_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &values![
+            &transaction.transaction_id,
+            &transaction.user_id,
+            transaction.status,
+            idempotency_key,
+            transaction.mode,
+            body,
+            now_ms()
+        ],
+    )?;
+    let seq = tx.last_rowid();
+    count(tx, transaction.mode, transaction.status, 1)?;
+    Ok(seq)
 }
 
 pub(crate) fn get(tx: &mut dyn Tx, transaction_id: &str) -> Result<Option<Transaction>, CoordinatorError> {
@@ -285,23 +297,7 @@ pub(crate) fn apply(
     };
     let body = transaction.encode_to_vec();
     let seq = match seq {
-        None => {
-            tx.execute(
-                "INSERT INTO transactions (transaction_id, user_id, status, mode, body, updated_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &values![
-                    &transaction.transaction_id,
-                    &transaction.user_id,
-                    transaction.status,
-                    transaction.mode,
-                    body.as_slice(),
-                    now_ms()
-                ],
-            )?;
-            let seq = tx.last_rowid();
-            count(tx, transaction.mode, transaction.status, 1)?;
-            seq
-        }
+        None => insert_row(tx, &transaction, None, &body)?,
         Some(seq) => {
             update(tx, seq, None, before, &transaction, &body)?;
             Some(seq)
