@@ -17,6 +17,7 @@
 
 mod postgres;
 mod prepared;
+mod sched;
 mod sqlite;
 mod value;
 

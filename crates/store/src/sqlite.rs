@@ -33,6 +33,7 @@ use rusqlite::config::DbConfig;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::prepared::Prepared;
+use crate::sched;
 use crate::{Durability, StoreError, Synced, settle};
 
 /// Runs after the batch's commit (or its sync), with the outcome.
@@ -222,7 +223,10 @@ impl SqliteStore {
             let shared = wal.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-sync"))
-                .spawn(move || run_syncer(&shared, sync_rx))
+                .spawn(move || {
+                    sched::run_as_batch_work();
+                    run_syncer(&shared, sync_rx)
+                })
                 .map_err(spawn_error)?;
             Some(SyncHandle { wal, to_sync })
         } else {
@@ -230,7 +234,10 @@ impl SqliteStore {
         };
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
-            .spawn(move || run_writer(writer, syncer, write_rx))
+            .spawn(move || {
+                sched::run_as_batch_work();
+                run_writer(writer, syncer, write_rx)
+            })
             .map_err(spawn_error)?;
         Ok(SqliteStore { writes, readers })
     }
