@@ -225,8 +225,10 @@ async fn relay_batch(
 ) -> Result<usize, RelayError> {
     let after = progress.published_through;
     let writer = progress.writer.clone();
+    // Only rows that survive the machine are published: an event must not
+    // outlive the business change committed with it.
     let rows: Vec<(i64, Envelope)> = store
-        .read(move |tx| {
+        .read_durable(move |tx| {
             let rows = tx.query(
                 "SELECT seq, body FROM outbox WHERE writer = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 &values![writer, after, RELAY_BATCH],
@@ -265,7 +267,7 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
         .saturating_sub(LEFT_BEHIND_AFTER)
         .as_millis() as i64;
     let rows: Vec<(i64, Envelope)> = store
-        .read(move |tx| {
+        .read_durable(move |tx| {
             let rows = tx.query(
                 "SELECT seq, body FROM outbox WHERE writer NOT LIKE $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
                 &values![mine, before_ms, RELAY_BATCH],

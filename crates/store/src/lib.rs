@@ -19,6 +19,7 @@ mod postgres;
 mod prepared;
 mod sched;
 mod sqlite;
+mod synced;
 mod value;
 
 use std::path::{Path, PathBuf};
@@ -251,6 +252,26 @@ impl Store {
     {
         match &self.engine {
             Engine::Sqlite(engine) => engine.read(move |conn| f(&mut SqliteTx::Reader(conn))).await,
+            Engine::Postgres(engine) => engine.read(f).await,
+        }
+    }
+
+    /// Like [`Store::read`], but returns only once everything the read saw
+    /// is durable, for a caller that passes it on (the outbox relay). A
+    /// SQLite read can see commits whose fsync is still running; this waits
+    /// for it. A PostgreSQL commit is durable when it is seen.
+    pub async fn read_durable<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.engine {
+            Engine::Sqlite(engine) => {
+                engine
+                    .read_durable(move |conn| f(&mut SqliteTx::Reader(conn)))
+                    .await
+            }
             Engine::Postgres(engine) => engine.read(f).await,
         }
     }

@@ -21,7 +21,8 @@
 //! on committing meanwhile; one fsync then covers every commit made before
 //! it started, so a slow disk makes batches wait for the next fsync instead
 //! of leaving the writer idle. When nothing is waiting, the writer syncs
-//! itself and saves the hand-off.
+//! itself and saves the hand-off. Readers therefore may see a commit before
+//! its fsync; a read whose rows are passed on waits for it (`synced`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::prepared::Prepared;
 use crate::sched;
+use crate::synced::{self, Marker, Watermark};
 use crate::{Durability, StoreError, Synced, settle};
 
 /// Runs after the batch's commit (or its sync), with the outcome.
@@ -128,6 +130,7 @@ const IDLE_READERS: usize = 4;
 pub(crate) struct SqliteStore {
     writes: mpsc::Sender<Box<dyn WriteJob>>,
     readers: Arc<Readers>,
+    watermark: Watermark,
 }
 
 /// Read connections, taken by a read and given back after it.
@@ -216,16 +219,17 @@ impl SqliteStore {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
+        let (marker, watermark) = synced::marks();
         let spawn_error = |e: std::io::Error| StoreError::Commit(e.to_string());
         let syncer = if syncer.wal_path.is_some() {
             let wal = Arc::new(Mutex::new(syncer));
             let (to_sync, sync_rx) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
-            let shared = wal.clone();
+            let (shared, marker) = (wal.clone(), marker.clone());
             std::thread::Builder::new()
                 .name(format!("{name}-sync"))
                 .spawn(move || {
                     sched::run_as_batch_work();
-                    run_syncer(&shared, sync_rx)
+                    run_syncer(&shared, &marker, sync_rx)
                 })
                 .map_err(spawn_error)?;
             Some(SyncHandle { wal, to_sync })
@@ -236,10 +240,14 @@ impl SqliteStore {
             .name(format!("{name}-writer"))
             .spawn(move || {
                 sched::run_as_batch_work();
-                run_writer(writer, syncer, write_rx)
+                run_writer(writer, syncer, &marker, write_rx)
             })
             .map_err(spawn_error)?;
-        Ok(SqliteStore { writes, readers })
+        Ok(SqliteStore {
+            writes,
+            readers,
+            watermark,
+        })
     }
 
     /// Runs `f` in a write transaction shared with other callers. Returns
@@ -312,6 +320,19 @@ impl SqliteStore {
         self.readers.give_back(conn);
         result
     }
+
+    /// Like [`SqliteStore::read`], but returns only once what the read saw
+    /// is durable: it waits for the sync of every commit it could see.
+    pub(crate) async fn read_durable<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let result = self.read(f).await?;
+        self.watermark.covers_reads_so_far().await.map_err(E::from)?;
+        Ok(result)
+    }
 }
 
 /// The WAL path whose fsync makes commits durable, if the durability asks
@@ -371,15 +392,25 @@ fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), StoreError> {
 /// thread when more writes are waiting.
 struct SyncHandle {
     wal: Arc<Mutex<Syncer>>,
-    to_sync: SyncSender<Vec<Completion>>,
+    /// The batches to sync: the number of the last one, and their writes.
+    to_sync: SyncSender<(u64, Vec<Completion>)>,
 }
 
-/// Syncs the WAL, then answers every write in `waiting`.
-fn sync_and_answer(wal: &Mutex<Syncer>, waiting: &mut Vec<Completion>) {
+/// Syncs the WAL, which makes every batch up to `through` durable, and
+/// says so.
+fn sync(wal: &Mutex<Syncer>, marker: &Marker, through: u64) -> Result<(), String> {
     let outcome = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sync();
-    if let Err(e) = &outcome {
-        tracing::error!(error = %e, writes = waiting.len(), "store sync failed");
+    match &outcome {
+        Ok(()) => marker.synced_through(through),
+        Err(e) => tracing::error!(error = %e, "store sync failed"),
     }
+    outcome
+}
+
+/// Syncs the WAL through batch `through`, then answers every write in
+/// `waiting`.
+fn sync_and_answer(wal: &Mutex<Syncer>, marker: &Marker, through: u64, waiting: &mut Vec<Completion>) {
+    let outcome = sync(wal, marker, through);
     answer(waiting, &outcome);
 }
 
@@ -393,7 +424,12 @@ fn answer(waiting: &mut Vec<Completion>, outcome: &Result<(), String>) {
 
 /// Commits batches of queued jobs; `syncer` is `None` when the durability
 /// asks for no fsync.
-fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
+fn run_writer(
+    conn: Connection,
+    syncer: Option<SyncHandle>,
+    marker: &Marker,
+    mut jobs: mpsc::Receiver<Box<dyn WriteJob>>,
+) {
     let mut prepared = Prepared::new(&conn);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
@@ -406,20 +442,30 @@ fn run_writer(conn: Connection, syncer: Option<SyncHandle>, mut jobs: mpsc::Rece
                 Err(_) => break,
             }
         }
+        let number = marker.begin_batch();
         let outcome = commit_and_answer(&mut prepared, &mut batch, &mut completions, &mut synced);
-        if let (Some(syncer), Ok(())) = (&syncer, &outcome) {
-            if !jobs.is_empty() {
-                // More to commit: the syncer waits for the disk instead.
-                let waiting = std::mem::replace(&mut synced, Vec::with_capacity(MAX_BATCH));
-                match syncer.to_sync.send(waiting) {
-                    Ok(()) => continue,
-                    Err(std::sync::mpsc::SendError(waiting)) => synced = waiting,
-                }
-            }
-            sync_and_answer(&syncer.wal, &mut synced);
+        let Some(syncer) = &syncer else {
+            // Nothing to sync: a commit is as durable as the store promises.
+            marker.synced_through(number);
+            answer(&mut synced, &outcome);
+            continue;
+        };
+        if outcome.is_err() {
+            // Nothing of this batch is on disk, but readers that saw earlier
+            // commits may wait for its number: sync them.
+            let _ = sync(&syncer.wal, marker, number);
+            answer(&mut synced, &outcome);
             continue;
         }
-        answer(&mut synced, &outcome);
+        if !jobs.is_empty() {
+            // More to commit: the syncer waits for the disk instead.
+            let waiting = std::mem::replace(&mut synced, Vec::with_capacity(MAX_BATCH));
+            match syncer.to_sync.send((number, waiting)) {
+                Ok(()) => continue,
+                Err(std::sync::mpsc::SendError((_, waiting))) => synced = waiting,
+            }
+        }
+        sync_and_answer(&syncer.wal, marker, number, &mut synced);
     }
 }
 
@@ -448,12 +494,15 @@ fn commit_and_answer(
 
 /// Syncs the WAL for every batch handed over since its last sync, then
 /// answers them all.
-fn run_syncer(wal: &Mutex<Syncer>, batches: Receiver<Vec<Completion>>) {
+fn run_syncer(wal: &Mutex<Syncer>, marker: &Marker, batches: Receiver<(u64, Vec<Completion>)>) {
     let mut waiting: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = batches.recv() {
+    while let Ok((mut through, first)) = batches.recv() {
         waiting.extend(first);
-        waiting.extend(batches.try_iter().flatten());
-        sync_and_answer(wal, &mut waiting);
+        for (number, more) in batches.try_iter() {
+            through = number;
+            waiting.extend(more);
+        }
+        sync_and_answer(wal, marker, through, &mut waiting);
     }
 }
 
@@ -591,6 +640,23 @@ mod tests {
         assert_eq!(count(&store).await, 1, "committed before the sync");
         synced.durable().await.unwrap();
         assert_eq!(store.write(insert("second")).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_durable_read_returns_what_it_saw_once_synced_whatever_the_durability() {
+        for durability in [Durability::Machine, Durability::Process] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(&dir.path().join("notes.db"), durability, MIGRATIONS).unwrap();
+            let (_, synced) = store.write_staged(insert("staged")).await.unwrap();
+            let seen = store
+                .read_durable(|conn| {
+                    Ok::<i64, StoreError>(conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?)
+                })
+                .await
+                .unwrap();
+            assert_eq!(seen, 1, "{durability:?}");
+            synced.durable().await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,123 @@
+//! Which of a SQLite store's commits are synced, for reads that pass on
+//! what they see.
+//!
+//! Readers see a commit before its fsync (see `sqlite`), so a read can
+//! return rows that a power cut would still take back. That is fine for
+//! showing state, not for passing it on: the outbox relay must not publish
+//! an event whose row, and the business change committed with it, may yet
+//! be lost. So the writer numbers its batches and says how far they are
+//! synced; a read that must see only durable rows notes the last batch
+//! that had begun to commit and waits until the syncs reach it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::watch;
+
+use crate::StoreError;
+
+/// A new store's pair: the writer's [`Marker`] and the readers' [`Watermark`].
+pub(crate) fn marks() -> (Marker, Watermark) {
+    let begun = Arc::new(AtomicU64::new(0));
+    let (synced, watched) = watch::channel(0);
+    (
+        Marker {
+            begun: begun.clone(),
+            synced: Arc::new(synced),
+        },
+        Watermark {
+            begun,
+            synced: watched,
+        },
+    )
+}
+
+/// The writer's side, shared with its syncer.
+#[derive(Clone)]
+pub(crate) struct Marker {
+    begun: Arc<AtomicU64>,
+    synced: Arc<watch::Sender<u64>>,
+}
+
+impl Marker {
+    /// Numbers the next batch. Called before the batch commits, so that a
+    /// read that sees its rows finds its number already taken.
+    pub(crate) fn begin_batch(&self) -> u64 {
+        self.begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Says that every batch up to `batch` is synced.
+    pub(crate) fn synced_through(&self, batch: u64) {
+        self.synced.send_if_modified(|through| {
+            let moved = batch > *through;
+            if moved {
+                *through = batch;
+            }
+            moved
+        });
+    }
+}
+
+/// The readers' side.
+#[derive(Clone)]
+pub(crate) struct Watermark {
+    begun: Arc<AtomicU64>,
+    synced: watch::Receiver<u64>,
+}
+
+impl Watermark {
+    /// Waits until every batch that had begun to commit is synced. Called
+    /// after a read, it returns once whatever the read saw is durable.
+    pub(crate) async fn covers_reads_so_far(&self) -> Result<(), StoreError> {
+        let seen = self.begun.load(Ordering::SeqCst);
+        let mut synced = self.synced.clone();
+        synced
+            .wait_for(|through| *through >= seen)
+            .await
+            .map(|_| ())
+            .map_err(|_| StoreError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::task::{Context, Waker};
+
+    use super::*;
+
+    fn poll_once(future: std::pin::Pin<&mut impl Future<Output = Result<(), StoreError>>>) -> bool {
+        future.poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    #[tokio::test]
+    async fn a_read_waits_for_the_sync_of_every_batch_that_began_before_it_ended() {
+        let (marker, watermark) = marks();
+        assert!(
+            watermark.covers_reads_so_far().await.is_ok(),
+            "nothing committed yet"
+        );
+
+        let first = marker.begin_batch();
+        let second = marker.begin_batch();
+        let mut waiting = pin!(watermark.covers_reads_so_far());
+        assert!(!poll_once(waiting.as_mut()), "two batches committed, none synced");
+        marker.synced_through(first);
+        assert!(!poll_once(waiting.as_mut()), "the second batch is not synced yet");
+        marker.synced_through(second);
+        assert!(poll_once(waiting.as_mut()));
+
+        // Marks only move forward: a late report of an older sync changes nothing.
+        marker.synced_through(first);
+        assert!(watermark.covers_reads_so_far().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_read_waiting_on_a_store_that_closed_fails() {
+        let (marker, watermark) = marks();
+        marker.begin_batch();
+        let waiting = watermark.covers_reads_so_far();
+        drop(marker);
+        assert!(matches!(waiting.await, Err(StoreError::Closed)));
+    }
+}
