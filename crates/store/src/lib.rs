@@ -305,13 +305,13 @@ impl Tx for SqliteTx<'_, '_> {
 
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
         let mut statement = self.statement(sql)?;
-        bind(&mut statement, params)?;
+        statement.bind(params)?;
         Ok(statement.raw_execute()? as u64)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
         let mut statement = self.statement(sql)?;
-        bind(&mut statement, params)?;
+        statement.bind(params)?;
         let columns = statement.column_count();
         let mut rows = statement.raw_query();
         let mut found = Vec::new();
@@ -328,13 +328,20 @@ impl Tx for SqliteTx<'_, '_> {
 /// Binds `params` to a statement's `$N` parameters. SQLite reads `$1` as a
 /// parameter named "$1" and numbers parameters in order of first
 /// appearance, so each is bound by its name rather than its position; the
-/// statement text needs no rewriting and is cached as written.
-fn bind(statement: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<(), StoreError> {
+/// statement text needs no rewriting and is cached as written. `numbers`
+/// are the `$N` of each parameter when the caller kept them (see
+/// [`parameter_number`]); otherwise they are read from the statement.
+fn bind(
+    statement: &mut rusqlite::Statement<'_>,
+    numbers: Option<&[Option<usize>]>,
+    params: &[Value],
+) -> Result<(), StoreError> {
     for index in 1..=statement.parameter_count() {
-        let number = statement
-            .parameter_name(index)
-            .and_then(|name| name.strip_prefix('$'))
-            .and_then(|number| number.parse::<usize>().ok())
+        let number = match numbers {
+            Some(numbers) => numbers.get(index - 1).copied().flatten(),
+            None => parameter_number(statement, index),
+        };
+        let number = number
             .filter(|number| (1..=params.len()).contains(number))
             .ok_or_else(|| {
                 StoreError::Sql(format!(
@@ -347,6 +354,15 @@ fn bind(statement: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<(),
     Ok(())
 }
 
+/// The N of the statement's parameter at `index` (from 1) when it is
+/// named `$N`.
+fn parameter_number(statement: &rusqlite::Statement<'_>, index: usize) -> Option<usize> {
+    statement
+        .parameter_name(index)
+        .and_then(|name| name.strip_prefix('$'))
+        .and_then(|number| number.parse::<usize>().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,15 +370,23 @@ mod tests {
     #[test]
     fn numbered_parameters_bind_by_number_in_any_order() {
         let conn = Connection::open_in_memory().unwrap();
-        let mut tx = SqliteTx::Reader(&conn);
-        let rows = tx
-            .query("SELECT $2, $1, $2 || '$1'", &values!["first", "second"])
-            .unwrap();
-        assert_eq!(rows[0].string(0).unwrap(), "second");
-        assert_eq!(rows[0].string(1).unwrap(), "first");
-        assert_eq!(rows[0].string(2).unwrap(), "second$1");
-        let missing = tx.query("SELECT $3", &values!["only one"]);
-        assert!(matches!(missing, Err(StoreError::Sql(message)) if message.contains("$1..$1")));
+        let mut kept = prepared::Prepared::new(&conn);
+        // A reader reads the numbers at each bind; a writer keeps them, so
+        // the second round binds from what the first one kept.
+        for round in 0..2 {
+            for tx in [&mut SqliteTx::Reader(&conn), &mut SqliteTx::Writer(&mut kept)] {
+                let rows = tx
+                    .query("SELECT $2, $1, $2 || '$1'", &values!["first", "second"])
+                    .unwrap();
+                assert_eq!(rows[0].string(0).unwrap(), "second", "round {round}");
+                assert_eq!(rows[0].string(1).unwrap(), "first");
+                assert_eq!(rows[0].string(2).unwrap(), "second$1");
+                let missing = tx.query("SELECT $3", &values!["only one"]);
+                assert!(matches!(missing, Err(StoreError::Sql(message)) if message.contains("$1..$1")));
+                let unnamed = tx.query("SELECT ?", &values!["one"]);
+                assert!(matches!(unnamed, Err(StoreError::Sql(message)) if message.contains("parameter 1")));
+            }
+        }
     }
 
     const SCHEMA: Schema = Schema {

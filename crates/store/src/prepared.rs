@@ -8,7 +8,9 @@
 //! holds one connection for its whole life and runs a small, fixed set of
 //! statements, so it keeps them here, found by their text. SQL built at run
 //! time could make that set grow without end: past [`MOST_KEPT`]
-//! statements, new ones go through rusqlite's cache instead.
+//! statements, new ones go through rusqlite's cache instead. A kept
+//! statement also keeps which `$N` each of its parameters is (see
+//! [`crate::bind`]), read once from SQLite instead of at every bind.
 
 use std::ops::{Deref, DerefMut};
 
@@ -26,14 +28,15 @@ pub(crate) struct Prepared<'c> {
     /// (foldhash: a few dozen instructions for a statement, against
     /// hundreds for the standard library's SipHash).
     index: HashMap<Box<str>, usize>,
-    statements: Vec<Statement<'c>>,
+    statements: Vec<(Statement<'c>, Box<[Option<usize>]>)>,
 }
 
 /// A statement ready to bind and run. Running one resets it (rusqlite does
 /// after `raw_execute` and when `Rows` is dropped), and each use binds
 /// every parameter again, so a kept statement needs no other cleaning.
 pub(crate) enum PreparedStatement<'a, 'c> {
-    Kept(&'a mut Statement<'c>),
+    /// A kept statement and the `$N` of each of its parameters.
+    Kept(&'a mut Statement<'c>, &'a [Option<usize>]),
     Cached(CachedStatement<'c>),
 }
 
@@ -47,17 +50,33 @@ impl<'c> Prepared<'c> {
     }
 
     pub(crate) fn statement(&mut self, sql: &str) -> rusqlite::Result<PreparedStatement<'_, 'c>> {
-        if let Some(&at) = self.index.get(sql) {
-            return Ok(PreparedStatement::Kept(&mut self.statements[at]));
+        let at = match self.index.get(sql) {
+            Some(&at) => at,
+            None if self.statements.len() >= MOST_KEPT => {
+                return self.conn.prepare_cached(sql).map(PreparedStatement::Cached);
+            }
+            None => {
+                let statement = self.conn.prepare(sql)?;
+                let numbers = (1..=statement.parameter_count())
+                    .map(|index| crate::parameter_number(&statement, index))
+                    .collect();
+                self.index.insert(sql.into(), self.statements.len());
+                self.statements.push((statement, numbers));
+                self.statements.len() - 1
+            }
+        };
+        let (statement, numbers) = &mut self.statements[at];
+        Ok(PreparedStatement::Kept(statement, numbers))
+    }
+}
+
+impl PreparedStatement<'_, '_> {
+    /// Binds `params` to the statement's `$N` parameters.
+    pub(crate) fn bind(&mut self, params: &[crate::Value]) -> Result<(), crate::StoreError> {
+        match self {
+            PreparedStatement::Kept(statement, numbers) => crate::bind(statement, Some(numbers), params),
+            PreparedStatement::Cached(statement) => crate::bind(statement, None, params),
         }
-        if self.statements.len() >= MOST_KEPT {
-            return self.conn.prepare_cached(sql).map(PreparedStatement::Cached);
-        }
-        let statement = self.conn.prepare(sql)?;
-        self.index.insert(sql.into(), self.statements.len());
-        self.statements.push(statement);
-        let at = self.statements.len() - 1;
-        Ok(PreparedStatement::Kept(&mut self.statements[at]))
     }
 }
 
@@ -74,7 +93,7 @@ impl<'c> Deref for PreparedStatement<'_, 'c> {
 
     fn deref(&self) -> &Statement<'c> {
         match self {
-            PreparedStatement::Kept(statement) => statement,
+            PreparedStatement::Kept(statement, _) => statement,
             PreparedStatement::Cached(statement) => statement,
         }
     }
@@ -83,7 +102,7 @@ impl<'c> Deref for PreparedStatement<'_, 'c> {
 impl DerefMut for PreparedStatement<'_, '_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         match self {
-            PreparedStatement::Kept(statement) => statement,
+            PreparedStatement::Kept(statement, _) => statement,
             PreparedStatement::Cached(statement) => statement,
         }
     }
