@@ -259,7 +259,9 @@ impl Store {
     /// Like [`Store::read`], but returns only once everything the read saw
     /// is durable, for a caller that passes it on (the outbox relay). A
     /// SQLite read can see commits whose fsync is still running; this waits
-    /// for it. A PostgreSQL commit is durable when it is seen.
+    /// for it, and fails for good once an fsync has failed. A PostgreSQL
+    /// commit is durable when it is seen (with its default
+    /// `synchronous_commit = on`).
     pub async fn read_durable<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,

@@ -205,10 +205,17 @@ impl SqliteStore {
              PRAGMA foreign_keys = ON;",
         )?;
         migrate(&writer, migrations)?;
-        let syncer = Syncer {
+        let mut syncer = Syncer {
             wal_path: durability_wal(path, durability),
             wal: None,
         };
+        // The WAL holds whatever the last run committed, synced or not (it
+        // may have died between a commit and its fsync): sync it before any
+        // read can pass it on.
+        syncer.sync().map_err(|reason| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        })?;
         let readers = Arc::new(Readers {
             path: path.to_owned(),
             idle: Mutex::new(vec![open_reader(path)?]),
@@ -366,7 +373,12 @@ impl Syncer {
             return Ok(());
         };
         if self.wal.is_none() {
-            let file = File::open(path).map_err(|e| format!("cannot open the WAL for sync: {e}"))?;
+            let file = match File::open(path) {
+                Ok(file) => file,
+                // No WAL yet: every commit is in the database file, synced.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(format!("cannot open the WAL for sync: {e}")),
+            };
             self.wal = Some(file);
         }
         let Some(wal) = &self.wal else {
@@ -402,7 +414,10 @@ fn sync(wal: &Mutex<Syncer>, marker: &Marker, through: u64) -> Result<(), String
     let outcome = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sync();
     match &outcome {
         Ok(()) => marker.synced_through(through),
-        Err(e) => tracing::error!(error = %e, "store sync failed"),
+        Err(e) => {
+            tracing::error!(error = %e, "store sync failed");
+            marker.sync_failed();
+        }
     }
     outcome
 }
@@ -442,8 +457,9 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let number = marker.begin_batch();
-        let outcome = commit_and_answer(&mut prepared, &mut batch, &mut completions, &mut synced);
+        let outcome = commit_and_answer(&mut prepared, marker, &mut batch, &mut completions, &mut synced);
+        // This batch's number, or the last one's if it failed before `COMMIT`.
+        let number = marker.last_begun();
         let Some(syncer) = &syncer else {
             // Nothing to sync: a commit is as durable as the store promises.
             marker.synced_through(number);
@@ -474,11 +490,12 @@ fn run_writer(
 /// synced are left in `synced`.
 fn commit_and_answer(
     conn: &mut Prepared<'_>,
+    marker: &Marker,
     batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
 ) -> Result<(), String> {
-    let outcome = commit_batch(conn, batch, committed, synced);
+    let outcome = commit_batch(conn, marker, batch, committed, synced);
     if let Err(e) = &outcome {
         tracing::error!(error = %e, writes = synced.len(), "store commit failed");
         // The batch may have failed before its transaction began.
@@ -516,6 +533,7 @@ fn run_syncer(wal: &Mutex<Syncer>, marker: &Marker, batches: Receiver<(u64, Vec<
 /// runs in its own savepoint, so that no job runs more than twice.
 fn commit_batch(
     conn: &mut Prepared<'_>,
+    marker: &Marker,
     batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
@@ -532,6 +550,7 @@ fn commit_batch(
         synced.push(finish.synced);
     }
     outcome?;
+    marker.begin_batch();
     control(conn, "COMMIT")
 }
 
@@ -728,6 +747,7 @@ mod tests {
             .collect();
         commit_batch(
             &mut Prepared::new(conn),
+            &synced::marks().0,
             &mut batch,
             &mut Vec::new(),
             &mut Vec::new(),
@@ -810,7 +830,13 @@ mod tests {
     /// Commits the batch as the writer does and answers it as synced.
     fn commit_and_sync(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) -> Result<(), String> {
         let (mut batch, mut synced) = (batch, Vec::new());
-        let outcome = commit_and_answer(&mut Prepared::new(conn), &mut batch, &mut Vec::new(), &mut synced);
+        let outcome = commit_and_answer(
+            &mut Prepared::new(conn),
+            &synced::marks().0,
+            &mut batch,
+            &mut Vec::new(),
+            &mut synced,
+        );
         answer(&mut synced, &outcome);
         outcome
     }

@@ -8,6 +8,13 @@
 //! be lost. So the writer numbers its batches and says how far they are
 //! synced; a read that must see only durable rows notes the last batch
 //! that had begun to commit and waits until the syncs reach it.
+//!
+//! The number is taken just before `COMMIT`, and read after the read's own
+//! transaction began: a read that sees a batch's rows began after that
+//! `COMMIT` ended (SQLite orders the two with its own locks and memory
+//! barriers), so it finds the batch's number taken. A failed fsync is
+//! final: Linux may drop the pages it could not write, so no later sync
+//! proves them durable, and every durable read from then on fails.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +26,7 @@ use crate::StoreError;
 /// A new store's pair: the writer's [`Marker`] and the readers' [`Watermark`].
 pub(crate) fn marks() -> (Marker, Watermark) {
     let begun = Arc::new(AtomicU64::new(0));
-    let (synced, watched) = watch::channel(0);
+    let (synced, watched) = watch::channel(Synced::Through(0));
     (
         Marker {
             begun: begun.clone(),
@@ -36,25 +43,44 @@ pub(crate) fn marks() -> (Marker, Watermark) {
 #[derive(Clone)]
 pub(crate) struct Marker {
     begun: Arc<AtomicU64>,
-    synced: Arc<watch::Sender<u64>>,
+    synced: Arc<watch::Sender<Synced>>,
+}
+
+/// How far the batches are synced.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Synced {
+    /// Every batch up to this number.
+    Through(u64),
+    /// An fsync failed: nothing from then on is known to be durable.
+    Failed,
 }
 
 impl Marker {
-    /// Numbers the next batch. Called before the batch commits, so that a
-    /// read that sees its rows finds its number already taken.
-    pub(crate) fn begin_batch(&self) -> u64 {
-        self.begun.fetch_add(1, Ordering::SeqCst) + 1
+    /// Numbers the next batch. Called just before the batch's `COMMIT`, so
+    /// that a read that sees its rows finds its number already taken.
+    pub(crate) fn begin_batch(&self) {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The number of the last batch that began to commit.
+    pub(crate) fn last_begun(&self) -> u64 {
+        self.begun.load(Ordering::SeqCst)
     }
 
     /// Says that every batch up to `batch` is synced.
     pub(crate) fn synced_through(&self, batch: u64) {
-        self.synced.send_if_modified(|through| {
-            let moved = batch > *through;
-            if moved {
-                *through = batch;
+        self.synced.send_if_modified(|synced| match *synced {
+            Synced::Through(through) if batch > through => {
+                *synced = Synced::Through(batch);
+                true
             }
-            moved
+            _ => false,
         });
+    }
+
+    /// Says that an fsync failed, for good.
+    pub(crate) fn sync_failed(&self) {
+        self.synced.send_replace(Synced::Failed);
     }
 }
 
@@ -62,7 +88,7 @@ impl Marker {
 #[derive(Clone)]
 pub(crate) struct Watermark {
     begun: Arc<AtomicU64>,
-    synced: watch::Receiver<u64>,
+    synced: watch::Receiver<Synced>,
 }
 
 impl Watermark {
@@ -71,11 +97,20 @@ impl Watermark {
     pub(crate) async fn covers_reads_so_far(&self) -> Result<(), StoreError> {
         let seen = self.begun.load(Ordering::SeqCst);
         let mut synced = self.synced.clone();
-        synced
-            .wait_for(|through| *through >= seen)
+        let reached = synced
+            .wait_for(|synced| match *synced {
+                Synced::Through(through) => through >= seen,
+                Synced::Failed => true,
+            })
             .await
-            .map(|_| ())
-            .map_err(|_| StoreError::Closed)
+            .map_err(|_| StoreError::Closed)?;
+        match *reached {
+            Synced::Through(_) => Ok(()),
+            Synced::Failed => Err(StoreError::Commit(
+                "an fsync of the store failed, so what it holds may not be durable; restart the service"
+                    .to_owned(),
+            )),
+        }
     }
 }
 
@@ -98,8 +133,10 @@ mod tests {
             "nothing committed yet"
         );
 
-        let first = marker.begin_batch();
-        let second = marker.begin_batch();
+        marker.begin_batch();
+        let first = marker.last_begun();
+        marker.begin_batch();
+        let second = marker.last_begun();
         let mut waiting = pin!(watermark.covers_reads_so_far());
         assert!(!poll_once(waiting.as_mut()), "two batches committed, none synced");
         marker.synced_through(first);
@@ -110,6 +147,21 @@ mod tests {
         // Marks only move forward: a late report of an older sync changes nothing.
         marker.synced_through(first);
         assert!(watermark.covers_reads_so_far().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_sync_no_read_is_durable_even_when_a_later_sync_works() {
+        let (marker, watermark) = marks();
+        marker.begin_batch();
+        let waiting = watermark.covers_reads_so_far();
+        marker.sync_failed();
+        assert!(matches!(waiting.await, Err(StoreError::Commit(_))));
+        marker.begin_batch();
+        marker.synced_through(marker.last_begun());
+        assert!(matches!(
+            watermark.covers_reads_so_far().await,
+            Err(StoreError::Commit(_))
+        ));
     }
 
     #[tokio::test]
