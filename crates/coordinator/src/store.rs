@@ -534,6 +534,8 @@ pub(crate) fn status_counts(tx: &mut dyn Tx) -> Result<Vec<(i32, i32, u64)>, Coo
 #[cfg(test)]
 mod tests {
     use sagamesh_proto::v1::{EventType, ItemGranted, PurchaseInitiated, UserValidated};
+    use std::sync::Arc;
+
     use sagamesh_store::{Durability, Store};
 
     use super::*;
@@ -563,6 +565,15 @@ mod tests {
             .expect("the saga is stored")
     }
 
+    /// Applies `event` starting from the kept view `kept`.
+    async fn apply_from_kept(store: &Store, kept: &Arc<LiveView>, event: &Envelope) -> Option<Applied> {
+        let (kept, event) = (kept.clone(), event.clone());
+        store
+            .write(move |tx| apply(tx, &event, Some(&kept)))
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_kept_view_that_fell_behind_changes_nothing_and_the_stored_view_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -582,15 +593,12 @@ mod tests {
         let Recorded::New(Some(first)) = recorded else {
             panic!("a new saga on SQLite is kept with its row");
         };
-        let first = std::sync::Arc::new(first);
+        let first = Arc::new(first);
 
         // From the kept view: the row held exactly these bytes.
         let validated = event(Payload::UserValidated(UserValidated::default()));
-        let (kept, event_a) = (first.clone(), validated.clone());
-        let applied = store
-            .write(move |tx| apply(tx, &event_a, Some(&kept)))
+        let applied = apply_from_kept(&store, &first, &validated)
             .await
-            .unwrap()
             .expect("a new event changes the view");
         assert_eq!(applied.seq, Some(first.seq));
         assert_eq!(applied.transaction.status(), TransactionStatus::InProgress);
@@ -599,11 +607,8 @@ mod tests {
         // The same kept view again: it is behind the row now, so the next
         // event is applied to the stored view and keeps the one before.
         let granted = event(Payload::ItemGranted(ItemGranted::default()));
-        let (kept, event_b) = (first.clone(), granted.clone());
-        let applied = store
-            .write(move |tx| apply(tx, &event_b, Some(&kept)))
+        let applied = apply_from_kept(&store, &first, &granted)
             .await
-            .unwrap()
             .expect("a new event changes the view");
         let expected = vec![
             EventType::PurchaseInitiated as i32,
@@ -614,11 +619,7 @@ mod tests {
         assert_eq!(history(&stored(&store).await), expected);
 
         // A redelivery judged against the stale view is still a redelivery.
-        let kept = first.clone();
-        let again = store
-            .write(move |tx| apply(tx, &validated, Some(&kept)))
-            .await
-            .unwrap();
+        let again = apply_from_kept(&store, &first, &validated).await;
         assert!(again.is_none());
         assert_eq!(history(&stored(&store).await), expected);
 
