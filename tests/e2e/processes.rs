@@ -311,6 +311,38 @@ async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("sideways"));
 }
 
+/// One data directory serves one mesh: a second mesh started on it while
+/// the first runs exits at once and says why, and the first goes on.
+#[tokio::test]
+async fn a_second_mesh_on_a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["up", "--data-dir", dir.path().to_str().unwrap(), "--no-demo-data"];
+    let mesh = Process::start("mesh", &args, &[]);
+    let clients = Clients::new(mesh.address);
+    wait_serving(&clients).await;
+
+    let mut second = std::process::Command::new(crate::support::binary())
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sagamesh");
+    let exited = eventually("the second mesh to exit", || {
+        let status = second.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("piped stderr"), &mut stderr).unwrap();
+    assert!(!exited.success(), "{stderr}");
+    assert!(stderr.contains("another process has it open"), "{stderr}");
+
+    clients.create_user("alice", 100).await;
+    assert_eq!(clients.balance("alice").await, 100);
+}
+
 async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock(mode: SagaMode) {
     killed_and_restarted(mode, mode).await;
 }
