@@ -10,11 +10,12 @@
 //! many concurrent sagas share one fsync.
 //!
 //! Reads run on their own connections, so they never wait behind a commit
-//! (WAL readers see the last committed state). The process holds the file
-//! exclusively (the `unix-excl` VFS, see [`open_connection`]), so its
-//! connections lock each other in memory, without a system call. They run right on the
+//! (WAL readers see the last committed state). They run right on the
 //! caller's thread: a read takes microseconds, far less than handing it to
-//! another thread and waking the caller again would cost.
+//! another thread and waking the caller again would cost. The process
+//! holds the file exclusively (the `unix-excl` VFS, see
+//! [`open_connection`]), so its connections lock each other in memory,
+//! without a system call.
 //!
 //! A commit and its fsync are two steps here: SQLite commits with
 //! `synchronous = NORMAL` (no fsync) and the WAL file is then synced by
@@ -215,7 +216,8 @@ impl SqliteStore {
             .map_err(|e| match e.sqlite_error_code() {
                 Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Open {
                     path: path.display().to_string(),
-                    reason: "another process has it open (one data directory serves one mesh at a time)"
+                    reason: "another process has it open (a store serves one process at a time: is another \
+                             sagamesh running on this data directory?)"
                         .into(),
                 },
                 _ => e.into(),
