@@ -120,7 +120,7 @@ pub async fn distributed(name: &str, body: impl std::future::Future<Output = ()>
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let namespace = format!("e2e-{}-{run}", std::process::id());
     let schema_prefix = format!("e2e_{}_{run}", std::process::id());
-    let streams = match sagamesh_jetstream::JetStream::connect(&nats, &namespace).await {
+    let streams = match set_up_streams(&nats, &namespace).await {
         Ok(streams) => streams,
         Err(e) if std::env::var_os("CI").is_none() => {
             eprintln!("skipping {name}: no NATS server ({e})");
@@ -147,6 +147,25 @@ pub async fn distributed(name: &str, body: impl std::future::Future<Output = ()>
     }
     if let Err(e) = drop_schemas(&postgres, &schema_prefix).await {
         eprintln!("{name}: could not drop its schemas: {e}");
+    }
+}
+
+/// Creates the test's streams. The NATS server (2.9) removes an account's
+/// stream directory when its last stream is deleted, and a stream created
+/// at that moment fails ("could not create storage directory"); tests
+/// delete their streams all the time, so a failure is tried again a few
+/// times before it counts.
+async fn set_up_streams(nats: &str, namespace: &str) -> Result<sagamesh_jetstream::JetStream, String> {
+    let mut failures = 0u64;
+    loop {
+        match sagamesh_jetstream::JetStream::connect(nats, namespace).await {
+            Ok(streams) => return Ok(streams),
+            Err(e) if failures == 4 => return Err(e.to_string()),
+            Err(_) => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(50 * failures)).await;
+            }
+        }
     }
 }
 
