@@ -311,36 +311,53 @@ async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("sideways"));
 }
 
-/// One data directory serves one mesh: a second mesh started on it while
-/// the first runs exits at once and says why, and the first goes on.
+/// One data directory serves one process: a second mesh started on it
+/// while the first runs exits once its stores' busy timeout has passed,
+/// and says why, and the first goes on.
 #[tokio::test]
 async fn a_second_mesh_on_a_data_directory_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let args = ["up", "--data-dir", dir.path().to_str().unwrap(), "--no-demo-data"];
+    let data = dir.path().join("data");
+    let args = ["up", "--data-dir", data.to_str().unwrap(), "--no-demo-data"];
     let mesh = Process::start("mesh", &args, &[]);
     let clients = Clients::new(mesh.address);
     wait_serving(&clients).await;
 
-    let mut second = std::process::Command::new(crate::support::binary())
+    let log = dir.path().join("second.log");
+    let child = std::process::Command::new(crate::support::binary())
         .args(args)
         .args(["--listen", "127.0.0.1:0"])
         .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .env_remove("SAGAMESH_BUS")
+        .env_remove("SAGAMESH_DATABASE")
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("run sagamesh");
+    let mut second = KilledOnDrop(child);
     let exited = eventually("the second mesh to exit", || {
-        let status = second.try_wait().expect("try_wait");
+        let status = second.0.try_wait().expect("try_wait");
         async move { status }
     })
     .await;
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().expect("piped stderr"), &mut stderr).unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!exited.success(), "{stderr}");
     assert!(stderr.contains("another process has it open"), "{stderr}");
 
     clients.create_user("alice", 100).await;
     assert_eq!(clients.balance("alice").await, 100);
+}
+
+/// A child process that is killed if the test ends before it exits.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn a_killed_mesh_finishes_every_saga_after_restart_and_conserves_money_and_stock(mode: SagaMode) {

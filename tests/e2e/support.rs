@@ -153,13 +153,14 @@ pub async fn distributed(name: &str, body: impl std::future::Future<Output = ()>
 /// Creates the test's streams. The NATS server (2.9) removes an account's
 /// stream directory when its last stream is deleted, and a stream created
 /// at that moment fails ("could not create storage directory"); tests
-/// delete their streams all the time, so a failure is tried again a few
-/// times before it counts.
+/// delete their streams all the time, so a refused setup is tried again a
+/// few times before it counts (an unreachable server is not).
 async fn set_up_streams(nats: &str, namespace: &str) -> Result<sagamesh_jetstream::JetStream, String> {
     let mut failures = 0u64;
     loop {
         match sagamesh_jetstream::JetStream::connect(nats, namespace).await {
             Ok(streams) => return Ok(streams),
+            Err(e @ sagamesh_jetstream::BusError::Unreachable { .. }) => return Err(e.to_string()),
             Err(e) if failures == 4 => return Err(e.to_string()),
             Err(_) => {
                 failures += 1;

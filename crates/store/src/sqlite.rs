@@ -31,6 +31,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
@@ -125,8 +126,9 @@ const MAX_BATCH: usize = 512;
 const WRITE_QUEUE: usize = 4096;
 /// Committed batches waiting for the syncer. When full, the writer waits.
 const SYNC_QUEUE: usize = 64;
-/// Idle read connections kept open; more are opened while reads overlap.
-const IDLE_READERS: usize = 4;
+/// How long a connection waits for a lock that another connection of this
+/// process holds (a checkpoint, a store being closed) before failing busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A handle to one SQLite file; cheap to clone.
 #[derive(Clone)]
@@ -136,7 +138,12 @@ pub(crate) struct SqliteStore {
     watermark: Watermark,
 }
 
-/// Read connections, taken by a read and given back after it.
+/// Read connections, taken by a read and given back after it. Every one is
+/// kept until the store closes: SQLite does not close the file of a
+/// connection closed while others of the process hold the file (that would
+/// drop the process's lock), so a pool that closed spare readers would leak
+/// a descriptor each time. The pool grows to the most reads that ever ran
+/// at once, which the threads that run reads bound.
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
@@ -156,10 +163,10 @@ impl Readers {
     }
 
     fn give_back(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if idle.len() < IDLE_READERS {
-            idle.push(conn);
-        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(conn);
     }
 }
 
@@ -174,6 +181,9 @@ const STATEMENT_CACHE: usize = 128;
 /// at concurrency 1), the WAL index lives in the heap rather than in a
 /// mapped `-shm` file, and a second process opening the same file (a
 /// second mesh on one data directory) is refused instead of sharing it.
+/// Every connection, readers included, is opened read-write: on this VFS a
+/// read-only connection's locks go to `fcntl` and would replace the
+/// process's exclusive lock.
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn =
         Connection::open_with_flags_and_vfs(path, OpenFlags::default(), c"unix-excl").map_err(|source| {
@@ -182,6 +192,7 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
                 reason: source.to_string(),
             }
         })?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // A prepared statement keeps its plan whatever values are bound. By
     // default SQLite plans again when a bound value changes if the plan
@@ -195,7 +206,7 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let reader = open_connection(path)?;
-    reader.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")?;
+    reader.execute_batch("PRAGMA query_only = ON")?;
     Ok(reader)
 }
 
@@ -209,8 +220,9 @@ impl SqliteStore {
     ) -> Result<SqliteStore, StoreError> {
         let writer = open_connection(path)?;
         // The first statement that reads the file takes it for this process.
-        // It still waits out the busy timeout, since a store of this process
-        // that was just dropped may be closing the file.
+        // Busy here means another process holds it once the busy timeout has
+        // passed; the wait is for a store of this process that was just
+        // dropped and may still be closing the file.
         writer
             .execute_batch("PRAGMA journal_mode = WAL")
             .map_err(|e| match e.sqlite_error_code() {
@@ -226,7 +238,6 @@ impl SqliteStore {
         // the WAL itself when the durability asks for it (see `Syncer`).
         writer.execute_batch(
             "PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
              PRAGMA foreign_keys = ON;",
         )?;
         migrate(&writer, migrations)?;
