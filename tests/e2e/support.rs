@@ -153,22 +153,24 @@ pub async fn distributed(name: &str, body: impl std::future::Future<Output = ()>
 /// Creates the test's streams. The NATS server (2.9) removes an account's
 /// stream directory when its last stream is deleted, and a stream created
 /// at that moment fails ("could not create storage directory"); tests
-/// delete their streams all the time, so a refused setup is tried again a
-/// few times before it counts (an unreachable server is not).
+/// delete their streams all the time, so a refused setup is polled for a
+/// while before it counts (an unreachable server is not).
 async fn set_up_streams(nats: &str, namespace: &str) -> Result<sagamesh_jetstream::JetStream, String> {
-    let mut failures = 0u64;
+    let started = Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
     loop {
+        poll.tick().await;
         match sagamesh_jetstream::JetStream::connect(nats, namespace).await {
             Ok(streams) => return Ok(streams),
             Err(e @ sagamesh_jetstream::BusError::Unreachable { .. }) => return Err(e.to_string()),
-            Err(e) if failures == 4 => return Err(e.to_string()),
-            Err(_) => {
-                failures += 1;
-                tokio::time::sleep(Duration::from_millis(50 * failures)).await;
-            }
+            Err(e) if started.elapsed() >= STREAM_SETUP_DEADLINE => return Err(e.to_string()),
+            Err(_) => {}
         }
     }
 }
+
+/// How long a test's stream setup may be refused before it counts.
+const STREAM_SETUP_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Drops every schema `<prefix>_*` (a test run's services).
 async fn drop_schemas(url: &str, prefix: &str) -> Result<(), String> {

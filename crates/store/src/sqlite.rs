@@ -185,13 +185,8 @@ const STATEMENT_CACHE: usize = 128;
 /// read-only connection's locks go to `fcntl` and would replace the
 /// process's exclusive lock.
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn =
-        Connection::open_with_flags_and_vfs(path, OpenFlags::default(), c"unix-excl").map_err(|source| {
-            StoreError::Open {
-                path: path.display().to_string(),
-                reason: source.to_string(),
-            }
-        })?;
+    let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), c"unix-excl")
+        .map_err(|source| open_failed(path, source.to_string()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // A prepared statement keeps its plan whatever values are bound. By
@@ -202,6 +197,14 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     // Savepoint journals stay in memory.
     conn.execute_batch("PRAGMA temp_store = MEMORY")?;
     Ok(conn)
+}
+
+/// Why the store at `path` could not be opened.
+fn open_failed(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Open {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
@@ -226,12 +229,11 @@ impl SqliteStore {
         writer
             .execute_batch("PRAGMA journal_mode = WAL")
             .map_err(|e| match e.sqlite_error_code() {
-                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Open {
-                    path: path.display().to_string(),
-                    reason: "another process has it open (a store serves one process at a time: is another \
-                             sagamesh running on this data directory?)"
-                        .into(),
-                },
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => open_failed(
+                    path,
+                    "another process has it open (a store serves one process at a time: is another sagamesh \
+                     running on this data directory?)",
+                ),
                 _ => e.into(),
             })?;
         // NORMAL: a commit writes the WAL without fsync; the writer syncs
@@ -248,10 +250,7 @@ impl SqliteStore {
         // The WAL holds whatever the last run committed, synced or not (it
         // may have died between a commit and its fsync): sync it before any
         // read can pass it on.
-        syncer.sync().map_err(|reason| StoreError::Open {
-            path: path.display().to_string(),
-            reason,
-        })?;
+        syncer.sync().map_err(|reason| open_failed(path, reason))?;
         let readers = Arc::new(Readers {
             path: path.to_owned(),
             idle: Mutex::new(vec![open_reader(path)?]),
