@@ -876,7 +876,11 @@ impl Core {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let instance = self.in_flight[&id].instance;
+            // Retrying one may detach an instance whose stream is full or
+            // gone, and that retries its other deliveries itself.
+            let Some(instance) = self.in_flight.get(&id).map(|flight| flight.instance) else {
+                continue;
+            };
             if let Some(flight) = self.take_in_flight(instance, id) {
                 tracing::warn!(
                     tx_id = %flight.transaction,
@@ -945,5 +949,103 @@ impl Core {
             }
             let _ = commands.send(Command::CursorsSaved).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sagamesh_log_sqlite::SqliteLog;
+    use sagamesh_proto::v1::{PurchaseDetails, PurchaseInitiated};
+    use sagamesh_saga::Subscription;
+    use sagamesh_store::Durability;
+
+    use super::*;
+
+    async fn core(dir: &tempfile::TempDir, ack_deadline: Duration) -> Core {
+        let log = SqliteLog::open(&dir.path().join("router.db"), Durability::Process).unwrap();
+        let mut config = RouterConfig::new(
+            SagaMode::Choreography,
+            vec![Subscription {
+                group: "wallets",
+                handler: "WalletHandler",
+                event_types: vec![EventType::PurchaseInitiated],
+            }],
+        );
+        config.ack_deadline = ack_deadline;
+        let (commands, _) = mpsc::channel(16);
+        let (appender, _) = mpsc::channel(16);
+        let (members, _) = watch::channel(Vec::new());
+        Core::recover(
+            &Backend::Embedded(Arc::new(log)),
+            Arc::new(config),
+            commands,
+            appender,
+            members,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn hello(max_in_flight: u32) -> Hello {
+        Hello {
+            service: "wallets".into(),
+            group: "wallets".into(),
+            event_types: vec![EventType::PurchaseInitiated as i32],
+            max_in_flight,
+            instance_id: "test".into(),
+            mode: SagaMode::Choreography as i32,
+            credentials: vec![],
+        }
+    }
+
+    fn initiated(offset: Offset, transaction_id: &str) -> StoredEvent {
+        let payload = Payload::PurchaseInitiated(PurchaseInitiated {
+            purchase: Some(PurchaseDetails::default()),
+        });
+        StoredEvent {
+            offset,
+            envelope: Arc::new(Envelope::new(transaction_id, "", "test", payload)),
+        }
+    }
+
+    /// Every delivery in the messages received so far, by transaction.
+    fn delivered(inbound: &mut mpsc::Receiver<Result<AttachResponse, Status>>) -> Vec<String> {
+        let mut transactions = Vec::new();
+        while let Ok(Ok(message)) = inbound.try_recv() {
+            if let Some(attach_response::Kind::Deliveries(batch)) = message.kind {
+                transactions.extend(
+                    batch
+                        .deliveries
+                        .into_iter()
+                        .filter_map(|d| d.envelope.map(|e| e.transaction_id)),
+                );
+            }
+        }
+        transactions.sort();
+        transactions
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_expiring_together_on_a_stream_that_is_full_go_to_the_next_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = core(&dir, Duration::from_secs(1)).await;
+        // Room for the welcome and one batch: the stream is full once both
+        // events went out in one message and nobody reads it.
+        let (stalled, _stalled_inbound) = mpsc::channel(2);
+        core.attach(1, hello(2), stalled).unwrap();
+        core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-b")], false);
+        assert_eq!(core.in_flight.len(), 2, "both went out in one batch");
+
+        // Both pass their deadline in the same tick. Sending the first again
+        // finds the stream full and detaches it, which takes the second out
+        // of flight as well.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        core.on_tick();
+        assert!(core.in_flight.is_empty());
+        assert!(!core.instances.contains_key(&1), "the full stream was let go");
+
+        let (healthy, mut inbound) = mpsc::channel(16);
+        core.attach(2, hello(2), healthy).unwrap();
+        assert_eq!(delivered(&mut inbound), vec!["tx-a", "tx-b"]);
     }
 }
