@@ -210,6 +210,32 @@ pub(crate) struct Core {
     truncated_below: Offset,
 }
 
+/// Appends the router's own `DeadLettered` notice and waits until it is
+/// durable, trying again while the append fails: the dead-lettered event
+/// leaves its queue (and the cursor may pass it) only after that, so a
+/// saga waiting on the notice never misses it. The notice keeps its id
+/// across tries, so the log stores it once. False once the router stops.
+async fn publish_notice(appender: &mpsc::Sender<Append>, notice: Arc<Envelope>) -> bool {
+    loop {
+        let (reply, answer) = oneshot::channel();
+        let append = Append {
+            events: vec![notice.clone()],
+            reply,
+        };
+        if appender.send(append).await.is_err() {
+            return false;
+        }
+        match answer.await {
+            Ok(Ok(_)) => return true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, tx_id = %notice.transaction_id, "could not append a dead-letter notice; retrying");
+                tokio::time::sleep(DEAD_LETTER_RETRY).await;
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
 impl Core {
     /// Builds the state from the log: every event at or after a group's
     /// cursor is queued for that group again.
@@ -596,13 +622,11 @@ impl Core {
                                     last_error: error.clone(),
                                 }),
                             );
-                            let (reply, _) = oneshot::channel();
-                            let _ = appender
-                                .send(Append {
-                                    events: vec![Arc::new(notice)],
-                                    reply,
-                                })
-                                .await;
+                            if !publish_notice(&appender, Arc::new(notice)).await {
+                                // The router is stopping: the event stays
+                                // unacked and comes back after a restart.
+                                return;
+                            }
                             break;
                         }
                         Err(e) => {
@@ -961,7 +985,15 @@ mod tests {
 
     use super::*;
 
-    async fn core(dir: &tempfile::TempDir, ack_deadline: Duration) -> Core {
+    /// A core on a fresh log, with what it sends to itself and to the
+    /// appender (nothing runs them here: the test plays their part).
+    struct Harness {
+        core: Core,
+        commands: mpsc::Receiver<Command>,
+        appends: mpsc::Receiver<Append>,
+    }
+
+    async fn harness(dir: &tempfile::TempDir, configure: impl FnOnce(&mut RouterConfig)) -> Harness {
         let log = SqliteLog::open(&dir.path().join("router.db"), Durability::Process).unwrap();
         let mut config = RouterConfig::new(
             SagaMode::Choreography,
@@ -971,11 +1003,11 @@ mod tests {
                 event_types: vec![EventType::PurchaseInitiated],
             }],
         );
-        config.ack_deadline = ack_deadline;
-        let (commands, _) = mpsc::channel(16);
-        let (appender, _) = mpsc::channel(16);
+        configure(&mut config);
+        let (commands, commands_rx) = mpsc::channel(16);
+        let (appender, appends) = mpsc::channel(16);
         let (members, _) = watch::channel(Vec::new());
-        Core::recover(
+        let core = Core::recover(
             &Backend::Embedded(Arc::new(log)),
             Arc::new(config),
             commands,
@@ -983,7 +1015,12 @@ mod tests {
             members,
         )
         .await
-        .unwrap()
+        .unwrap();
+        Harness {
+            core,
+            commands: commands_rx,
+            appends,
+        }
     }
 
     fn hello(max_in_flight: u32) -> Hello {
@@ -1028,7 +1065,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deliveries_expiring_together_on_a_stream_that_is_full_go_to_the_next_instance() {
         let dir = tempfile::tempdir().unwrap();
-        let mut core = core(&dir, Duration::from_secs(1)).await;
+        let mut harness = harness(&dir, |config| config.ack_deadline = Duration::from_secs(1)).await;
+        let core = &mut harness.core;
         // Room for the welcome and one batch: the stream is full once both
         // events went out in one message and nobody reads it.
         let (stalled, _stalled_inbound) = mpsc::channel(2);
@@ -1047,5 +1085,42 @@ mod tests {
         let (healthy, mut inbound) = mpsc::channel(16);
         core.attach(2, hello(2), healthy).unwrap();
         assert_eq!(delivered(&mut inbound), vec!["tx-a", "tx-b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_lettered_event_leaves_its_queue_only_once_its_notice_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = harness(&dir, |config| config.max_attempts = 1).await;
+        let (outbound, mut inbound) = mpsc::channel(16);
+        harness.core.attach(1, hello(1), outbound).unwrap();
+        harness.core.enqueue(vec![initiated(1, "tx-a")], false);
+        let delivery_id = *harness.core.in_flight.keys().next().expect("delivered");
+        let _ = delivered(&mut inbound);
+
+        // Its one attempt fails: the event becomes a dead letter.
+        harness.core.handle(Command::Nack {
+            instance: 1,
+            delivery_id,
+            reason: "the wallet is on fire".into(),
+        });
+        let first = harness.appends.recv().await.expect("the notice is appended");
+        let notice = first.events[0].clone();
+        assert_eq!(notice.event_type(), EventType::DeadLettered);
+        first.reply.send(Err("disk full".into())).unwrap();
+
+        // The append failed: the notice is tried again, with the same id,
+        // and the event has not left its queue meanwhile.
+        let second = harness.appends.recv().await.expect("the notice is tried again");
+        assert_eq!(second.events[0].event_id, notice.event_id);
+        assert!(
+            harness.commands.try_recv().is_err(),
+            "nothing settled before the notice is durable"
+        );
+        second.reply.send(Ok((1, 0))).unwrap();
+
+        match harness.commands.recv().await {
+            Some(Command::DeadLettered { transaction, .. }) => assert_eq!(&*transaction, "tx-a"),
+            _ => panic!("expected the event to be settled as dead-lettered"),
+        }
     }
 }
