@@ -44,6 +44,13 @@ const RECOVERY_PAGE: usize = 10_000;
 /// How long to wait before trying again to store a dead letter.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
+/// The most bytes of deliveries in one message to an instance: what gRPC
+/// carries, less room for the message's own framing.
+const MAX_DELIVERY_BYTES: usize = sagamesh_proto::MAX_MESSAGE_SIZE - 1024;
+/// The largest event the router takes, so that a delivery of it always
+/// fits one message.
+pub(crate) const MAX_EVENT_BYTES: usize = MAX_DELIVERY_BYTES - 64;
+
 /// What a stream sends to its instance.
 pub(crate) type Outbound = mpsc::Sender<Result<AttachResponse, Status>>;
 
@@ -208,6 +215,32 @@ pub(crate) struct Core {
     saving_cursors: bool,
     last_truncate: Instant,
     truncated_below: Offset,
+}
+
+/// Deliveries for one instance that go out as one message.
+#[derive(Default)]
+struct DeliveryMessage {
+    deliveries: Vec<Delivery>,
+    /// Their encoded size within the message.
+    bytes: usize,
+}
+
+/// Adds a delivery to an instance's messages, starting a new message where
+/// the last one would pass [`MAX_DELIVERY_BYTES`].
+fn pack(messages: &mut Vec<DeliveryMessage>, delivery: Delivery) {
+    let len = prost::Message::encoded_len(&delivery);
+    // Its field tag and length prefix within `Deliveries`.
+    let bytes = 1 + prost::length_delimiter_len(len) + len;
+    match messages.last_mut() {
+        Some(open) if open.bytes + bytes <= MAX_DELIVERY_BYTES => {
+            open.deliveries.push(delivery);
+            open.bytes += bytes;
+        }
+        _ => messages.push(DeliveryMessage {
+            deliveries: vec![delivery],
+            bytes,
+        }),
+    }
 }
 
 /// Appends the router's own `DeadLettered` notice and waits until it is
@@ -816,7 +849,7 @@ impl Core {
         if group.instances.is_empty() || group.ready.is_empty() {
             return;
         }
-        let mut batches: HashMap<u64, Vec<Delivery>> = HashMap::new();
+        let mut batches: HashMap<u64, Vec<DeliveryMessage>> = HashMap::new();
         let deadline = Instant::now() + self.config.ack_deadline;
         'events: while let Some(transaction) = group.ready.pop_front() {
             // Find the next instance in turn with room.
@@ -842,11 +875,14 @@ impl Core {
             head.attempts += 1;
             let delivery_id = self.next_delivery_id;
             self.next_delivery_id += 1;
-            batches.entry(instance_id).or_default().push(Delivery {
-                delivery_id,
-                attempt: head.attempts,
-                envelope: Some((*head.envelope).clone()),
-            });
+            pack(
+                batches.entry(instance_id).or_default(),
+                Delivery {
+                    delivery_id,
+                    attempt: head.attempts,
+                    envelope: Some((*head.envelope).clone()),
+                },
+            );
             if let Some(instance) = self.instances.get_mut(&instance_id) {
                 instance.in_flight.insert(delivery_id);
             }
@@ -860,7 +896,7 @@ impl Core {
                 },
             );
         }
-        for (instance_id, deliveries) in batches {
+        for (instance_id, messages) in batches {
             if self.config.drop_stream_probability > 0.0
                 && rand::random::<f64>() < self.config.drop_stream_probability
             {
@@ -876,17 +912,20 @@ impl Core {
                 self.detach(instance_id);
                 continue;
             }
-            let message = AttachResponse {
-                kind: Some(attach_response::Kind::Deliveries(Deliveries { deliveries })),
-            };
-            let sent = self
-                .instances
-                .get(&instance_id)
-                .map(|i| i.outbound.try_send(Ok(message)).is_ok())
-                .unwrap_or(false);
-            if !sent {
-                // The stream is gone or hopelessly behind: take its work back.
-                self.detach(instance_id);
+            for DeliveryMessage { deliveries, .. } in messages {
+                let message = AttachResponse {
+                    kind: Some(attach_response::Kind::Deliveries(Deliveries { deliveries })),
+                };
+                let sent = self
+                    .instances
+                    .get(&instance_id)
+                    .map(|i| i.outbound.try_send(Ok(message)).is_ok())
+                    .unwrap_or(false);
+                if !sent {
+                    // The stream is gone or hopelessly behind: take its work back.
+                    self.detach(instance_id);
+                    break;
+                }
             }
         }
     }
@@ -1122,5 +1161,47 @@ mod tests {
             Some(Command::DeadLettered { transaction, .. }) => assert_eq!(&*transaction, "tx-a"),
             _ => panic!("expected the event to be settled as dead-lettered"),
         }
+    }
+
+    fn delivery_of(bytes: usize) -> Delivery {
+        let mut envelope = initiated(1, "tx-a").envelope.as_ref().clone();
+        envelope.producer = "x".repeat(bytes);
+        Delivery {
+            delivery_id: 1,
+            attempt: 1,
+            envelope: Some(envelope),
+        }
+    }
+
+    /// The encoded size of the message that carries these deliveries.
+    fn message_len(deliveries: Vec<Delivery>) -> usize {
+        let message = AttachResponse {
+            kind: Some(attach_response::Kind::Deliveries(Deliveries { deliveries })),
+        };
+        prost::Message::encoded_len(&message)
+    }
+
+    #[test]
+    fn deliveries_are_packed_into_messages_that_grpc_carries() {
+        let mut messages = Vec::new();
+        for _ in 0..3 {
+            pack(&mut messages, delivery_of(7 * 1024 * 1024));
+        }
+        for _ in 0..100 {
+            pack(&mut messages, delivery_of(100));
+        }
+        let sizes: Vec<usize> = messages
+            .iter()
+            .map(|m| message_len(m.deliveries.clone()))
+            .collect();
+        assert_eq!(sizes.len(), 2, "two large deliveries fill a message: {sizes:?}");
+        assert!(sizes.iter().all(|size| *size <= sagamesh_proto::MAX_MESSAGE_SIZE));
+        assert_eq!(messages.iter().map(|m| m.deliveries.len()).sum::<usize>(), 103);
+
+        // An event near the largest the router takes fits a message alone.
+        let largest = delivery_of(MAX_EVENT_BYTES - 200);
+        let event_len = prost::Message::encoded_len(largest.envelope.as_ref().unwrap());
+        assert!((MAX_EVENT_BYTES - 400..=MAX_EVENT_BYTES).contains(&event_len));
+        assert!(message_len(vec![largest]) <= sagamesh_proto::MAX_MESSAGE_SIZE);
     }
 }

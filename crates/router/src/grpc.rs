@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::Router;
 use crate::appender::Append;
-use crate::core::Command;
+use crate::core::{Command, MAX_EVENT_BYTES};
 
 /// Most events in one publish.
 const MAX_EVENTS_PER_PUBLISH: usize = 1_000;
@@ -178,8 +178,8 @@ impl RouterService {
 }
 
 fn check_events(events: &[Envelope]) -> Result<(), Status> {
-    // The gRPC limit, kept for publishes from this process too: an event
-    // stored here must fit a delivery to any instance.
+    // The gRPC limit, kept for publishes from this process too; each event
+    // must also fit a delivery to any instance on its own.
     let size: usize = events.iter().map(prost::Message::encoded_len).sum();
     if size > MAX_MESSAGE_SIZE {
         return Err(Status::invalid_argument(format!(
@@ -198,6 +198,12 @@ fn check_events(events: &[Envelope]) -> Result<(), Status> {
         )));
     }
     for (index, event) in events.iter().enumerate() {
+        let size = prost::Message::encoded_len(event);
+        if size > MAX_EVENT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "event {index} is {size} bytes; an event may be at most {MAX_EVENT_BYTES} bytes"
+            )));
+        }
         if uuid::Uuid::parse_str(&event.event_id).is_err() {
             return Err(Status::invalid_argument(format!(
                 "event {index}: event_id must be a UUID, not '{}'",
@@ -344,5 +350,34 @@ fn log_status(e: sagamesh_log::LogError) -> Status {
         // Retrying cannot fix a damaged record.
         sagamesh_log::LogError::Corrupt { .. } => Status::data_loss("the event log holds a damaged record"),
         sagamesh_log::LogError::Storage(_) => Status::unavailable("the event log is unavailable; try again"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sagamesh_proto::v1::envelope::Payload;
+    use sagamesh_proto::v1::{PurchaseDetails, PurchaseInitiated};
+
+    use super::*;
+
+    fn event_of(bytes: usize) -> Envelope {
+        let payload = Payload::PurchaseInitiated(PurchaseInitiated {
+            purchase: Some(PurchaseDetails::default()),
+        });
+        let mut event = Envelope::new("tx-1", "", "test", payload);
+        event.producer = "x".repeat(bytes);
+        event
+    }
+
+    #[test]
+    fn an_event_too_large_for_a_delivery_is_refused_with_its_size() {
+        let status = check_events(&[event_of(MAX_EVENT_BYTES)]).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("event 0 is ") && status.message().contains("at most"),
+            "{}",
+            status.message()
+        );
+        assert!(check_events(&[event_of(MAX_EVENT_BYTES - 200)]).is_ok());
     }
 }
