@@ -496,7 +496,15 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.kept {
-            self.inner.sagas_in_flight.fetch_sub(1, Ordering::Relaxed);
+            // Never below zero: where replicas share a store, the count is
+            // replaced now and then by one that leaves out reservations
+            // whose saga is not recorded yet, such as this one.
+            let _ = self
+                .inner
+                .sagas_in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
         }
     }
 }

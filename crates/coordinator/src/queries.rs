@@ -89,6 +89,9 @@ impl Coordinator {
             let shared = coordinator.inner.store.shared();
             loop {
                 let received = tokio::select! {
+                    // The client went away: stop watching now, not at the
+                    // saga's next change, which may never come.
+                    _ = tx.closed() => return,
                     received = watch.updates.recv() => received,
                     _ = tokio::time::sleep(RESYNC_EVERY), if shared => {
                         Err(broadcast::error::RecvError::Lagged(0))
@@ -193,4 +196,52 @@ fn figures(counts: &[(i32, u64)]) -> (u64, Vec<StatusCount>, f64) {
         completed as f64 / ended as f64
     };
     (total, by_status, success_rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use sagamesh_proto::v1::{SagaMode, Transaction, TransactionStatus};
+    use sagamesh_store::{Database, Durability};
+
+    use crate::{Catalog, Coordinator, store};
+
+    #[tokio::test]
+    async fn a_watch_ends_when_its_client_goes_away_while_the_saga_stands_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Embedded {
+            dir: dir.path().to_owned(),
+            durability: Durability::Process,
+        };
+        let catalog =
+            Catalog::remote(tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy());
+        let coordinator = Coordinator::open(&database, catalog, SagaMode::Choreography, 100)
+            .await
+            .unwrap();
+        let stuck = Transaction {
+            transaction_id: "tx-1".into(),
+            user_id: "user-1".into(),
+            status: TransactionStatus::Compensating as i32,
+            mode: SagaMode::Choreography as i32,
+            ..Default::default()
+        };
+        coordinator
+            .inner
+            .store
+            .write(move |tx| store::insert(tx, stuck.clone(), &[]).map(|_| ()))
+            .await
+            .unwrap();
+
+        let mut updates = coordinator.watch("tx-1".into()).await.unwrap();
+        assert!(updates.recv().await.is_some(), "the current state comes first");
+        assert!(coordinator.inner.watchers.watching("tx-1"));
+        drop(updates);
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while coordinator.inner.watchers.watching("tx-1") {
+            assert!(Instant::now() < deadline, "the watch outlived its client");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }

@@ -39,6 +39,13 @@ impl Watchers {
         }
     }
 
+    /// Whether anyone watches the transaction.
+    #[cfg(test)]
+    pub(crate) fn watching(&self, transaction_id: &str) -> bool {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels.contains_key(transaction_id)
+    }
+
     /// Sends an update to the transaction's watchers, if it has any.
     pub(crate) fn publish(&self, update: TransactionUpdate) {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
