@@ -51,8 +51,13 @@ pub enum StoreError {
     },
     #[error("commit failed: {0}")]
     Commit(String),
-    #[error("the store is closed or could not run the write")]
+    #[error("the store is closed")]
     Closed,
+    #[error(
+        "the write did not run to the end (it panicked, or another write broke the transaction it shared; \
+         see the log): nothing of it was kept"
+    )]
+    NotRun,
     #[error("a read failed unexpectedly (it panicked)")]
     ReadPanicked,
     #[error("could not open the store at {path}: {reason}")]

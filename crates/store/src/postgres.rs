@@ -198,9 +198,41 @@ where
     rx.await.map_err(|_| E::from(StoreError::Closed))?
 }
 
+/// The connection string without its password, for messages and logs:
+/// `postgres://user:secret@host/db` reads `postgres://user:***@host/db`, and
+/// `password=secret` in a key-value string or a query reads `password=***`.
+fn redacted(url: &str) -> String {
+    let url = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(authority_end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                    let password = if userinfo.contains(':') { ":***" } else { "" };
+                    format!("{scheme}://{user}{password}@{host}{tail}")
+                }
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    };
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url.as_str();
+    while let Some(at) = rest.find("password=") {
+        let (before, after) = rest.split_at(at + "password=".len());
+        out.push_str(before);
+        out.push_str("***");
+        let end = after.find([' ', '&']).unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
     let mut client = Client::connect(url, NoTls).map_err(|e| StoreError::Open {
-        path: url.to_owned(),
+        path: redacted(url),
         reason: e.to_string(),
     })?;
     // Replicas starting together would race on creating the schema: the
@@ -419,5 +451,30 @@ fn run_reader(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
             Ok(finish) => (finish.done)(Ok(())),
             Err(_) => tracing::error!("a store read panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_connection_string_loses_its_password_in_messages() {
+        assert_eq!(
+            redacted("postgres://app:s3cr@t@db.example:5432/test?sslmode=disable"),
+            "postgres://app:***@db.example:5432/test?sslmode=disable"
+        );
+        assert_eq!(
+            redacted("postgres://postgres@127.0.0.1:5432/test"),
+            "postgres://postgres@127.0.0.1:5432/test"
+        );
+        assert_eq!(
+            redacted("host=db user=app password=s3cret dbname=test"),
+            "host=db user=app password=*** dbname=test"
+        );
+        assert_eq!(
+            redacted("postgres://db/test?user=app&password=s3cret&sslmode=disable"),
+            "postgres://db/test?user=app&password=***&sslmode=disable"
+        );
     }
 }

@@ -96,8 +96,9 @@ where
 
     fn finish(self: Box<Self>) -> Finish {
         let Queued { result, answer, .. } = *self;
-        // A job that never ran to the end (it panicked) changed nothing.
-        let result = result.unwrap_or_else(|| Err(E::from(StoreError::Closed)));
+        // A job that never ran to the end (it panicked, or the batch broke
+        // before its turn) changed nothing.
+        let result = result.unwrap_or_else(|| Err(E::from(StoreError::NotRun)));
         match answer {
             Answer::Durable(tx) => Finish {
                 committed: None,
@@ -574,12 +575,12 @@ fn commit_batch(
     synced: &mut Vec<Completion>,
 ) -> Result<(), String> {
     let mut ran = Vec::with_capacity(batch.len());
-    // Once the transaction is broken, the rest of the batch is not run;
-    // dropping a job answers its caller with `StoreError::Closed`. A job
-    // that ran is answered with its own error, or the batch's.
+    // Once the transaction is broken, the rest of the batch is not run, and
+    // those jobs are answered `StoreError::NotRun`. A job that ran is
+    // answered with its own error, or the batch's.
     let outcome = run_batch(conn, batch, &mut ran);
-    batch.clear();
-    for (job, _) in ran {
+    let not_run = batch.drain(..);
+    for job in ran.into_iter().map(|(job, _)| job).chain(not_run) {
         let finish = job.finish();
         committed.extend(finish.committed);
         synced.push(finish.synced);
@@ -597,7 +598,10 @@ fn run_batch(
 ) -> Result<(), String> {
     control(conn, "BEGIN IMMEDIATE")?;
     let mut isolated = false;
-    for job in batch.drain(..) {
+    // Taken from the end, so that an early return leaves the jobs not run
+    // in `batch`, to be answered.
+    batch.reverse();
+    while let Some(job) = batch.pop() {
         let index = ran.len();
         ran.push((job, false));
         let keep = if isolated {
@@ -891,7 +895,7 @@ mod tests {
         );
         assert!(matches!(
             panicking_answer.try_recv().unwrap(),
-            Err(StoreError::Closed)
+            Err(StoreError::NotRun)
         ));
         assert_eq!(last_answer.try_recv().unwrap().unwrap(), 2);
         let count: i64 = conn
@@ -922,8 +926,8 @@ mod tests {
             matches!(rolling_answer.try_recv().unwrap(), Err(StoreError::Sql(reason)) if reason.contains("rolled back by SQLite"))
         );
         assert!(
-            after_answer.try_recv().is_err(),
-            "the rest of the batch is not run"
+            matches!(after_answer.try_recv().unwrap(), Err(StoreError::NotRun)),
+            "the rest of the batch is not run, and says so"
         );
     }
 
