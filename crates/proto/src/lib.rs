@@ -227,11 +227,15 @@ pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
     }
 }
 
-/// A system time for a protobuf timestamp (the epoch for a malformed one).
+/// A system time for a protobuf timestamp (the epoch for a malformed one,
+/// or one past what the platform's clock can hold).
 pub fn system_time(ts: &prost_types::Timestamp) -> SystemTime {
-    let nanos = u32::try_from(ts.nanos).unwrap_or(0);
+    let nanos = u64::try_from(ts.nanos).unwrap_or(0);
     let secs = u64::try_from(ts.seconds).unwrap_or(0);
-    UNIX_EPOCH + Duration::new(secs, nanos)
+    Duration::from_secs(secs)
+        .checked_add(Duration::from_nanos(nanos))
+        .and_then(|since| UNIX_EPOCH.checked_add(since))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 /// A protobuf duration for a std duration.
@@ -247,4 +251,30 @@ pub fn std_duration(d: &prost_types::Duration) -> Duration {
     let secs = u64::try_from(d.seconds).unwrap_or(0);
     let nanos = u32::try_from(d.nanos).unwrap_or(0);
     Duration::new(secs, nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timestamp_the_clock_cannot_hold_reads_as_the_epoch() {
+        let far = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        };
+        assert_eq!(system_time(&far), UNIX_EPOCH);
+        let before = prost_types::Timestamp {
+            seconds: -5,
+            nanos: 0,
+        };
+        assert_eq!(system_time(&before), UNIX_EPOCH);
+        let now = SystemTime::now();
+        let since = now.duration_since(UNIX_EPOCH).unwrap();
+        let ts = prost_types::Timestamp {
+            seconds: since.as_secs() as i64,
+            nanos: since.subsec_nanos() as i32,
+        };
+        assert_eq!(system_time(&ts), now);
+    }
 }
