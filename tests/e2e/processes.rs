@@ -24,6 +24,8 @@ struct Deployment {
     processes: HashMap<&'static str, Process>,
     dir: std::path::PathBuf,
     mode: SagaMode,
+    /// Environment for every process.
+    every: Vec<(&'static str, &'static str)>,
 }
 
 impl Deployment {
@@ -33,10 +35,22 @@ impl Deployment {
 
     /// Starts every process; `coordinator_env` goes to the coordinator.
     fn start_with(dir: &Path, mode: SagaMode, coordinator_env: &[(&str, &str)]) -> Deployment {
+        Deployment::start_each(dir, mode, &[], coordinator_env)
+    }
+
+    /// Starts every process with `every` in its environment, and the
+    /// coordinator with `coordinator_env` too.
+    fn start_each(
+        dir: &Path,
+        mode: SagaMode,
+        every: &[(&'static str, &'static str)],
+        coordinator_env: &[(&str, &str)],
+    ) -> Deployment {
         let mut deployment = Deployment {
             processes: HashMap::new(),
             dir: dir.to_path_buf(),
             mode,
+            every: every.to_vec(),
         };
         let data = dir.join("router");
         let router = Process::start(
@@ -50,7 +64,7 @@ impl Deployment {
                 "--mode",
                 mode_arg(mode),
             ],
-            &[],
+            every,
         );
         deployment.processes.insert("router", router);
         for name in HANDLERS {
@@ -72,7 +86,7 @@ impl Deployment {
                 "--mode",
                 mode_arg(mode),
             ],
-            coordinator_env,
+            &[every, coordinator_env].concat(),
         );
         deployment.processes.insert("coordinator", coordinator);
         deployment
@@ -97,7 +111,7 @@ impl Deployment {
                 "--mode",
                 mode_arg(self.mode),
             ],
-            env,
+            &[&self.every[..], env].concat(),
         );
         self.processes.insert(name, process);
     }
@@ -309,6 +323,72 @@ async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {
         .expect("run sagamesh");
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("sideways"));
+}
+
+/// With `--router-token`, the router serves only callers that carry the
+/// token: services started with it run sagas across processes, while a
+/// service or a raw call without it is refused and told why.
+#[tokio::test]
+async fn a_router_with_a_token_serves_only_callers_that_carry_it() {
+    const TOKEN: &str = "s3cret-token";
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Deployment::start_each(
+        dir.path(),
+        SagaMode::Choreography,
+        &[("SAGAMESH_ROUTER_TOKEN", TOKEN)],
+        &[],
+    );
+    let front = mesh.clients("coordinator");
+    wait_serving(&front).await;
+    mesh.clients("wallets").create_user("kim", 1_000).await;
+    mesh.clients("inventory").create_item("lance", 100, 3).await;
+    let bought = front.purchase("kim", "lance", 1).await;
+    let (_, done) = front.follow(&bought).await;
+    assert_eq!(done.status(), TransactionStatus::Completed);
+
+    // A raw call: refused without the token or with another, served with it.
+    let router = mesh.clients("router").router;
+    for authorization in [None, Some("Bearer not-the-token")] {
+        let mut request = tonic::Request::new(ListDeadLettersRequest::default());
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        let status = router.clone().list_dead_letters(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{authorization:?}");
+        assert!(status.message().contains("token"), "{}", status.message());
+    }
+    let mut request = tonic::Request::new(ListDeadLettersRequest::default());
+    let bearer = format!("Bearer {TOKEN}");
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    router
+        .clone()
+        .list_dead_letters(request)
+        .await
+        .expect("served with the token");
+
+    // A service without the token stops with the router's reason.
+    let router_address = mesh.address("router");
+    let refused = std::process::Command::new(crate::support::binary())
+        .args([
+            "handler",
+            "wallets",
+            "--listen",
+            "127.0.0.1:0",
+            "--router",
+            &router_address,
+        ])
+        .args(["--data-dir", dir.path().join("stray").to_str().unwrap()])
+        .env_remove("SAGAMESH_ROUTER_TOKEN")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run sagamesh");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("token"), "{stderr}");
 }
 
 /// One data directory serves one process: a second mesh started on it

@@ -118,6 +118,11 @@ struct Common {
     /// compensated (0: never).
     #[arg(long, env = "SAGAMESH_SAGA_DEADLINE_MS", default_value_t = 300_000)]
     saga_deadline_ms: u64,
+    /// A shared secret: the router takes gRPC calls only with it (as
+    /// `authorization: Bearer <token>`), and the services send it. Without
+    /// one, anyone who reaches the router can publish events.
+    #[arg(long, env = "SAGAMESH_ROUTER_TOKEN", hide_env_values = true)]
+    router_token: Option<String>,
 }
 
 /// Where the router keeps its events.
@@ -253,6 +258,14 @@ impl Common {
         config.saga_deadline =
             (self.saga_deadline_ms > 0).then(|| Duration::from_millis(self.saga_deadline_ms));
         config.retry_max = Duration::from_millis(self.retry_max_ms);
+        if let Some(token) = &self.router_token {
+            if token.is_empty() || token.len() > 256 || !token.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(
+                    "--router-token must be 1 to 256 printable ASCII characters without spaces".into(),
+                );
+            }
+            config.router_token = Some(token.clone());
+        }
         Ok(config)
     }
 }

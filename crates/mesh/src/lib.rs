@@ -129,6 +129,10 @@ pub struct MeshConfig {
     pub saga_deadline: Option<Duration>,
     /// How long a stop waits for work in progress.
     pub grace: Duration,
+    /// The secret the router requires of every gRPC caller, and that this
+    /// process's services send to a router elsewhere (`None`: the router
+    /// takes any caller).
+    pub router_token: Option<String>,
 }
 
 impl MeshConfig {
@@ -149,6 +153,7 @@ impl MeshConfig {
             max_sagas_in_flight: 10_000,
             saga_deadline: Some(Duration::from_secs(300)),
             grace: Duration::from_secs(10),
+            router_token: None,
         }
     }
 }
@@ -171,6 +176,8 @@ pub enum MeshError {
     DemoData(String),
     #[error("the gRPC server failed: {0}")]
     Serve(String),
+    #[error("invalid router token: {0}")]
+    Token(String),
 }
 
 /// The demo user and item of the spec.
@@ -254,11 +261,13 @@ pub async fn run(
         router_config.drop_stream_probability = config.faults.drop_stream_probability();
         let router = Router::start(backend, router_config, &tasks, router_stop.clone()).await?;
         in_process_router = Some(router.service());
-        services.router = Some(router.service().into_server());
+        services.router = Some(router.service().into_server(config.router_token.as_deref()));
     }
     // Services of this process reach each other in-process.
     let router_link = match (&role, in_process_router) {
-        (Role::Coordinator { router, .. } | Role::Handler { router, .. }, _) => channel(router)?.into(),
+        (Role::Coordinator { router, .. } | Role::Handler { router, .. }, _) => {
+            RouterLink::grpc(channel(router)?, config.router_token.as_deref()).map_err(MeshError::Token)?
+        }
         (Role::All | Role::Router, Some(router)) => RouterLink::new(InProcessRouter(router)),
         (Role::All | Role::Router, None) => unreachable!("this process runs the router"),
     };

@@ -6,14 +6,13 @@ use std::time::Duration;
 use sagamesh_coordinator::CoordinatorService;
 use sagamesh_inventory::InventoryService;
 use sagamesh_notifications::NotificationsService;
-use sagamesh_proto::v1::event_router_server::EventRouterServer;
 use sagamesh_proto::v1::inventory_server::InventoryServer;
 use sagamesh_proto::v1::notifications_server::NotificationsServer;
 use sagamesh_proto::v1::purchase_coordinator_server::PurchaseCoordinatorServer;
 use sagamesh_proto::v1::purchase_logs_server::PurchaseLogsServer;
 use sagamesh_proto::v1::wallets_server::WalletsServer;
 use sagamesh_purchase_log::PurchaseLogsService;
-use sagamesh_router::RouterService;
+use sagamesh_router::RouterServer;
 use sagamesh_wallets::WalletsService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The services one process serves.
 #[derive(Default)]
 pub struct Services {
-    pub router: Option<EventRouterServer<RouterService>>,
+    pub router: Option<RouterServer>,
     pub coordinator: Option<PurchaseCoordinatorServer<CoordinatorService>>,
     pub wallets: Option<WalletsServer<WalletsService>>,
     pub inventory: Option<InventoryServer<InventoryService>>,

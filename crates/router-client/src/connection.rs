@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
@@ -130,23 +131,45 @@ impl RouterLink {
     }
 }
 
-impl From<Channel> for RouterLink {
-    fn from(channel: Channel) -> RouterLink {
+impl RouterLink {
+    /// A link over gRPC. With a `token` (the router's `--router-token`),
+    /// every attach carries it as `authorization: Bearer <token>`; `Err`
+    /// when the token cannot go in a gRPC header.
+    pub fn grpc(channel: Channel, token: Option<&str>) -> Result<RouterLink, String> {
+        let authorization = token
+            .map(|token| {
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| "the router token must be printable ASCII without spaces".to_owned())
+            })
+            .transpose()?;
         let client = EventRouterClient::new(channel)
             .max_decoding_message_size(sagamesh_proto::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(sagamesh_proto::MAX_MESSAGE_SIZE);
-        RouterLink::new(Grpc(client))
+        Ok(RouterLink::new(Grpc {
+            client,
+            authorization,
+        }))
     }
 }
 
 /// A router reached over gRPC.
-struct Grpc(EventRouterClient<Channel>);
+struct Grpc {
+    client: EventRouterClient<Channel>,
+    /// `Bearer <token>`, for a router that requires its token.
+    authorization: Option<MetadataValue<Ascii>>,
+}
 
 impl Attach for Grpc {
     fn attach(&self, outbound: ReceiverStream<AttachRequest>) -> BoxFuture<'_, Result<Inbound, Status>> {
-        let mut client = self.0.clone();
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(outbound);
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
         Box::pin(async move {
-            let inbound = client.attach(outbound).await?.into_inner();
+            let inbound = client.attach(request).await?.into_inner();
             Ok(Box::pin(inbound) as Inbound)
         })
     }

@@ -89,7 +89,7 @@ fn delivery(c: &mut Criterion) {
         let address = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(router.service().into_server())
+                .add_service(router.service().into_server(None))
                 .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
         );
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))

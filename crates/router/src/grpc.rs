@@ -16,6 +16,7 @@ use sagamesh_proto::v1::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::{Interceptor, interceptor::InterceptedService};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Router;
@@ -32,6 +33,49 @@ const STREAM_PUBLISH_QUEUE: usize = 64;
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
+/// The router as served over gRPC.
+pub type RouterServer = InterceptedService<EventRouterServer<RouterService>, RequireToken>;
+
+/// Refuses calls that do not carry the router's token, when it has one, as
+/// `authorization: Bearer <token>`. The router is how services change each
+/// other's data: without a token, anyone who reaches its address can
+/// publish any event.
+#[derive(Clone)]
+pub struct RequireToken(Option<Arc<str>>);
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.0 else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match presented {
+            Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated(
+                "the token in `authorization` is not this router's (--router-token)",
+            )),
+            None => Err(Status::unauthenticated(
+                "this router takes calls only with its token: send `authorization: Bearer <token>` \
+                 (services send it when started with --router-token or SAGAMESH_ROUTER_TOKEN)",
+            )),
+        }
+    }
+}
+
+/// Compares secrets in time that depends on their length only.
+fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len()
+        && presented
+            .iter()
+            .zip(expected)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
+}
+
 #[derive(Clone)]
 pub struct RouterService {
     router: Router,
@@ -42,10 +86,14 @@ impl RouterService {
         RouterService { router }
     }
 
-    pub fn into_server(self) -> EventRouterServer<RouterService> {
-        EventRouterServer::new(self)
+    /// The service as served over gRPC. With a `token`, every call must
+    /// carry it (see [`RequireToken`]); services in this process reach the
+    /// router without one.
+    pub fn into_server(self, token: Option<&str>) -> RouterServer {
+        let server = EventRouterServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        InterceptedService::new(server, RequireToken(token.map(Arc::from)))
     }
 
     /// Appends checked events; answers once they are durable.
@@ -367,6 +415,27 @@ mod tests {
         let mut event = Envelope::new("tx-1", "", "test", payload);
         event.producer = "x".repeat(bytes);
         event
+    }
+
+    fn call_with(token: Option<&str>, authorization: Option<&str>) -> Result<(), Status> {
+        let mut request = Request::new(());
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        RequireToken(token.map(Arc::from)).call(request).map(|_| ())
+    }
+
+    #[test]
+    fn a_router_with_a_token_takes_only_calls_that_carry_it() {
+        assert!(call_with(None, None).is_ok(), "no token, no check");
+        assert!(call_with(Some("s3cret"), Some("Bearer s3cret")).is_ok());
+        for wrong in [None, Some("Bearer s3cre"), Some("Bearer s3cret2"), Some("s3cret")] {
+            let status = call_with(Some("s3cret"), wrong).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+            assert!(status.message().contains("token"), "{}", status.message());
+        }
     }
 
     #[test]

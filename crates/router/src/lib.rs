@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use grpc::{AttachStream, RouterService};
+pub use grpc::{AttachStream, RequireToken, RouterServer, RouterService};
 
 /// How the router treats deliveries.
 #[derive(Debug, Clone)]
