@@ -411,31 +411,103 @@ mod tests {
         statements_run_and_roll_back(Store::open_service(&database, "t", &SCHEMA).unwrap()).await;
     }
 
-    /// Against the PostgreSQL server on this machine (`SAGAMESH_TEST_POSTGRES`,
-    /// default the `test` database on 127.0.0.1): skipped with a reason
-    /// when it is absent, except in CI.
-    #[tokio::test]
-    async fn statements_run_and_roll_back_on_postgres() {
+    /// A store on the PostgreSQL server on this machine
+    /// (`SAGAMESH_TEST_POSTGRES`, default the `test` database on 127.0.0.1),
+    /// in a schema of this test's own (`<test>_<pid>_t`), and the server's
+    /// URL. `None`, with a reason, when there is no server, except in CI.
+    fn postgres_store(test: &str) -> Option<(Store, String, String)> {
         let url = std::env::var("SAGAMESH_TEST_POSTGRES")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let prefix = format!("store_test_{}", std::process::id());
+        let prefix = format!("{test}_{}", std::process::id());
         let database = Database::Postgres {
             url: url.clone(),
             schema_prefix: prefix.clone(),
         };
-        let store = match Store::open_service(&database, "t", &SCHEMA) {
-            Ok(store) => store,
+        match Store::open_service(&database, "t", &SCHEMA) {
+            Ok(store) => Some((store, url, format!("{prefix}_t"))),
             Err(e) if std::env::var_os("CI").is_none() => {
                 eprintln!("skipping: no PostgreSQL ({e})");
-                return;
+                None
             }
             Err(e) => panic!("PostgreSQL must run in CI: {e}"),
-        };
-        statements_run_and_roll_back(store.clone()).await;
+        }
+    }
+
+    async fn drop_schema(store: &Store, schema: String) {
         store
-            .write(move |tx| tx.execute(&format!("DROP SCHEMA {prefix}_t CASCADE"), &[]))
+            .write(move |tx| tx.execute(&format!("DROP SCHEMA {schema} CASCADE"), &[]))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn statements_run_and_roll_back_on_postgres() {
+        let Some((store, _, schema)) = postgres_store("store_test") else {
+            return;
+        };
+        statements_run_and_roll_back(store.clone()).await;
+        drop_schema(&store, schema).await;
+    }
+
+    /// PostgreSQL ends every session of the store (as a restart or a
+    /// failover would): the writes and reads that find their connection
+    /// closed fail, and the store connects again and serves the next ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_store_connects_again_when_its_sessions_end() {
+        let Some((store, url, schema)) = postgres_store("store_reconnect") else {
+            return;
+        };
+        let insert = |name: &'static str| {
+            move |tx: &mut dyn Tx| tx.execute("INSERT INTO t (name) VALUES ($1)", &values![name])
+        };
+        store.write(insert("before")).await.unwrap();
+
+        let application = format!("sagamesh {schema}");
+        let ended = tokio::task::spawn_blocking(move || {
+            let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&application],
+                )
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            ended as usize,
+            postgres::WRITERS + 2,
+            "every writer and reader session ended"
+        );
+
+        // Each thread's next job finds its session gone and fails; the ones
+        // after it are served again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let wrote = store.write(insert("after")).await;
+            let read = store
+                .read(|tx| tx.query("SELECT name FROM t ORDER BY id", &[]))
+                .await;
+            let served_again = wrote.is_ok()
+                && read.as_ref().is_ok_and(|rows| {
+                    rows.iter()
+                        .filter_map(|row| row.string(0).ok())
+                        .any(|name| name == "after")
+                });
+            if served_again {
+                let reads_again = (0..8).map(|_| store.read(|tx| tx.query("SELECT 1", &[])));
+                for read in reads_again {
+                    read.await.expect("every reader is connected again");
+                }
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store did not connect again: {wrote:?} {read:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop_schema(&store, schema).await;
     }
 
     async fn statements_run_and_roll_back(store: Store) {

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Statement};
@@ -82,11 +83,11 @@ impl PostgresStore {
         // client runs its own small runtime, which must not start inside an
         // async worker. The open waits for them, so a bad URL fails it.
         let (opened_tx, opened_rx) = std_mpsc::channel();
-        let (url_owned, schema_owned, migrations_owned) = (
-            url.to_owned(),
-            schema.to_owned(),
-            migrations.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>(),
-        );
+        let connector = Connector {
+            url: Arc::from(url),
+            schema: Arc::from(schema),
+        };
+        let migrations_owned = migrations.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>();
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let writers: Vec<String> = (0..WRITERS).map(|n| format!("{instance}-{n}")).collect();
         let names = writers.clone();
@@ -101,32 +102,31 @@ impl PostgresStore {
                 let opened = (|| {
                     let mut clients = Vec::new();
                     for name in &names {
-                        let mut client = connect(&url_owned, &schema_owned)?;
-                        client.batch_execute(&format!("SET sagamesh.writer = '{name}'"))?;
+                        let mut client = connector.connect(Some(name))?;
                         if clients.is_empty() {
-                            migrate(&mut client, &schema_owned, &migrations_owned)?;
+                            migrate(&mut client, &connector.schema, &migrations_owned)?;
                         }
-                        clients.push(client);
+                        clients.push((client, name.clone()));
                     }
                     let readers = (0..READERS)
-                        .map(|_| connect(&url_owned, &schema_owned))
+                        .map(|_| connector.connect(None))
                         .collect::<Result<Vec<_>, _>>()?;
                     Ok::<_, StoreError>((clients, readers))
                 })();
                 match opened {
                     Ok((clients, readers)) => {
                         let _ = opened_tx.send(Ok(()));
-                        for client in clients {
-                            let jobs = write_rx.clone();
+                        for (client, name) in clients {
+                            let (jobs, connector) = (write_rx.clone(), connector.clone());
                             let _ = std::thread::Builder::new()
                                 .name(format!("{thread_name}-writer"))
-                                .spawn(move || run_writer(client, jobs));
+                                .spawn(move || run_writer(client, &connector, &name, jobs));
                         }
                         for client in readers {
-                            let jobs = read_rx.clone();
+                            let (jobs, connector) = (read_rx.clone(), connector.clone());
                             let _ = std::thread::Builder::new()
                                 .name(format!("{thread_name}-reader"))
-                                .spawn(move || run_reader(client, jobs));
+                                .spawn(move || run_reader(client, &connector, jobs));
                         }
                     }
                     Err(e) => {
@@ -241,9 +241,60 @@ fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
         "SELECT pg_advisory_lock(hashtext('{schema}'));
          CREATE SCHEMA IF NOT EXISTS {schema};
          SELECT pg_advisory_unlock(hashtext('{schema}'));
-         SET search_path TO {schema}"
+         SET search_path TO {schema};
+         SET application_name TO 'sagamesh {schema}'"
     ))?;
     Ok(client)
+}
+
+/// Opens a store's connections, and opens one again when PostgreSQL drops
+/// it (a restart, a failover, an administrator ending the session): the
+/// write or read that found it closed fails, the ones queued behind it
+/// wait, and the thread goes on once it is connected again.
+#[derive(Clone)]
+struct Connector {
+    url: Arc<str>,
+    schema: Arc<str>,
+}
+
+/// The first pause before connecting again; it doubles up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+impl Connector {
+    /// A connection in the store's schema; a writer's names itself (see
+    /// [`PostgresStore::writers`]).
+    fn connect(&self, writer: Option<&str>) -> Result<Client, StoreError> {
+        let mut client = connect(&self.url, &self.schema)?;
+        if let Some(name) = writer {
+            client.batch_execute(&format!("SET sagamesh.writer = '{name}'"))?;
+        }
+        Ok(client)
+    }
+
+    /// Connects again, pausing longer after each failure, until it
+    /// connects or the store is closed (`None`).
+    fn reconnect(&self, writer: Option<&str>, jobs: &Mutex<mpsc::Receiver<Job>>) -> Option<Client> {
+        let mut pause = RECONNECT_FIRST;
+        loop {
+            // Another thread waiting on the queue holds the lock: the store
+            // is open.
+            if jobs.try_lock().is_ok_and(|jobs| jobs.is_closed()) {
+                return None;
+            }
+            std::thread::sleep(pause);
+            match self.connect(writer) {
+                Ok(client) => {
+                    tracing::info!(schema = %self.schema, "connected to PostgreSQL again");
+                    return Some(client);
+                }
+                Err(e) => {
+                    tracing::warn!(schema = %self.schema, error = %e, "cannot connect to PostgreSQL again yet");
+                    pause = (pause * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+    }
 }
 
 /// Applies the migrations not yet applied, under an advisory lock so that
@@ -360,7 +411,7 @@ impl ToSql for Value {
     to_sql_checked!();
 }
 
-fn run_writer(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+fn run_writer(mut client: Client, connector: &Connector, name: &str, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut prepared = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
@@ -377,16 +428,18 @@ fn run_writer(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
         if let Err(e) = &outcome {
             tracing::error!(error = %e, writes = done.len(), "store commit failed");
             let _ = client.batch_execute("ROLLBACK");
-            if client.is_closed() {
-                tracing::error!("the PostgreSQL connection is closed; the store stops");
-                for complete in done.drain(..) {
-                    complete(Err(e));
-                }
-                return;
-            }
         }
         for complete in done.drain(..) {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+        if client.is_closed() {
+            tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
+            let Some(again) = connector.reconnect(Some(name), &jobs) else {
+                return;
+            };
+            client = again;
+            // Statements are prepared per connection.
+            prepared.clear();
         }
     }
 }
@@ -433,7 +486,7 @@ fn commit_batch(
     client.batch_execute("COMMIT").map_err(|e| e.to_string())
 }
 
-fn run_reader(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut prepared = HashMap::new();
     loop {
         let next = jobs
@@ -450,6 +503,14 @@ fn run_reader(mut client: Client, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
         match finish {
             Ok(finish) => (finish.done)(Ok(())),
             Err(_) => tracing::error!("a store read panicked"),
+        }
+        if client.is_closed() {
+            tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
+            let Some(again) = connector.reconnect(None, &jobs) else {
+                return;
+            };
+            client = again;
+            prepared.clear();
         }
     }
 }
