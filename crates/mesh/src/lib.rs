@@ -489,12 +489,21 @@ fn log_summary(role: &Role, mode: SagaMode) {
         _ => "Choreography event subscription summary:",
     };
     let mut summary = String::from(title);
-    for (handler, events) in sagamesh_saga::summary(mode) {
-        if !shown.is_empty() && !shown.contains(&handler) {
-            continue;
-        }
+    let lines: Vec<_> = sagamesh_saga::summary(mode)
+        .into_iter()
+        .filter(|(handler, _)| shown.is_empty() || shown.contains(handler))
+        .collect();
+    for (handler, events) in &lines {
         let events: Vec<String> = events.iter().map(|t| pascal_case(t.as_str_name())).collect();
         summary.push_str(&format!("\n  - {handler} → {}", events.join(", ")));
+    }
+    // The coordinator in choreography, the compensation handler in
+    // orchestration: this process has no step to run in this mode.
+    if lines.is_empty()
+        && let Some(role) = shown.first()
+    {
+        let name = role.split(" (").next().unwrap_or(role);
+        summary.push_str(&format!("\n  - {name} → no saga step in this mode"));
     }
     tracing::info!("{summary}");
 }
