@@ -195,7 +195,7 @@ impl RouterService {
                     Some(attach_request::Kind::Nack(nack)) => Command::Nack {
                         instance,
                         delivery_id: nack.delivery_id,
-                        reason: nack.reason,
+                        reason: bounded_reason(nack.reason),
                     },
                     Some(attach_request::Kind::Publish(publish)) => {
                         if publishes.send(publish).await.is_err() {
@@ -223,6 +223,24 @@ impl RouterService {
 
         Ok(Box::pin(ReceiverStream::new(outbound_rx)))
     }
+}
+
+/// The longest nack reason kept. A reason becomes the dead letter's last
+/// error and goes out in the `DeadLettered` notice, which must stay a
+/// small event.
+const MAX_REASON_BYTES: usize = 4096;
+
+/// The reason, cut at [`MAX_REASON_BYTES`] (on a character boundary).
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
 }
 
 fn check_events(events: &[Envelope]) -> Result<(), Status> {
@@ -436,6 +454,15 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
             assert!(status.message().contains("token"), "{}", status.message());
         }
+    }
+
+    #[test]
+    fn a_long_nack_reason_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded_reason("short".into()), "short");
+        let cut = bounded_reason("é".repeat(MAX_REASON_BYTES));
+        assert!(cut.len() <= MAX_REASON_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.trim_end_matches('…').chars().all(|c| c == 'é'));
     }
 
     #[test]
