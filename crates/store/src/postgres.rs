@@ -153,7 +153,7 @@ impl PostgresStore {
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        run(&self.writes, f).await
+        run(&self.writes, f, || StoreError::NotRun).await
     }
 
     /// PostgreSQL's commit is its sync: a staged write is durable at once.
@@ -163,7 +163,7 @@ impl PostgresStore {
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let value = run(&self.writes, f).await?;
+        let value = run(&self.writes, f, || StoreError::NotRun).await?;
         let (synced, receiver) = oneshot::channel();
         let _ = synced.send(Ok(()));
         Ok((value, Synced::new(receiver)))
@@ -175,11 +175,13 @@ impl PostgresStore {
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        run(&self.reads, f).await
+        run(&self.reads, f, || StoreError::ReadPanicked).await
     }
 }
 
-async fn run<R, E, F>(queue: &mpsc::Sender<Job>, f: F) -> Result<R, E>
+/// Queues `f` for a writer or a reader thread. A job that panics is not
+/// kept and is answered `panicked` (the thread lives on).
+async fn run<R, E, F>(queue: &mpsc::Sender<Job>, f: F, panicked: fn() -> StoreError) -> Result<R, E>
 where
     F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
     R: Send + 'static,
@@ -187,7 +189,10 @@ where
 {
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move |pg| {
-        let result = f(pg);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(pg))).unwrap_or_else(|_| {
+            tracing::error!("a store job panicked; nothing of it was kept");
+            Err(E::from(panicked()))
+        });
         let keep = result.is_ok();
         let done: Completion = Box::new(move |outcome| {
             let _ = tx.send(crate::settle(result, outcome));
@@ -198,41 +203,38 @@ where
     rx.await.map_err(|_| E::from(StoreError::Closed))?
 }
 
-/// The connection string without its password, for messages and logs:
-/// `postgres://user:secret@host/db` reads `postgres://user:***@host/db`, and
-/// `password=secret` in a key-value string or a query reads `password=***`.
-fn redacted(url: &str) -> String {
-    let url = match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            let (authority, tail) = rest.split_at(authority_end);
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-                    let password = if userinfo.contains(':') { ":***" } else { "" };
-                    format!("{scheme}://{user}{password}@{host}{tail}")
-                }
-                None => url.to_owned(),
-            }
-        }
-        None => url.to_owned(),
+/// Where a connection string points, for messages and logs: user, hosts
+/// and database, never the password. Rebuilt from the driver's own parse,
+/// so no way of writing the password can slip through.
+fn described(url: &str) -> String {
+    let Ok(config) = url.parse::<postgres::Config>() else {
+        return "a PostgreSQL connection string that does not parse".to_owned();
     };
-    let mut out = String::with_capacity(url.len());
-    let mut rest = url.as_str();
-    while let Some(at) = rest.find("password=") {
-        let (before, after) = rest.split_at(at + "password=".len());
-        out.push_str(before);
-        out.push_str("***");
-        let end = after.find([' ', '&']).unwrap_or(after.len());
-        rest = &after[end..];
-    }
-    out.push_str(rest);
-    out
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                #[cfg(unix)]
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            }
+        })
+        .collect();
+    format!(
+        "postgres://{}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
 }
 
 fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
     let mut client = Client::connect(url, NoTls).map_err(|e| StoreError::Open {
-        path: redacted(url),
+        path: described(url),
         reason: e.to_string(),
     })?;
     // Replicas starting together would race on creating the schema: the
@@ -517,25 +519,42 @@ fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::R
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::described;
 
     #[test]
-    fn a_connection_string_loses_its_password_in_messages() {
-        assert_eq!(
-            redacted("postgres://app:s3cr@t@db.example:5432/test?sslmode=disable"),
-            "postgres://app:***@db.example:5432/test?sslmode=disable"
-        );
-        assert_eq!(
-            redacted("postgres://postgres@127.0.0.1:5432/test"),
-            "postgres://postgres@127.0.0.1:5432/test"
-        );
-        assert_eq!(
-            redacted("host=db user=app password=s3cret dbname=test"),
-            "host=db user=app password=*** dbname=test"
-        );
-        assert_eq!(
-            redacted("postgres://db/test?user=app&password=s3cret&sslmode=disable"),
-            "postgres://db/test?user=app&password=***&sslmode=disable"
-        );
+    fn a_connection_string_is_described_without_its_password() {
+        for (url, expected) in [
+            (
+                "postgres://app:s3cret@db.example:5432/test?sslmode=disable",
+                "postgres://app@db.example:5432/test",
+            ),
+            (
+                "postgres://app:Zk/9q+Xw==@db/sagamesh",
+                "postgres://app@db:5432/sagamesh",
+            ),
+            (
+                "postgres://postgres@127.0.0.1:5432/test",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
+            (
+                "host=db user=app password = s3cret dbname=test",
+                "postgres://app@db:5432/test",
+            ),
+            (
+                "host=db user=app password='s3 cret' dbname=test",
+                "postgres://app@db:5432/test",
+            ),
+            (
+                "postgres://db/test?user=app&password=s3cret&sslmode=disable",
+                "postgres://app@db:5432/test",
+            ),
+        ] {
+            let description = described(url);
+            assert_eq!(description, expected, "{url}");
+            assert!(
+                !description.contains("s3") && !description.contains("Zk"),
+                "{description}"
+            );
+        }
     }
 }
