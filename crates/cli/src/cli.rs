@@ -83,7 +83,7 @@ struct Common {
     data_dir: PathBuf,
     /// Keeps the services' state in PostgreSQL at this URL (e.g.
     /// `postgres://postgres@127.0.0.1:5432/test`) instead of embedded files.
-    #[arg(long, env = "SAGAMESH_DATABASE")]
+    #[arg(long, env = "SAGAMESH_DATABASE", hide_env_values = true)]
     database: Option<String>,
     /// Each service's tables go in the PostgreSQL schema `<this>_<service>`.
     #[arg(long, env = "SAGAMESH_DATABASE_SCHEMA", default_value = "sagamesh")]
@@ -131,7 +131,7 @@ struct BusArgs {
     /// Keeps the router's events in NATS JetStream at this address (e.g.
     /// `nats://127.0.0.1:4222`) instead of the embedded log; the router is
     /// then stateless.
-    #[arg(long, env = "SAGAMESH_BUS")]
+    #[arg(long, env = "SAGAMESH_BUS", hide_env_values = true)]
     bus: Option<String>,
     /// Names this mesh's JetStream streams, so meshes can share a server.
     #[arg(long, env = "SAGAMESH_BUS_NAMESPACE", default_value = "sagamesh")]
@@ -143,7 +143,8 @@ impl BusArgs {
         let Some(url) = &self.bus else { return Ok(()) };
         if !(url.starts_with("nats://") || url.starts_with("tls://")) {
             return Err(format!(
-                "--bus must be a NATS address such as nats://127.0.0.1:4222, not '{url}'"
+                "--bus must be a NATS address, starting nats:// or tls:// (such as nats://127.0.0.1:4222); {}",
+                given(url)
             ));
         }
         config.bus = Some(Bus {
@@ -210,6 +211,15 @@ impl HandlerName {
     }
 }
 
+/// Says what a URL given on the command line starts with, for an error
+/// message that must not repeat the rest (it may hold a password).
+fn given(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _)) => format!("the one given starts '{scheme}://'"),
+        None => "the one given is not a URL".to_owned(),
+    }
+}
+
 impl Common {
     fn config(&self) -> Result<MeshConfig, String> {
         let mode = self.mode.saga_mode();
@@ -224,7 +234,8 @@ impl Common {
         if let Some(url) = &self.database {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(format!(
-                    "--database must be a PostgreSQL URL such as postgres://postgres@127.0.0.1:5432/test, not '{url}'"
+                    "--database must be a PostgreSQL URL, starting postgres:// or postgresql:// (such as postgres://postgres@127.0.0.1:5432/test); {}",
+                    given(url)
                 ));
             }
             let schema = &self.database_schema;

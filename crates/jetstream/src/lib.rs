@@ -168,7 +168,7 @@ impl JetStream {
             .connect(url)
             .await
             .map_err(|e| BusError::Unreachable {
-                url: url.to_owned(),
+                url: without_credentials(url),
                 reason: e.to_string(),
             })?;
         let context = jetstream::new(client);
@@ -512,5 +512,43 @@ impl DeadLetterStore for JetStream {
             }
             self.dead.delete_message(id).await.map_err(storage)
         })
+    }
+}
+
+/// A NATS address for messages and logs: each server of the list without
+/// the user and password it may carry (`nats://user:pass@host:4222` reads
+/// `nats://***@host:4222`).
+pub fn without_credentials(url: &str) -> String {
+    url.split(',')
+        .map(|server| {
+            let (scheme, rest) = server.split_once("://").unwrap_or(("", server));
+            let rest = match rest.rfind('@') {
+                Some(at) => format!("***{}", &rest[at..]),
+                None => rest.to_owned(),
+            };
+            if scheme.is_empty() {
+                rest
+            } else {
+                format!("{scheme}://{rest}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credentials;
+
+    #[test]
+    fn a_nats_address_is_shown_without_its_credentials() {
+        assert_eq!(
+            without_credentials("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            without_credentials("nats://app:s3/cret@nats-1:4222,tls://tok3n@nats-2:4222"),
+            "nats://***@nats-1:4222,tls://***@nats-2:4222"
+        );
     }
 }

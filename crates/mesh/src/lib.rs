@@ -248,7 +248,11 @@ pub async fn run(
         let backend = match &config.bus {
             Some(bus) => {
                 let streams = JetStream::connect(&bus.url, &bus.namespace).await?;
-                tracing::info!(url = %bus.url, namespace = %bus.namespace, "the router keeps its events in NATS JetStream");
+                tracing::info!(
+                    url = %sagamesh_jetstream::without_credentials(&bus.url),
+                    namespace = %bus.namespace,
+                    "the router keeps its events in NATS JetStream"
+                );
                 Backend::JetStream(streams)
             }
             None => Backend::Embedded(Arc::new(SqliteLog::open(&dir.join("router.db"), durability)?)),
