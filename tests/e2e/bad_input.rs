@@ -134,3 +134,48 @@ async fn bad_requests_get_clear_errors() {
 }
 
 on_both_backends!(bad_requests_get_clear_errors,);
+
+/// A `PurchaseRequest` as a broken client might send it: `user_id` is a
+/// string in the proto, here any bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawPurchase {
+    #[prost(bytes = "vec", tag = "1")]
+    user_id: Vec<u8>,
+}
+
+/// Bytes that do not decode as the request are the caller's fault, and
+/// the answer says so (prost's codec alone answers INTERNAL).
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_invalid_argument() {
+    let mesh = Mesh::start(SagaMode::Choreography).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.clients.address))
+        .unwrap()
+        .connect_lazy();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("the mesh answers");
+    let request = tonic::Request::new(RawPurchase {
+        user_id: vec![0xff, 0xfe, 0x00],
+    });
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/sagamesh.v1.PurchaseCoordinator/Purchase");
+    let codec = sagamesh_proto::codec::Codec::<RawPurchase, sagamesh_proto::v1::PurchaseResponse>::default();
+    let status = grpc
+        .unary(request, path, codec)
+        .await
+        .expect_err("not a purchase");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(
+        status.message().contains("not a valid PurchaseRequest"),
+        "{}",
+        status.message()
+    );
+    let stats = mesh
+        .clients
+        .coordinator
+        .clone()
+        .get_stats(sagamesh_proto::v1::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.total, 0, "nothing was started");
+}

@@ -4,6 +4,8 @@
 //! crate adds the few conversions every service needs (event types of a
 //! payload, timestamps) so they are written once.
 
+pub mod codec;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("sagamesh.v1");
