@@ -118,6 +118,7 @@ struct ComposeService {
     command: Vec<String>,
     mode: String,
     depends: Vec<(String, String)>,
+    router_token: String,
 }
 
 impl ComposeService {
@@ -182,6 +183,7 @@ for name, service in (compose.get("services") or {}).items():
             "%s=%s" % (dependency, (condition or {}).get("condition", "service_started"))
             for dependency, condition in depends.items()
         ),
+        str(environment.get("SAGAMESH_ROUTER_TOKEN", "")),
     ]
     print("\t".join(field.replace("\t", " ").replace("\n", " ") for field in fields))
 "#;
@@ -196,7 +198,7 @@ fn compose_services() -> Vec<ComposeService> {
         .lines()
         .map(|line| {
             let fields: Vec<&str> = line.split('\t').collect();
-            assert_eq!(fields.len(), 7, "{line}");
+            assert_eq!(fields.len(), 8, "{line}");
             ComposeService {
                 name: fields[0].to_owned(),
                 image: fields[1].to_owned(),
@@ -212,6 +214,7 @@ fn compose_services() -> Vec<ComposeService> {
                         (name.to_owned(), condition.to_owned())
                     })
                     .collect(),
+                router_token: fields[7].to_owned(),
             }
         })
         .collect()
@@ -245,6 +248,11 @@ fn every_compose_service_is_health_checked_and_the_router_is_not_replicated() {
         assert_eq!(
             service.mode, "${SAGA_PATTERN_MODE:-choreography}",
             "{} takes its saga mode from the environment",
+            service.name
+        );
+        assert!(
+            service.router_token.starts_with("${SAGAMESH_ROUTER_TOKEN"),
+            "{} takes the router token from the environment, as every service must",
             service.name
         );
     }
@@ -384,6 +392,10 @@ fn every_kubernetes_service_is_probed_on_its_port_and_the_router_is_not_replicat
         assert!(
             env.contains("SAGA_PATTERN_MODE"),
             "{name} sets no SAGA_PATTERN_MODE"
+        );
+        assert!(
+            env.contains("SAGAMESH_ROUTER_TOKEN"),
+            "{name} has no router token: the router would refuse it, or take anyone"
         );
         if name == "router" {
             assert_eq!(
