@@ -2,7 +2,7 @@
 //! listener (`sagamesh up`, the tests), or one service per process
 //! (`sagamesh router`, `coordinator`, `handler <name>`).
 //!
-//! Every server gets the same stack (see [`server`]): load shedding, a
+//! Every server gets the same stack (see `server`): load shedding, a
 //! concurrency limit, a timeout on the response head, health and reflection.
 
 mod server;

@@ -4,14 +4,14 @@
 //! from then on receives deliveries, acks or nacks them and publishes on the
 //! same stream. The router
 //! - confirms a publish only once the event is durable in its log, and many
-//!   concurrent publishes share one commit ([`appender`]);
+//!   concurrent publishes share one commit (`appender`);
 //! - delivers each event at least once to every group subscribed to its type,
 //!   sharing a group's events among its connected instances;
 //! - keeps a transaction's events in publish order within a group: the next
 //!   event of a transaction goes out only once the previous one is acked;
 //! - redelivers what is not acked before the deadline, nacked, or in flight on
 //!   a stream that broke, and moves an event to the dead-letter store after
-//!   the maximum attempts ([`core`]).
+//!   the maximum attempts (`core`).
 //!
 //! The subscriptions are fixed by the mesh's topology, not by whoever
 //! attaches: a hello that does not match one is refused.
