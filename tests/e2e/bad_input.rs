@@ -169,13 +169,6 @@ async fn a_request_that_does_not_decode_is_invalid_argument() {
         "{}",
         status.message()
     );
-    let stats = mesh
-        .clients
-        .coordinator
-        .clone()
-        .get_stats(sagamesh_proto::v1::GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = mesh.clients.stats().await;
     assert_eq!(stats.total, 0, "nothing was started");
 }

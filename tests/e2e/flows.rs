@@ -275,13 +275,7 @@ async fn a_compensation_that_cannot_succeed_needs_attention(mode: SagaMode) {
         "best effort: the payment is refunded although the grant could not be undone"
     );
     assert_eq!(c.balance("erin").await, 1_000);
-    let stats = c
-        .coordinator
-        .clone()
-        .get_stats(sagamesh_proto::v1::GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = c.stats().await;
     assert_eq!(stats.compensation_failures, 1);
 }
 
@@ -299,13 +293,7 @@ async fn stats_and_lists_reflect_the_sagas(mode: SagaMode) {
     let failed = c.purchase("frank", "gem", 200).await;
     c.follow(&failed).await;
 
-    let stats = c
-        .coordinator
-        .clone()
-        .get_stats(sagamesh_proto::v1::GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = c.stats().await;
     assert_eq!(stats.total, 4);
     assert!((stats.success_rate - 0.75).abs() < 1e-9, "{}", stats.success_rate);
     let grant = stats
@@ -416,13 +404,7 @@ async fn a_dead_lettered_compensation_ends_in_needs_attention(mode: SagaMode) {
         1_000,
         "the payment is refunded all the same"
     );
-    let stats = c
-        .coordinator
-        .clone()
-        .get_stats(sagamesh_proto::v1::GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = c.stats().await;
     assert_eq!(stats.compensation_failures, 1);
     assert_eq!(
         stats.dead_letters,

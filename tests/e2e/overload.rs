@@ -2,7 +2,7 @@
 //! RESOURCE_EXHAUSTED, everything admitted completes, and the mesh is
 //! healthy afterwards.
 
-use sagamesh_proto::v1::{GetStatsRequest, PurchaseRequest, SagaMode, TransactionStatus};
+use sagamesh_proto::v1::{PurchaseRequest, SagaMode, TransactionStatus};
 use tonic::Code;
 
 use crate::support::{Mesh, in_both_modes};
@@ -58,13 +58,7 @@ async fn a_burst_is_refused_at_once_and_leaves_the_mesh_healthy(mode: SagaMode) 
     let bought = admitted.len() as u64 + 1;
     assert_eq!(c.balance("whale").await, 1_000_000 - bought);
     assert_eq!(c.stock("coin").await, 100_000 - bought);
-    let stats = c
-        .coordinator
-        .clone()
-        .get_stats(GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = c.stats().await;
     assert_eq!(stats.total, bought, "refused purchases left no saga behind");
 }
 

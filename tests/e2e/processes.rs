@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sagamesh_proto::v1::{
-    EventType, GetLogRequest, GetStatsRequest, ListDeadLettersRequest, ListNotificationsRequest,
-    ListTransactionsRequest, LogStatus, NotificationKind, PurchaseRequest, ReplayDeadLetterRequest, SagaMode,
-    TransactionStatus,
+    EventType, GetLogRequest, ListDeadLettersRequest, ListNotificationsRequest, ListTransactionsRequest,
+    LogStatus, NotificationKind, PurchaseRequest, ReplayDeadLetterRequest, SagaMode, TransactionStatus,
 };
 
 use tokio::sync::Mutex;
@@ -191,13 +190,7 @@ async fn separate_processes_run_the_saga_and_recover_a_dead_letter(mode: SagaMod
         front.transaction(&stuck).await.status(),
         TransactionStatus::InProgress
     );
-    let stats = front
-        .coordinator
-        .clone()
-        .get_stats(GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = front.stats().await;
     assert_eq!(stats.dead_letters, 1);
 
     // Fixed and replayed, the saga completes.
@@ -276,6 +269,28 @@ async fn a_router_on_nats_restarts_from_an_empty_directory_and_loses_no_saga() {
     .await;
 }
 
+/// Runs `sagamesh handler wallets` against `router`, set up by `configure`,
+/// expecting the router to refuse it: returns what it printed on stderr
+/// once it has exited with a failure.
+fn refused_wallets(router: &str, data: &Path, configure: impl FnOnce(&mut std::process::Command)) -> String {
+    let mut command = std::process::Command::new(crate::support::binary());
+    command
+        .args([
+            "handler",
+            "wallets",
+            "--listen",
+            "127.0.0.1:0",
+            "--router",
+            router,
+        ])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .env("NO_COLOR", "1");
+    configure(&mut command);
+    let output = command.output().expect("run sagamesh");
+    assert!(!output.status.success(), "the router did not refuse the handler");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A handler whose mode is not the mesh's is refused by the router and
 /// stops with the router's reason; the mesh's sagas never reach it.
 async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {
@@ -293,23 +308,13 @@ async fn a_handler_in_the_wrong_mode_is_refused_and_exits(mode: SagaMode) {
         SagaMode::Orchestration => SagaMode::Choreography,
         _ => SagaMode::Orchestration,
     };
-    let router_address = router.address.to_string();
-    let handler = std::process::Command::new(crate::support::binary())
-        .args([
-            "handler",
-            "wallets",
-            "--listen",
-            "127.0.0.1:0",
-            "--router",
-            &router_address,
-        ])
-        .args(["--data-dir", dir.path().join("wallets").to_str().unwrap()])
-        .env("SAGA_PATTERN_MODE", mode_arg(other))
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run sagamesh");
-    assert!(!handler.status.success());
-    let stderr = String::from_utf8_lossy(&handler.stderr);
+    let stderr = refused_wallets(
+        &router.address.to_string(),
+        &dir.path().join("wallets"),
+        |command| {
+            command.env("SAGA_PATTERN_MODE", mode_arg(other));
+        },
+    );
     assert!(stderr.contains("refused"), "{stderr}");
     assert!(
         stderr.contains(&format!("this mesh runs in {} mode", mode_arg(mode))),
@@ -371,23 +376,9 @@ async fn a_router_with_a_token_serves_only_callers_that_carry_it() {
         .expect("served with the token");
 
     // A service without the token stops with the router's reason.
-    let router_address = mesh.address("router");
-    let refused = std::process::Command::new(crate::support::binary())
-        .args([
-            "handler",
-            "wallets",
-            "--listen",
-            "127.0.0.1:0",
-            "--router",
-            &router_address,
-        ])
-        .args(["--data-dir", dir.path().join("stray").to_str().unwrap()])
-        .env_remove("SAGAMESH_ROUTER_TOKEN")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run sagamesh");
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refused_wallets(&mesh.address("router"), &dir.path().join("stray"), |command| {
+        command.env_remove("SAGAMESH_ROUTER_TOKEN");
+    });
     assert!(stderr.contains("token"), "{stderr}");
 }
 

@@ -286,6 +286,15 @@ impl Clients {
             .expect("create item");
     }
 
+    pub async fn stats(&self) -> sagamesh_proto::v1::Stats {
+        self.coordinator
+            .clone()
+            .get_stats(sagamesh_proto::v1::GetStatsRequest {})
+            .await
+            .expect("get stats")
+            .into_inner()
+    }
+
     pub async fn balance(&self, user_id: &str) -> u64 {
         self.wallets
             .clone()
