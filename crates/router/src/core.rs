@@ -218,7 +218,6 @@ pub(crate) struct Core {
 }
 
 /// Deliveries for one instance that go out as one message.
-#[derive(Default)]
 struct DeliveryMessage {
     deliveries: Vec<Delivery>,
     /// Their encoded size within the message.

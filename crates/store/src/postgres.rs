@@ -232,23 +232,6 @@ fn described(url: &str) -> String {
     )
 }
 
-fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
-    let mut client = Client::connect(url, NoTls).map_err(|e| StoreError::Open {
-        path: described(url),
-        reason: e.to_string(),
-    })?;
-    // Replicas starting together would race on creating the schema: the
-    // same advisory lock as the migrations' serialises them.
-    client.batch_execute(&format!(
-        "SELECT pg_advisory_lock(hashtext('{schema}'));
-         CREATE SCHEMA IF NOT EXISTS {schema};
-         SELECT pg_advisory_unlock(hashtext('{schema}'));
-         SET search_path TO {schema};
-         SET application_name TO 'sagamesh {schema}'"
-    ))?;
-    Ok(client)
-}
-
 /// Opens a store's connections, and opens one again when PostgreSQL drops
 /// it (a restart, a failover, an administrator ending the session): the
 /// write or read that found it closed fails, the ones queued behind it
@@ -267,7 +250,20 @@ impl Connector {
     /// A connection in the store's schema; a writer's names itself (see
     /// [`PostgresStore::writers`]).
     fn connect(&self, writer: Option<&str>) -> Result<Client, StoreError> {
-        let mut client = connect(&self.url, &self.schema)?;
+        let (url, schema) = (&*self.url, &*self.schema);
+        let mut client = Client::connect(url, NoTls).map_err(|e| StoreError::Open {
+            path: described(url),
+            reason: e.to_string(),
+        })?;
+        // Replicas starting together would race on creating the schema: the
+        // same advisory lock as the migrations' serialises them.
+        client.batch_execute(&format!(
+            "SELECT pg_advisory_lock(hashtext('{schema}'));
+             CREATE SCHEMA IF NOT EXISTS {schema};
+             SELECT pg_advisory_unlock(hashtext('{schema}'));
+             SET search_path TO {schema};
+             SET application_name TO 'sagamesh {schema}'"
+        ))?;
         if let Some(name) = writer {
             client.batch_execute(&format!("SET sagamesh.writer = '{name}'"))?;
         }
