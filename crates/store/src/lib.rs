@@ -452,6 +452,18 @@ mod tests {
     /// PostgreSQL ends every session of the store (as a restart or a
     /// failover would): the writes and reads that find their connection
     /// closed fail, and the store connects again and serves the next ones.
+    /// Runs `sql` on a connection of its own, returning the rows it
+    /// changed or, for a `SELECT`, returned.
+    async fn admin(url: &str, sql: &'static str, application: &str) -> u64 {
+        let (url, application) = (url.to_owned(), application.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            admin.execute(sql, &[&application]).unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_postgres_store_connects_again_when_its_sessions_end() {
         let Some((store, url, schema)) = postgres_store("store_reconnect") else {
@@ -463,50 +475,56 @@ mod tests {
         store.write(insert("before")).await.unwrap();
 
         let application = format!("sagamesh {schema}");
-        let ended = tokio::task::spawn_blocking(move || {
-            let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-            admin
-                .execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-                    &[&application],
-                )
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert_eq!(
-            ended as usize,
-            postgres::WRITERS + 2,
-            "every writer and reader session ended"
-        );
+        let sessions = postgres::WRITERS + 2;
+        let ended = admin(
+            &url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &application,
+        )
+        .await;
+        assert_eq!(ended as usize, sessions, "every writer and reader session ended");
 
-        // Each thread's next job finds its session gone and fails; the ones
-        // after it are served again.
+        // Each thread's next job finds its session gone and fails; the
+        // thread then connects again. Jobs go to whichever thread is free,
+        // so keep sending them until every session is back.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             let wrote = store.write(insert("after")).await;
             let read = store
                 .read(|tx| tx.query("SELECT name FROM t ORDER BY id", &[]))
                 .await;
-            let served_again = wrote.is_ok()
-                && read.as_ref().is_ok_and(|rows| {
-                    rows.iter()
-                        .filter_map(|row| row.string(0).ok())
-                        .any(|name| name == "after")
-                });
-            if served_again {
-                let reads_again = (0..8).map(|_| store.read(|tx| tx.query("SELECT 1", &[])));
-                for read in reads_again {
-                    read.await.expect("every reader is connected again");
-                }
+            let connected = admin(
+                &url,
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &application,
+            )
+            .await;
+            if connected as usize == sessions {
                 break;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the store did not connect again: {wrote:?} {read:?}"
+                "{connected} of {sessions} sessions back: {wrote:?} {read:?}"
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        // Every thread is connected: every job is served, and what was
+        // written before and after the sessions ended is there.
+        store
+            .write(insert("after"))
+            .await
+            .expect("every writer serves again");
+        for _ in 0..8 {
+            let rows = store
+                .read(|tx| tx.query("SELECT name FROM t ORDER BY id", &[]))
+                .await
+                .expect("every reader is connected again");
+            let names: Vec<String> = rows.iter().filter_map(|row| row.string(0).ok()).collect();
+            assert_eq!(names.first().map(String::as_str), Some("before"));
+            assert!(names.iter().any(|name| name == "after"), "{names:?}");
+        }
+        // No thread is connecting any more, so none creates the schema again
+        // after it is dropped.
         drop_schema(&store, schema).await;
     }
 

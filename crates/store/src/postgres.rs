@@ -277,10 +277,16 @@ impl Connector {
         loop {
             // Another thread waiting on the queue holds the lock: the store
             // is open.
-            if jobs.try_lock().is_ok_and(|jobs| jobs.is_closed()) {
+            let closed = || jobs.try_lock().is_ok_and(|jobs| jobs.is_closed());
+            if closed() {
                 return None;
             }
             std::thread::sleep(pause);
+            // The store may have closed during the pause: connecting would
+            // only create its schema again.
+            if closed() {
+                return None;
+            }
             match self.connect(writer) {
                 Ok(client) => {
                     tracing::info!(schema = %self.schema, "connected to PostgreSQL again");
