@@ -2,10 +2,19 @@
 //! no lock is ever held and every decision sees a consistent picture.
 //!
 //! For each group the core keeps a queue per transaction. The head of a
-//! transaction's queue is either waiting in `ready`, in flight to one
-//! instance, or waiting out a retry delay; the rest wait behind it. That is
-//! what keeps a transaction's events in order within a group while different
+//! transaction's queue (its first event not yet processed) is either waiting
+//! in `ready`, in flight to one instance, waiting out a retry delay or being
+//! dead-lettered; the rest wait behind it. That is what keeps a
+//! transaction's events in order within a group while different
 //! transactions proceed in parallel.
+//!
+//! An instance may say an event is processed before it acks it: its effects
+//! are committed, not yet durable. The event then stays at the front of its
+//! queue, still unacked for the cursor, and the next one becomes the head.
+//! If the ack never comes (the stream breaks, the deadline passes, or the
+//! instance nacks), the event becomes the head again and every later event
+//! of the transaction that went out since is taken back, so the
+//! transaction's events are delivered again in order.
 //!
 //! Durability of progress, on the embedded log: for each group the core
 //! saves a cursor, the lowest offset it has not seen acked. After a restart
@@ -68,6 +77,11 @@ pub(crate) enum Command {
         instance: u64,
         delivery_ids: Vec<u64>,
     },
+    /// Deliveries whose effects are committed, not yet durable.
+    Processed {
+        instance: u64,
+        delivery_ids: Vec<u64>,
+    },
     Nack {
         instance: u64,
         delivery_id: u64,
@@ -97,6 +111,7 @@ pub(crate) enum Command {
     DeadLettered {
         group: usize,
         transaction: Arc<str>,
+        serial: u64,
     },
     /// A cursor save finished.
     CursorsSaved,
@@ -116,8 +131,27 @@ enum Settle {
     Replay,
 }
 
+/// Where an event is on its way through one group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Queued; sent once it is its transaction's head.
+    Waiting,
+    /// Sent to an instance, which has not answered yet.
+    Sent { delivery_id: u64 },
+    /// Its instance committed it and will ack it once it is durable.
+    Processed { delivery_id: u64 },
+    /// Waiting out a retry delay.
+    Delayed,
+    /// Being stored as a dead letter.
+    DeadLettering,
+}
+
 /// One event waiting for (or in) delivery to one group.
 struct Pending {
+    /// Names it within the core, so that an answer finds it wherever it
+    /// stands in its queue.
+    serial: u64,
+    stage: Stage,
     settle: Settle,
     envelope: Arc<Envelope>,
     attempts: u32,
@@ -158,11 +192,20 @@ impl Settled {
     }
 }
 
+/// A transaction's head: its first event not yet processed.
+fn head(queue: &mut VecDeque<Pending>) -> Option<&mut Pending> {
+    queue
+        .iter_mut()
+        .find(|pending| !matches!(pending.stage, Stage::Processed { .. }))
+}
+
 struct Group {
     name: String,
     event_types: Vec<EventType>,
     queues: HashMap<Arc<str>, VecDeque<Pending>>,
-    /// Transactions whose head event can be delivered now.
+    /// Transactions whose head event may be deliverable now. A transaction
+    /// can be here twice, or with its head busy: `dispatch` sends a head
+    /// only while it is `Waiting`.
     ready: VecDeque<Arc<str>>,
     /// Offsets of events not yet acked, for the cursor (embedded log).
     unacked: BTreeSet<Offset>,
@@ -187,6 +230,8 @@ struct Instance {
 struct InFlight {
     group: usize,
     transaction: Arc<str>,
+    /// The [`Pending`] delivered.
+    serial: u64,
     instance: u64,
     deadline: Instant,
 }
@@ -205,11 +250,12 @@ pub(crate) struct Core {
     groups_by_type: HashMap<EventType, Vec<usize>>,
     instances: HashMap<u64, Instance>,
     in_flight: HashMap<u64, InFlight>,
-    /// Transactions waiting out a retry delay: (due, group, transaction).
-    delayed: Vec<(Instant, usize, Arc<str>)>,
+    /// Events waiting out a retry delay: (due, group, transaction, serial).
+    delayed: Vec<(Instant, usize, Arc<str>, u64)>,
     /// Dead letters being replayed, so one is not replayed twice at once.
     replaying: HashSet<u64>,
     next_delivery_id: u64,
+    next_serial: u64,
     /// Every offset at or below this one has reached the core.
     appended_through: Offset,
     saving_cursors: bool,
@@ -323,6 +369,7 @@ impl Core {
             delayed: Vec::new(),
             replaying: HashSet::new(),
             next_delivery_id: 1,
+            next_serial: 1,
             appended_through: 0,
             saving_cursors: false,
             last_truncate: Instant::now(),
@@ -396,6 +443,22 @@ impl Core {
                     self.dispatch(group);
                 }
             }
+            Command::Processed {
+                instance,
+                delivery_ids,
+            } => {
+                let mut touched = Vec::new();
+                for id in delivery_ids {
+                    if let Some(group) = self.processed(instance, id) {
+                        touched.push(group);
+                    }
+                }
+                touched.sort_unstable();
+                touched.dedup();
+                for group in touched {
+                    self.dispatch(group);
+                }
+            }
             Command::Nack {
                 instance,
                 delivery_id,
@@ -416,8 +479,12 @@ impl Core {
                 let answer = self.replay(dead_letter);
                 let _ = reply.send(answer);
             }
-            Command::DeadLettered { group, transaction } => {
-                self.finish_head(group, &transaction);
+            Command::DeadLettered {
+                group,
+                transaction,
+                serial,
+            } => {
+                self.finish(group, &transaction, serial);
                 self.dispatch(group);
             }
             Command::CursorsSaved => self.saving_cursors = false,
@@ -533,7 +600,11 @@ impl Core {
         let Some(group) = gone.group else { return };
         self.groups[group].instances.retain(|i| *i != instance);
         self.publish_members();
-        for delivery_id in gone.in_flight {
+        // Oldest first: a transaction's processed events go back ahead of
+        // the later ones.
+        let mut in_flight: Vec<u64> = gone.in_flight.into_iter().collect();
+        in_flight.sort_unstable();
+        for delivery_id in in_flight {
             if let Some(flight) = self.in_flight.remove(&delivery_id) {
                 self.retry(flight, "the stream broke before the ack".into(), false);
             }
@@ -557,17 +628,41 @@ impl Core {
     /// Handles one ack; returns the group to dispatch again.
     fn ack(&mut self, instance: u64, delivery_id: u64) -> Option<usize> {
         let flight = self.take_in_flight(instance, delivery_id)?;
-        self.finish_head(flight.group, &flight.transaction);
+        self.finish(flight.group, &flight.transaction, flight.serial);
         Some(flight.group)
     }
 
-    /// The head of a transaction's queue is done (acked or dead-lettered).
-    fn finish_head(&mut self, group_index: usize, transaction: &Arc<str>) {
+    /// Handles one "processed": the event stays in its queue until its
+    /// ack, and the transaction's next event may go out. Returns the group
+    /// to dispatch again.
+    fn processed(&mut self, instance: u64, delivery_id: u64) -> Option<usize> {
+        let flight = self
+            .in_flight
+            .get(&delivery_id)
+            .filter(|f| f.instance == instance)?;
+        let group = &mut self.groups[flight.group];
+        let pending = group
+            .queues
+            .get_mut(&flight.transaction)?
+            .iter_mut()
+            .find(|p| p.serial == flight.serial)?;
+        if pending.stage != (Stage::Sent { delivery_id }) {
+            return None;
+        }
+        pending.stage = Stage::Processed { delivery_id };
+        group.ready.push_back(flight.transaction.clone());
+        Some(flight.group)
+    }
+
+    /// An event is done with (acked or dead-lettered): it leaves its queue
+    /// and the group's unacked events.
+    fn finish(&mut self, group_index: usize, transaction: &Arc<str>, serial: u64) {
         let group = &mut self.groups[group_index];
         let Some(queue) = group.queues.get_mut(transaction) else {
             return;
         };
-        if let Some(done) = queue.pop_front() {
+        let position = queue.iter().position(|p| p.serial == serial);
+        if let Some(done) = position.and_then(|at| queue.remove(at)) {
             match done.settle {
                 Settle::Offset(offset) => {
                     group.unacked.remove(&offset);
@@ -606,10 +701,14 @@ impl Core {
         let Some(head) = group
             .queues
             .get_mut(&flight.transaction)
-            .and_then(|q| q.front_mut())
+            .and_then(|q| q.iter_mut().find(|p| p.serial == flight.serial))
         else {
             return;
         };
+        if matches!(head.stage, Stage::Processed { .. }) {
+            self.unprocess(flight, reason);
+            return;
+        }
         head.last_error = reason;
         if head.attempts >= max_attempts {
             let (group_name, envelope, attempts, error) = (
@@ -627,6 +726,8 @@ impl Core {
                 "event moved to the dead-letter store"
             );
             let replay_of = head.replay_of;
+            head.stage = Stage::DeadLettering;
+            let serial = head.serial;
             let (log, commands, appender) = (
                 self.dead_letters.clone(),
                 self.commands.clone(),
@@ -675,6 +776,7 @@ impl Core {
                     .send(Command::DeadLettered {
                         group: group_index,
                         transaction,
+                        serial,
                     })
                     .await;
             });
@@ -687,12 +789,47 @@ impl Core {
                 .saturating_mul(1 << head.attempts.saturating_sub(1).min(16))
                 .min(self.config.retry_max);
             let backoff = exponential.mul_f64(0.5 + rand::random::<f64>());
-            self.delayed
-                .push((Instant::now() + backoff, flight.group, flight.transaction));
+            head.stage = Stage::Delayed;
+            self.delayed.push((
+                Instant::now() + backoff,
+                flight.group,
+                flight.transaction,
+                flight.serial,
+            ));
         } else {
+            head.stage = Stage::Waiting;
             group.ready.push_front(flight.transaction);
             self.dispatch(flight.group);
         }
+    }
+
+    /// A processed event was not acked (its stream broke, its deadline
+    /// passed, or making it durable failed): it is the transaction's head
+    /// again, and every later event of the transaction that went out since
+    /// is taken back, so all of them are delivered again in order. An
+    /// instance that kept the effects finds them already applied.
+    fn unprocess(&mut self, flight: InFlight, reason: String) {
+        let group = &mut self.groups[flight.group];
+        let Some(queue) = group.queues.get_mut(&flight.transaction) else {
+            return;
+        };
+        let Some(at) = queue.iter().position(|p| p.serial == flight.serial) else {
+            return;
+        };
+        for pending in queue.iter_mut().skip(at) {
+            let (Stage::Sent { delivery_id } | Stage::Processed { delivery_id }) = pending.stage else {
+                continue;
+            };
+            pending.stage = Stage::Waiting;
+            if let Some(taken) = self.in_flight.remove(&delivery_id)
+                && let Some(holder) = self.instances.get_mut(&taken.instance)
+            {
+                holder.in_flight.remove(&delivery_id);
+            }
+        }
+        queue[at].last_error = reason;
+        group.ready.push_front(flight.transaction);
+        self.dispatch(flight.group);
     }
 
     /// Queues durable events for every group subscribed to their type.
@@ -704,16 +841,20 @@ impl Core {
                 continue;
             };
             for &index in groups {
+                let serial = self.next_serial;
                 let group = &mut self.groups[index];
                 if recovering && event.offset < group.saved_cursor {
                     continue;
                 }
+                self.next_serial += 1;
                 let transaction: Arc<str> = Arc::from(event.envelope.transaction_id.as_str());
                 let queue = group.queues.entry(transaction.clone()).or_default();
                 if queue.is_empty() {
                     group.ready.push_back(transaction);
                 }
                 queue.push_back(Pending {
+                    serial,
+                    stage: Stage::Waiting,
                     settle: Settle::Offset(event.offset),
                     envelope: event.envelope.clone(),
                     attempts: 0,
@@ -744,12 +885,16 @@ impl Core {
         if !group.held.insert(event.sequence) {
             return;
         }
+        let serial = self.next_serial;
+        self.next_serial += 1;
         let transaction: Arc<str> = Arc::from(event.envelope.transaction_id.as_str());
         let queue = group.queues.entry(transaction.clone()).or_default();
         if queue.is_empty() {
             group.ready.push_back(transaction);
         }
         queue.push_back(Pending {
+            serial,
+            stage: Stage::Waiting,
             settle: Settle::Receipt {
                 sequence: event.sequence,
                 receipt: event.receipt,
@@ -789,7 +934,7 @@ impl Core {
         let gone: HashSet<Arc<str>> = gone.into_iter().collect();
         group.ready.retain(|tx| !gone.contains(tx));
         self.delayed
-            .retain(|(_, g, tx)| !(*g == group_index && gone.contains(tx)));
+            .retain(|(_, g, tx, _)| !(*g == group_index && gone.contains(tx)));
         let flights: Vec<u64> = self
             .in_flight
             .iter()
@@ -825,6 +970,8 @@ impl Core {
                 dead_letter.id
             )));
         }
+        let serial = self.next_serial;
+        self.next_serial += 1;
         let group = &mut self.groups[index];
         let transaction: Arc<str> = Arc::from(dead_letter.envelope.transaction_id.as_str());
         let queue = group.queues.entry(transaction.clone()).or_default();
@@ -832,6 +979,8 @@ impl Core {
             group.ready.push_back(transaction);
         }
         queue.push_back(Pending {
+            serial,
+            stage: Stage::Waiting,
             settle: Settle::Replay,
             envelope: dead_letter.envelope,
             attempts: 0,
@@ -851,6 +1000,14 @@ impl Core {
         let mut batches: HashMap<u64, Vec<DeliveryMessage>> = HashMap::new();
         let deadline = Instant::now() + self.config.ack_deadline;
         'events: while let Some(transaction) = group.ready.pop_front() {
+            let sendable = group
+                .queues
+                .get_mut(&transaction)
+                .and_then(head)
+                .is_some_and(|head| head.stage == Stage::Waiting);
+            if !sendable {
+                continue;
+            }
             // Find the next instance in turn with room.
             let count = group.instances.len();
             let mut chosen = None;
@@ -868,12 +1025,14 @@ impl Core {
                 group.ready.push_front(transaction);
                 break 'events;
             };
-            let Some(head) = group.queues.get_mut(&transaction).and_then(|q| q.front_mut()) else {
+            let Some(head) = group.queues.get_mut(&transaction).and_then(head) else {
                 continue;
             };
             head.attempts += 1;
             let delivery_id = self.next_delivery_id;
             self.next_delivery_id += 1;
+            head.stage = Stage::Sent { delivery_id };
+            let serial = head.serial;
             pack(
                 batches.entry(instance_id).or_default(),
                 Delivery {
@@ -890,6 +1049,7 @@ impl Core {
                 InFlight {
                     group: group_index,
                     transaction,
+                    serial,
                     instance: instance_id,
                     deadline,
                 },
@@ -931,12 +1091,14 @@ impl Core {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self
+        let mut expired: Vec<u64> = self
             .in_flight
             .iter()
             .filter(|(_, flight)| flight.deadline <= now)
             .map(|(id, _)| *id)
             .collect();
+        // Oldest first, as on a detach.
+        expired.sort_unstable();
         for id in expired {
             // Retrying one may detach an instance whose stream is full or
             // gone, and that retries its other deliveries itself.
@@ -954,17 +1116,25 @@ impl Core {
         }
         if !self.delayed.is_empty() {
             let mut due = Vec::new();
-            self.delayed.retain(|(at, group, tx)| {
+            self.delayed.retain(|(at, group, tx, serial)| {
                 if *at <= now {
-                    due.push((*group, tx.clone()));
+                    due.push((*group, tx.clone(), *serial));
                     false
                 } else {
                     true
                 }
             });
-            for (group, tx) in due {
-                self.groups[group].ready.push_front(tx);
-                self.dispatch(group);
+            for (group, tx, serial) in due {
+                let waited = self.groups[group]
+                    .queues
+                    .get_mut(&tx)
+                    .and_then(|q| q.iter_mut().find(|p| p.serial == serial))
+                    .filter(|p| p.stage == Stage::Delayed);
+                if let Some(pending) = waited {
+                    pending.stage = Stage::Waiting;
+                    self.groups[group].ready.push_front(tx);
+                    self.dispatch(group);
+                }
             }
         }
         self.save_cursors_if_moved();
@@ -1160,6 +1330,146 @@ mod tests {
             Some(Command::DeadLettered { transaction, .. }) => assert_eq!(&*transaction, "tx-a"),
             _ => panic!("expected the event to be settled as dead-lettered"),
         }
+    }
+
+    /// The deliveries received so far, as (delivery id, transaction, attempt).
+    fn deliveries(inbound: &mut mpsc::Receiver<Result<AttachResponse, Status>>) -> Vec<(u64, String, u32)> {
+        let mut received = Vec::new();
+        while let Ok(Ok(message)) = inbound.try_recv() {
+            if let Some(attach_response::Kind::Deliveries(batch)) = message.kind {
+                received.extend(
+                    batch
+                        .deliveries
+                        .into_iter()
+                        .filter_map(|d| d.envelope.map(|e| (d.delivery_id, e.transaction_id, d.attempt))),
+                );
+            }
+        }
+        received
+    }
+
+    fn processed(core: &mut Core, instance: u64, delivery_id: u64) {
+        core.handle(Command::Processed {
+            instance,
+            delivery_ids: vec![delivery_id],
+        });
+    }
+
+    fn ack(core: &mut Core, instance: u64, delivery_id: u64) {
+        core.handle(Command::Ack {
+            instance,
+            delivery_ids: vec![delivery_id],
+        });
+    }
+
+    #[tokio::test]
+    async fn a_processed_event_lets_the_next_go_out_but_holds_the_cursor_until_its_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = harness(&dir, |_| {}).await;
+        let core = &mut harness.core;
+        let (outbound, mut inbound) = mpsc::channel(16);
+        core.attach(1, hello(8), outbound).unwrap();
+        core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-a")], false);
+        let first = deliveries(&mut inbound);
+        assert_eq!(first.len(), 1, "one event of a transaction at a time");
+
+        processed(core, 1, first[0].0);
+        let second = deliveries(&mut inbound);
+        assert_eq!(
+            second.len(),
+            1,
+            "the next event went out once the first was processed"
+        );
+        assert_eq!(
+            core.cursors()[0].1,
+            1,
+            "the processed event still holds the cursor"
+        );
+
+        // Acks may come in any order; the cursor passes each acked event.
+        ack(core, 1, second[0].0);
+        assert_eq!(core.cursors()[0].1, 1);
+        ack(core, 1, first[0].0);
+        assert_eq!(core.cursors()[0].1, 3);
+        assert!(core.groups[0].queues.is_empty());
+        assert!(core.in_flight.is_empty());
+    }
+
+    #[tokio::test]
+    async fn processed_events_that_were_never_acked_go_out_again_ahead_of_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = harness(&dir, |_| {}).await;
+        let core = &mut harness.core;
+        let (first_stream, mut first_inbound) = mpsc::channel(16);
+        core.attach(1, hello(8), first_stream).unwrap();
+        core.enqueue(
+            vec![initiated(1, "tx-a"), initiated(2, "tx-a"), initiated(3, "tx-a")],
+            false,
+        );
+        let one = deliveries(&mut first_inbound);
+        processed(core, 1, one[0].0);
+        let two = deliveries(&mut first_inbound);
+        processed(core, 1, two[0].0);
+        let three = deliveries(&mut first_inbound);
+        assert_eq!(three.len(), 1, "the third event is out, the first two unacked");
+
+        // A second instance attaches; the first one's stream breaks before
+        // it acked anything. The first event goes out again (to the second
+        // instance), and nothing behind it until it is answered.
+        let (second_stream, mut second_inbound) = mpsc::channel(16);
+        core.attach(2, hello(8), second_stream).unwrap();
+        core.detach(1);
+        let again = deliveries(&mut second_inbound);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].2, 2, "its second attempt");
+        assert_eq!(core.in_flight.len(), 1);
+
+        // The rest follow in order, each after the one before is processed.
+        processed(core, 2, again[0].0);
+        let then = deliveries(&mut second_inbound);
+        assert_eq!(then.len(), 1);
+        assert_eq!(then[0].2, 2, "the second event went out again as well");
+        ack(core, 2, again[0].0);
+        ack(core, 2, then[0].0);
+        let last = deliveries(&mut second_inbound);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].2, 2, "the third, taken back from the broken stream");
+        ack(core, 2, last[0].0);
+        assert_eq!(core.cursors()[0].1, 4);
+    }
+
+    #[tokio::test]
+    async fn an_event_processed_by_one_instance_takes_back_a_later_one_sent_to_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = harness(&dir, |_| {}).await;
+        let core = &mut harness.core;
+        let (first_stream, mut first_inbound) = mpsc::channel(16);
+        let (second_stream, mut second_inbound) = mpsc::channel(16);
+        core.attach(1, hello(8), first_stream).unwrap();
+        core.attach(2, hello(8), second_stream).unwrap();
+        core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-a")], false);
+        // Instances are taken in turn: the first event goes to the first.
+        let first = deliveries(&mut first_inbound);
+        assert_eq!(first.len(), 1);
+        processed(core, 1, first[0].0);
+        let later = deliveries(&mut second_inbound);
+        assert_eq!(later.len(), 1, "the next event went to the second instance");
+
+        // The first instance goes away without its ack: the first event
+        // comes back, and the later one is taken back from the second
+        // instance, whose answer for it no longer counts.
+        core.detach(1);
+        let again = deliveries(&mut second_inbound);
+        assert_eq!(again.len(), 1, "only the first event is out again");
+        assert_eq!(again[0].2, 2);
+        ack(core, 2, later[0].0);
+        assert_eq!(core.in_flight.len(), 1, "the stale ack changed nothing");
+        ack(core, 2, again[0].0);
+        let then = deliveries(&mut second_inbound);
+        assert_eq!(then.len(), 1, "then the later event, once more");
+        assert_eq!(then[0].2, 2);
+        ack(core, 2, then[0].0);
+        assert_eq!(core.cursors()[0].1, 3);
     }
 
     fn delivery_of(bytes: usize) -> Delivery {

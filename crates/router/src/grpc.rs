@@ -192,6 +192,10 @@ impl RouterService {
                         instance,
                         delivery_ids: ack.delivery_ids,
                     },
+                    Some(attach_request::Kind::Processed(processed)) => Command::Processed {
+                        instance,
+                        delivery_ids: processed.delivery_ids,
+                    },
                     Some(attach_request::Kind::Nack(nack)) => Command::Nack {
                         instance,
                         delivery_id: nack.delivery_id,
