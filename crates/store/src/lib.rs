@@ -247,6 +247,28 @@ impl Store {
         }
     }
 
+    /// Like [`Store::write_staged`], for a stream of writes that need not
+    /// each be durable at once: the write asks for no fsync of its own. On
+    /// SQLite its commit is synced with the next write that asks for one,
+    /// when a [`Store::read_durable`] waits for it, or within a few
+    /// milliseconds, so that such writes share fsyncs. (A PostgreSQL commit
+    /// is durable when it returns.)
+    pub async fn write_deferred<R, E, F>(&self, mut f: F) -> Result<(R, Synced), E>
+    where
+        F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.engine {
+            Engine::Sqlite(engine) => {
+                engine
+                    .write_deferred(move |conn| f(&mut SqliteTx::Writer(conn)))
+                    .await
+            }
+            Engine::Postgres(engine) => engine.write_staged(f).await,
+        }
+    }
+
     /// Runs `f` on a read connection, which sees the last commit (keep
     /// reads short: a page, not a scan).
     pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>

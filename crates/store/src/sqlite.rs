@@ -26,9 +26,16 @@
 //! of leaving the writer idle. When nothing is waiting, the writer syncs
 //! itself and saves the hand-off. Readers therefore may see a commit before
 //! its fsync; a read whose rows are passed on waits for it (`synced`).
+//!
+//! A deferred write ([`SqliteStore::write_deferred`]) does not ask for an
+//! fsync of its own: its batch waits at the syncer for the next write that
+//! does, for a read that must see it durable, or for [`DEFER_SYNC_AT_MOST`],
+//! whichever comes first. A stream of deferred writes between durable ones
+//! thus shares their fsyncs.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,6 +64,8 @@ trait WriteJob: Send {
 
 /// What the writer does for a job once its batch committed, or failed to.
 struct Finish {
+    /// Whether its batch must be synced now, or may wait (deferred).
+    urgent: bool,
     /// Called once the batch is committed (visible, not yet synced).
     committed: Option<Completion>,
     /// Called once the batch is synced (durable as the store promises).
@@ -78,6 +87,8 @@ enum Answer<R, E> {
     /// [`SqliteStore::write_staged`]: answered once committed, with a
     /// [`Synced`] that resolves once synced.
     Staged(oneshot::Sender<Result<(R, Synced), E>>),
+    /// [`SqliteStore::write_deferred`]: like `Staged`, and its sync may wait.
+    Deferred(oneshot::Sender<Result<(R, Synced), E>>),
 }
 
 impl<F, R, E> WriteJob for Queued<F, R, E>
@@ -99,16 +110,19 @@ where
         // A job that never ran to the end (it panicked, or the batch broke
         // before its turn) changed nothing.
         let result = result.unwrap_or_else(|| Err(E::from(StoreError::NotRun)));
+        let urgent = !matches!(answer, Answer::Deferred(_));
         match answer {
             Answer::Durable(tx) => Finish {
+                urgent: true,
                 committed: None,
                 synced: Box::new(move |outcome| {
                     let _ = tx.send(settle(result, outcome));
                 }),
             },
-            Answer::Staged(tx) => {
+            Answer::Staged(tx) | Answer::Deferred(tx) => {
                 let (sync_tx, sync_rx) = oneshot::channel();
                 Finish {
+                    urgent,
                     committed: Some(Box::new(move |outcome| {
                         let _ = tx.send(settle(result, outcome).map(|value| (value, Synced::new(sync_rx))));
                     })),
@@ -127,6 +141,8 @@ const MAX_BATCH: usize = 512;
 const WRITE_QUEUE: usize = 4096;
 /// Committed batches waiting for the syncer. When full, the writer waits.
 const SYNC_QUEUE: usize = 64;
+/// The longest a deferred write waits for its fsync.
+const DEFER_SYNC_AT_MOST: Duration = Duration::from_millis(5);
 /// How long a connection waits for a lock that another connection of this
 /// process holds (a checkpoint, a store being closed) before failing busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,6 +153,17 @@ pub(crate) struct SqliteStore {
     writes: mpsc::Sender<Box<dyn WriteJob>>,
     readers: Arc<Readers>,
     watermark: Watermark,
+    /// How a durable read asks the syncer not to wait; `None` when nothing
+    /// is synced.
+    hurry: Option<Hurry>,
+}
+
+/// A durable read's way to have deferred batches synced now.
+#[derive(Clone)]
+struct Hurry {
+    /// The highest batch a durable read waits for.
+    wanted: Arc<AtomicU64>,
+    to_sync: SyncSender<SyncWork>,
 }
 
 /// Read connections, taken by a read and given back after it. Every one is
@@ -222,6 +249,16 @@ impl SqliteStore {
         durability: Durability,
         migrations: &[&str],
     ) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_deferring(path, durability, migrations, DEFER_SYNC_AT_MOST)
+    }
+
+    /// Opens the store with deferred syncs waiting at most `defer`.
+    fn open_deferring(
+        path: &Path,
+        durability: Durability,
+        migrations: &[&str],
+        defer: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         let writer = open_connection(path)?;
         // The first statement that reads the file takes it for this process.
         // Busy here means another process holds it once the busy timeout has
@@ -264,20 +301,29 @@ impl SqliteStore {
         let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
         let (marker, watermark) = synced::marks();
         let spawn_error = |e: std::io::Error| StoreError::Commit(e.to_string());
-        let syncer = if syncer.wal_path.is_some() {
+        let (syncer, hurry) = if syncer.wal_path.is_some() {
             let wal = Arc::new(Mutex::new(syncer));
             let (to_sync, sync_rx) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
-            let (shared, marker) = (wal.clone(), marker.clone());
+            let hurry = Hurry {
+                wanted: Arc::new(AtomicU64::new(0)),
+                to_sync: to_sync.clone(),
+            };
+            let (shared, marker, wanted) = (wal.clone(), marker.clone(), hurry.wanted.clone());
             std::thread::Builder::new()
                 .name(format!("{name}-sync"))
                 .spawn(move || {
                     sched::run_as_batch_work();
-                    run_syncer(&shared, &marker, sync_rx)
+                    run_syncer(&shared, &marker, &wanted, defer, sync_rx)
                 })
                 .map_err(spawn_error)?;
-            Some(SyncHandle { wal, to_sync })
+            let handle = SyncHandle {
+                wal,
+                to_sync,
+                deferred: false,
+            };
+            (Some(handle), Some(hurry))
         } else {
-            None
+            (None, None)
         };
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
@@ -290,6 +336,7 @@ impl SqliteStore {
             writes,
             readers,
             watermark,
+            hurry,
         })
     }
 
@@ -321,6 +368,19 @@ impl SqliteStore {
     {
         let (tx, rx) = oneshot::channel();
         self.submit(Answer::Staged(tx), f, rx).await
+    }
+
+    /// Like [`SqliteStore::write_staged`], but asks for no fsync of its
+    /// own: the commit's sync comes with a later write's, with a durable
+    /// read's, or after [`DEFER_SYNC_AT_MOST`].
+    pub(crate) async fn write_deferred<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    where
+        F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Answer::Deferred(tx), f, rx).await
     }
 
     /// Queues `f` for the writer and waits for the answer it sends on `rx`;
@@ -373,7 +433,16 @@ impl SqliteStore {
         E: From<StoreError> + Send + 'static,
     {
         let result = self.read(f).await?;
-        self.watermark.covers_reads_so_far().await.map_err(E::from)?;
+        let seen = self.watermark.seen();
+        if !self.watermark.is_synced(seen)
+            && let Some(hurry) = &self.hurry
+        {
+            hurry.wanted.fetch_max(seen, Ordering::SeqCst);
+            // A full queue means the syncer has work in hand and will look
+            // at `wanted` when it takes the next.
+            let _ = hurry.to_sync.try_send(SyncWork::Hurry);
+        }
+        self.watermark.covers(seen).await.map_err(E::from)?;
         Ok(result)
     }
 }
@@ -437,11 +506,28 @@ fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), StoreError> {
 }
 
 /// How the writer gets its commits synced: itself, or through the syncer
-/// thread when more writes are waiting.
+/// thread when more writes are waiting or the batch's sync may wait.
 struct SyncHandle {
     wal: Arc<Mutex<Syncer>>,
-    /// The batches to sync: the number of the last one, and their writes.
-    to_sync: SyncSender<(u64, Vec<Completion>)>,
+    to_sync: SyncSender<SyncWork>,
+    /// Whether deferred batches may be waiting at the syncer.
+    deferred: bool,
+}
+
+/// What the syncer is handed.
+enum SyncWork {
+    /// Committed batches through this number, and their writes' answers.
+    Batches {
+        through: u64,
+        waiting: Vec<Completion>,
+        /// Whether they must be synced now, or may wait.
+        urgent: bool,
+    },
+    /// The writer synced the WAL itself, with this outcome, after every
+    /// batch handed over before: their writes are answered with it.
+    SyncedByWriter(Result<(), String>),
+    /// A durable read waits (see `Hurry::wanted`).
+    Hurry,
 }
 
 /// Syncs the WAL, which makes every batch up to `through` durable, and
@@ -485,6 +571,7 @@ fn run_writer(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    let mut syncer = syncer;
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -493,10 +580,18 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let outcome = commit_and_answer(&mut prepared, marker, &mut batch, &mut completions, &mut synced);
+        let mut urgent = false;
+        let outcome = commit_and_answer(
+            &mut prepared,
+            marker,
+            &mut batch,
+            &mut completions,
+            &mut synced,
+            &mut urgent,
+        );
         // This batch's number, or the last one's if it failed before `COMMIT`.
         let number = marker.last_begun();
-        let Some(syncer) = &syncer else {
+        let Some(syncer) = &mut syncer else {
             // Nothing to sync: a commit is as durable as the store promises.
             marker.synced_through(number);
             answer(&mut synced, &outcome);
@@ -505,19 +600,46 @@ fn run_writer(
         if outcome.is_err() {
             // Nothing of this batch is on disk, but readers that saw earlier
             // commits may wait for its number: sync them.
-            let _ = sync(&syncer.wal, marker, number);
+            let synced_earlier = sync(&syncer.wal, marker, number);
             answer(&mut synced, &outcome);
+            syncer.tell_deferred(synced_earlier);
             continue;
         }
-        if !jobs.is_empty() {
-            // More to commit: the syncer waits for the disk instead.
+        if !urgent || !jobs.is_empty() {
+            // More to commit, or a sync that may wait: the syncer waits
+            // for the disk instead.
             let waiting = std::mem::replace(&mut synced, Vec::with_capacity(MAX_BATCH));
-            match syncer.to_sync.send((number, waiting)) {
-                Ok(()) => continue,
-                Err(std::sync::mpsc::SendError((_, waiting))) => synced = waiting,
+            let work = SyncWork::Batches {
+                through: number,
+                waiting,
+                urgent,
+            };
+            match syncer.to_sync.send(work) {
+                Ok(()) => {
+                    // An urgent batch has the syncer sync what it holds.
+                    syncer.deferred = !urgent;
+                    continue;
+                }
+                Err(std::sync::mpsc::SendError(work)) => {
+                    if let SyncWork::Batches { waiting, .. } = work {
+                        synced = waiting;
+                    }
+                }
             }
         }
-        sync_and_answer(&syncer.wal, marker, number, &mut synced);
+        let outcome = sync(&syncer.wal, marker, number);
+        answer(&mut synced, &outcome);
+        syncer.tell_deferred(outcome);
+    }
+}
+
+impl SyncHandle {
+    /// After the writer synced the WAL itself: the deferred batches at the
+    /// syncer, all committed before, are answered with the same outcome.
+    fn tell_deferred(&mut self, outcome: Result<(), String>) {
+        if std::mem::take(&mut self.deferred) {
+            let _ = self.to_sync.send(SyncWork::SyncedByWriter(outcome));
+        }
     }
 }
 
@@ -530,8 +652,9 @@ fn commit_and_answer(
     batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
+    urgent: &mut bool,
 ) -> Result<(), String> {
-    let outcome = commit_batch(conn, marker, batch, committed, synced);
+    let outcome = commit_batch(conn, marker, batch, committed, synced, urgent);
     if let Err(e) = &outcome {
         tracing::error!(error = %e, writes = synced.len(), "store commit failed");
         // The batch may have failed before its transaction began.
@@ -545,17 +668,68 @@ fn commit_and_answer(
     outcome
 }
 
-/// Syncs the WAL for every batch handed over since its last sync, then
-/// answers them all.
-fn run_syncer(wal: &Mutex<Syncer>, marker: &Marker, batches: Receiver<(u64, Vec<Completion>)>) {
+/// Syncs the WAL for the batches handed over, then answers their writes:
+/// at once for urgent batches, and for deferred ones when a durable read
+/// waits for them or the oldest has waited `defer`. One fsync covers
+/// every batch handed over before it began.
+fn run_syncer(
+    wal: &Mutex<Syncer>,
+    marker: &Marker,
+    wanted: &AtomicU64,
+    defer: Duration,
+    work: Receiver<SyncWork>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+
     let mut waiting: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
-    while let Ok((mut through, first)) = batches.recv() {
-        waiting.extend(first);
-        for (number, more) in batches.try_iter() {
-            through = number;
-            waiting.extend(more);
+    let mut through = 0;
+    // When the oldest deferred batch held must be synced.
+    let mut due: Option<std::time::Instant> = None;
+    loop {
+        let first = match due {
+            None => work.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => work.recv_timeout(at.saturating_duration_since(std::time::Instant::now())),
+        };
+        let mut urgent = false;
+        match first {
+            Ok(first) => {
+                for item in std::iter::once(first).chain(work.try_iter()) {
+                    match item {
+                        SyncWork::Batches {
+                            through: number,
+                            waiting: more,
+                            urgent: now,
+                        } => {
+                            through = number;
+                            waiting.extend(more);
+                            urgent |= now;
+                            due.get_or_insert_with(|| std::time::Instant::now() + defer);
+                        }
+                        SyncWork::SyncedByWriter(outcome) => {
+                            answer(&mut waiting, &outcome);
+                            urgent = false;
+                            due = None;
+                        }
+                        SyncWork::Hurry => {}
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => urgent = true,
+            Err(RecvTimeoutError::Disconnected) => {
+                if !waiting.is_empty() {
+                    sync_and_answer(wal, marker, through, &mut waiting);
+                }
+                return;
+            }
         }
-        sync_and_answer(wal, marker, through, &mut waiting);
+        let read_waits = {
+            let wanted = wanted.load(Ordering::SeqCst);
+            wanted > marker.synced_now() && through >= wanted
+        };
+        if !waiting.is_empty() && (urgent || read_waits) {
+            sync_and_answer(wal, marker, through, &mut waiting);
+            due = None;
+        }
     }
 }
 
@@ -573,6 +747,7 @@ fn commit_batch(
     batch: &mut Vec<Box<dyn WriteJob>>,
     committed: &mut Vec<Completion>,
     synced: &mut Vec<Completion>,
+    urgent: &mut bool,
 ) -> Result<(), String> {
     let mut ran = Vec::with_capacity(batch.len());
     // Once the transaction is broken, the rest of the batch is not run, and
@@ -584,6 +759,7 @@ fn commit_batch(
         let finish = job.finish();
         committed.extend(finish.committed);
         synced.push(finish.synced);
+        *urgent |= finish.urgent;
     }
     outcome?;
     marker.begin_batch();
@@ -732,6 +908,98 @@ mod tests {
         assert_eq!(count(&store).await, 1);
     }
 
+    /// Waits for a staged or deferred write's sync, failing the test if it
+    /// never comes.
+    async fn synced_soon(synced: Synced) {
+        tokio::time::timeout(Duration::from_secs(10), synced.durable())
+            .await
+            .expect("the write was never synced")
+            .unwrap();
+    }
+
+    fn is_durable_yet(synced: &mut Synced) -> bool {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(&mut synced.0).poll(&mut context).is_ready()
+    }
+
+    /// A store whose deferred writes would wait an hour for a sync of
+    /// their own.
+    fn deferring_store(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open_deferring(
+            &dir.path().join("notes.db"),
+            Durability::Machine,
+            MIGRATIONS,
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn deferred_writes_are_synced_by_the_next_write_that_asks_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = deferring_store(&dir);
+        let mut deferred = Vec::new();
+        for _ in 0..3 {
+            let (_, synced) = store.write_deferred(insert("deferred")).await.unwrap();
+            deferred.push(synced);
+        }
+        assert_eq!(count(&store).await, 3, "visible once committed");
+        assert!(
+            deferred.iter_mut().all(|synced| !is_durable_yet(synced)),
+            "nothing asked for a sync yet"
+        );
+        // A write that asks for its sync syncs the ones before it too.
+        store.write(insert("durable")).await.unwrap();
+        for synced in deferred {
+            synced_soon(synced).await;
+        }
+
+        // Mixed with concurrent durable writes, every deferred one is
+        // synced too (whether the writer or the syncer thread syncs). The
+        // last write queued is a durable one.
+        let mixed = (0..64).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let (_, synced) = store.write_deferred(insert("deferred")).await.unwrap();
+                    synced_soon(synced).await;
+                } else {
+                    store.write(insert("durable")).await.unwrap();
+                }
+            })
+        });
+        for write in mixed.collect::<Vec<_>>() {
+            write.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_durable_read_has_deferred_writes_synced_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = deferring_store(&dir);
+        let (_, mut deferred) = store.write_deferred(insert("deferred")).await.unwrap();
+        assert!(!is_durable_yet(&mut deferred));
+        let seen = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.read_durable(|conn| {
+                Ok::<i64, StoreError>(conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?)
+            }),
+        )
+        .await
+        .expect("the read waited for the deferred sync")
+        .unwrap();
+        assert_eq!(seen, 1);
+        synced_soon(deferred).await;
+    }
+
+    #[tokio::test]
+    async fn a_deferred_write_alone_is_synced_within_the_deferral() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
+        let (_, synced) = store.write_deferred(insert("alone")).await.unwrap();
+        synced_soon(synced).await;
+    }
+
     /// A writer connection to a new notes file (the directory lives as long
     /// as the returned guard).
     fn notes_connection() -> (tempfile::TempDir, Connection) {
@@ -762,6 +1030,7 @@ mod tests {
 
         fn finish(self: Box<Self>) -> Finish {
             Finish {
+                urgent: true,
                 committed: None,
                 synced: Box::new(|_| {}),
             }
@@ -790,6 +1059,7 @@ mod tests {
             &mut batch,
             &mut Vec::new(),
             &mut Vec::new(),
+            &mut false,
         )
         .unwrap();
         assert!(conn.is_autocommit(), "the batch's transaction is over");
@@ -875,6 +1145,7 @@ mod tests {
             &mut batch,
             &mut Vec::new(),
             &mut synced,
+            &mut false,
         );
         answer(&mut synced, &outcome);
         outcome

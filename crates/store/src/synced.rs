@@ -78,6 +78,15 @@ impl Marker {
         });
     }
 
+    /// The last batch known synced (after a failed sync, every batch: no
+    /// sync is worth waiting for any more).
+    pub(crate) fn synced_now(&self) -> u64 {
+        match *self.synced.borrow() {
+            Synced::Through(through) => through,
+            Synced::Failed => u64::MAX,
+        }
+    }
+
     /// Says that an fsync failed, for good.
     pub(crate) fn sync_failed(&self) {
         self.synced.send_replace(Synced::Failed);
@@ -94,8 +103,24 @@ pub(crate) struct Watermark {
 impl Watermark {
     /// Waits until every batch that had begun to commit is synced. Called
     /// after a read, it returns once whatever the read saw is durable.
+    #[cfg(test)]
     pub(crate) async fn covers_reads_so_far(&self) -> Result<(), StoreError> {
-        let seen = self.begun.load(Ordering::SeqCst);
+        self.covers(self.seen()).await
+    }
+
+    /// The last batch that had begun to commit: called after a read, every
+    /// batch whose rows it may have seen.
+    pub(crate) fn seen(&self) -> u64 {
+        self.begun.load(Ordering::SeqCst)
+    }
+
+    /// Whether batch `seen` and every one before it are synced.
+    pub(crate) fn is_synced(&self, seen: u64) -> bool {
+        matches!(*self.synced.borrow(), Synced::Through(through) if through >= seen)
+    }
+
+    /// Waits until batch `seen` and every one before it are synced.
+    pub(crate) async fn covers(&self, seen: u64) -> Result<(), StoreError> {
         let mut synced = self.synced.clone();
         let reached = synced
             .wait_for(|synced| match *synced {
