@@ -26,8 +26,10 @@ use sagamesh_proto::v1::{
     Envelope, EventType, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext, Transaction,
     TransactionStatus, TransactionUpdate,
 };
-use sagamesh_router_client::{BoxFuture, ClientError, Handler, HandlerConfig, OutboxRelay, RouterClient};
-use sagamesh_store::{Database, Store, StoreError};
+use sagamesh_router_client::{
+    BoxFuture, ClientError, Handled, Handler, HandlerConfig, OutboxRelay, RouterClient,
+};
+use sagamesh_store::{Database, Store, StoreError, Synced};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -370,7 +372,9 @@ impl Coordinator {
             .await
     }
 
-    async fn apply(&self, event: Envelope) -> Result<(), CoordinatorError> {
+    /// Folds an event into the view. Returns once it is committed, with
+    /// what resolves once it is durable (`None`: nothing was written).
+    async fn apply(&self, event: Envelope) -> Result<Option<Synced>, CoordinatorError> {
         let event_type = event.event_type();
         if event.producer == GROUP && view::only_recorded(&event) {
             // Folded into the view when this coordinator (or a replica)
@@ -390,7 +394,7 @@ impl Coordinator {
                     transaction: Some(transaction),
                     event: event_type as i32,
                 });
-                return Ok(());
+                return Ok(None);
             }
         }
         let timing = event
@@ -405,20 +409,22 @@ impl Coordinator {
         };
         let dead_lettered = u64::from(event_type == EventType::DeadLettered);
         let tx_id = event.transaction_id.clone();
-        // Staged: watchers see the new status while the fsync runs. The
-        // event is acked only once durable, so a machine crash in between
-        // redelivers it and the view is rebuilt from it. A command the
-        // orchestrator wrote here and that got out before a crash is
-        // written again on redelivery; the step's claim absorbs the repeat.
+        // Deferred: watchers see the new status before the fsync, which
+        // the next write that needs one shares (or the relay's durable
+        // read of the orchestrator's command hurries). The event is
+        // reported processed at once and acked only once durable, so a
+        // machine crash in between redelivers it and the view is rebuilt
+        // from it. A command the orchestrator wrote here and that got out
+        // before a crash is written again on redelivery; the step's claim
+        // absorbs the repeat.
         let kept = self.inner.live.get(&tx_id);
         let (applied, synced) = self
             .inner
             .store
-            .write_staged(move |tx| store::apply(tx, &event, kept.as_deref()))
+            .write_deferred(move |tx| store::apply(tx, &event, kept.as_deref()))
             .await?;
         let Some(applied) = applied else {
-            synced.durable().await?;
-            return Ok(());
+            return Ok(Some(synced));
         };
         let store::Applied {
             transaction,
@@ -458,12 +464,12 @@ impl Coordinator {
             transaction: Some(transaction),
             event: event_type as i32,
         });
-        synced.durable().await?;
         if orchestrating {
-            // The orchestrator wrote its next command.
+            // The orchestrator wrote its next command; the relay publishes
+            // it once durable.
             self.inner.relay.nudge();
         }
-        Ok(())
+        Ok(Some(synced))
     }
 }
 
@@ -525,6 +531,24 @@ fn same_order(existing: Transaction, order: &PurchaseOrder) -> Result<Transactio
 
 impl Handler for Coordinator {
     fn handle(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.apply(event).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            if let Some(synced) = self.apply(event).await.map_err(|e| e.to_string())? {
+                synced.durable().await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reported processed once the view is committed, so the router sends
+    /// the saga's next event without waiting for the fsync.
+    fn handle_staged(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<Handled, String>> {
+        Box::pin(async move {
+            Ok(match self.apply(event).await.map_err(|e| e.to_string())? {
+                None => Handled::Durable,
+                Some(synced) => Handled::Committed(Box::pin(async move {
+                    synced.durable().await.map_err(|e| e.to_string())
+                })),
+            })
+        })
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! A single task owns the stream. Deliveries are handled concurrently (the
 //! router bounds how many are in flight); their acks come back to the task
-//! and leave in batches. Publishes ride the same stream and are answered by
+//! and leave in batches. A handler whose effects are committed before they
+//! are durable has its deliveries reported processed first, and acked once
+//! durable. Publishes ride the same stream and are answered by
 //! request id. Acks of a stream that broke are dropped: the router delivers
 //! that work again on the next stream.
 
@@ -15,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use sagamesh_proto::v1::event_router_client::EventRouterClient;
 use sagamesh_proto::v1::{
-    Ack, AttachRequest, AttachResponse, Envelope, EventType, Hello, Nack, PublishRequest, PublishResponse,
-    SagaMode, attach_request, attach_response,
+    Ack, AttachRequest, AttachResponse, Envelope, EventType, Hello, Nack, Processed, PublishRequest,
+    PublishResponse, SagaMode, attach_request, attach_response,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,6 +48,23 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// failure is not an `Err`: it is a `*Failed` event in the outbox.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Like [`Handler::handle`], for a handler that may finish before its
+    /// effects are durable: [`Handled::Committed`] has the delivery
+    /// reported processed at once (the router may send the transaction's
+    /// next event) and acked once durable. By default, `handle`.
+    fn handle_staged(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<Handled, String>> {
+        Box::pin(async move { self.handle(event, attempt).await.map(|()| Handled::Durable) })
+    }
+}
+
+/// What a handler did with an event it took.
+pub enum Handled {
+    /// Its effects are durable: ack it.
+    Durable,
+    /// Its effects are committed (they survive the process, not yet the
+    /// machine) and durable once this resolves; an `Err` nacks it.
+    Committed(BoxFuture<'static, Result<(), String>>),
 }
 
 /// Who this instance is and what it subscribes to.
@@ -99,7 +118,9 @@ pub struct RouterClient {
     drained: CancellationToken,
 }
 
+/// A handler's answer for a delivery of stream `generation`.
 enum Done {
+    Processed(u64, u64),
     Ack(u64, u64),
     Nack(u64, u64, String),
 }
@@ -375,7 +396,14 @@ impl Connection {
                                 let id = delivery.delivery_id;
                                 handling += 1;
                                 self.tasks.spawn(async move {
-                                    let outcome = handler.handle(envelope, delivery.attempt).await;
+                                    let outcome = match handler.handle_staged(envelope, delivery.attempt).await {
+                                        Ok(Handled::Durable) => Ok(()),
+                                        Ok(Handled::Committed(durable)) => {
+                                            let _ = done.send(Done::Processed(generation, id)).await;
+                                            durable.await
+                                        }
+                                        Err(reason) => Err(reason),
+                                    };
                                     let message = match outcome {
                                         Ok(()) => Done::Ack(generation, id),
                                         Err(reason) => {
@@ -406,9 +434,11 @@ impl Connection {
                     }
                 },
                 Some(first) = done_rx.recv() => {
+                    let mut processed = Vec::new();
                     let mut acks = Vec::new();
                     let mut nacks = Vec::new();
                     let mut collect = |done: Done| match done {
+                        Done::Processed(g, id) if g == generation => processed.push(id),
                         Done::Ack(g, id) if g == generation => acks.push(id),
                         Done::Nack(g, id, reason) if g == generation => nacks.push((id, reason)),
                         _ => {}
@@ -418,6 +448,10 @@ impl Connection {
                         collect(more);
                     }
                     handling = handling.saturating_sub(acks.len() + nacks.len());
+                    if !processed.is_empty() {
+                        let processed = AttachRequest { kind: Some(attach_request::Kind::Processed(Processed { delivery_ids: processed })) };
+                        if outbound.send(processed).await.is_err() { break Ended::Broke; }
+                    }
                     if !acks.is_empty() {
                         let ack = AttachRequest { kind: Some(attach_request::Kind::Ack(Ack { delivery_ids: acks })) };
                         if outbound.send(ack).await.is_err() { break Ended::Broke; }

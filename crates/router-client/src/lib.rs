@@ -16,7 +16,8 @@ mod idempotency;
 mod outbox;
 
 pub use connection::{
-    Attach, BoxFuture, ClientError, Handler, HandlerConfig, Inbound, Publisher, RouterClient, RouterLink,
+    Attach, BoxFuture, ClientError, Handled, Handler, HandlerConfig, Inbound, Publisher, RouterClient,
+    RouterLink,
 };
 pub use idempotency::{PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, claim, claimed};
 pub use outbox::{

@@ -849,7 +849,8 @@ impl Core {
                 self.next_serial += 1;
                 let transaction: Arc<str> = Arc::from(event.envelope.transaction_id.as_str());
                 let queue = group.queues.entry(transaction.clone()).or_default();
-                if queue.is_empty() {
+                if head(queue).is_none() {
+                    // It is the transaction's head.
                     group.ready.push_back(transaction);
                 }
                 queue.push_back(Pending {
@@ -889,7 +890,8 @@ impl Core {
         self.next_serial += 1;
         let transaction: Arc<str> = Arc::from(event.envelope.transaction_id.as_str());
         let queue = group.queues.entry(transaction.clone()).or_default();
-        if queue.is_empty() {
+        if head(queue).is_none() {
+            // It is the transaction's head.
             group.ready.push_back(transaction);
         }
         queue.push_back(Pending {
@@ -975,7 +977,8 @@ impl Core {
         let group = &mut self.groups[index];
         let transaction: Arc<str> = Arc::from(dead_letter.envelope.transaction_id.as_str());
         let queue = group.queues.entry(transaction.clone()).or_default();
-        if queue.is_empty() {
+        if head(queue).is_none() {
+            // It is the transaction's head.
             group.ready.push_back(transaction);
         }
         queue.push_back(Pending {
@@ -1386,11 +1389,18 @@ mod tests {
             "the processed event still holds the cursor"
         );
 
+        // An event that arrives behind processed ones only goes out at once.
+        processed(core, 1, second[0].0);
+        core.enqueue(vec![initiated(3, "tx-a")], false);
+        let third = deliveries(&mut inbound);
+        assert_eq!(third.len(), 1, "nothing but processed events ahead of it");
+
         // Acks may come in any order; the cursor passes each acked event.
         ack(core, 1, second[0].0);
+        ack(core, 1, third[0].0);
         assert_eq!(core.cursors()[0].1, 1);
         ack(core, 1, first[0].0);
-        assert_eq!(core.cursors()[0].1, 3);
+        assert_eq!(core.cursors()[0].1, 4);
         assert!(core.groups[0].queues.is_empty());
         assert!(core.in_flight.is_empty());
     }

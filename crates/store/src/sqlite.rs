@@ -728,6 +728,8 @@ fn run_syncer(
         };
         if !waiting.is_empty() && (urgent || read_waits) {
             sync_and_answer(wal, marker, through, &mut waiting);
+        }
+        if waiting.is_empty() {
             due = None;
         }
     }
