@@ -481,3 +481,123 @@ impl Connection {
         ended
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use sagamesh_proto::v1::{Deliveries, Delivery, Welcome};
+
+    use super::*;
+
+    /// A router in the test's hands: what the client sends arrives on
+    /// `sent`, and what the test pushes into the returned sender reaches
+    /// the client.
+    struct FakeRouter {
+        streams: Mutex<Option<Streams>>,
+    }
+
+    /// The stream to the client, and where the client's stream goes.
+    type Streams = (
+        ReceiverStream<AttachResponseResult>,
+        oneshot::Sender<ReceiverStream<AttachRequest>>,
+    );
+
+    type AttachResponseResult = Result<AttachResponse, Status>;
+
+    impl Attach for FakeRouter {
+        fn attach(&self, outbound: ReceiverStream<AttachRequest>) -> BoxFuture<'_, Result<Inbound, Status>> {
+            let taken = self.streams.lock().unwrap().take();
+            Box::pin(async move {
+                let (inbound, sent) = taken.ok_or_else(|| Status::unavailable("attached once already"))?;
+                let _ = sent.send(outbound);
+                Ok(Box::pin(inbound) as Inbound)
+            })
+        }
+    }
+
+    /// Commits at once; durable when the test says so.
+    struct Staged {
+        durable: Mutex<Option<oneshot::Receiver<()>>>,
+    }
+
+    impl Handler for Staged {
+        fn handle(&self, _event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async { Err("only handle_staged is used".to_owned()) })
+        }
+
+        fn handle_staged(&self, _event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<Handled, String>> {
+            let durable = self.durable.lock().unwrap().take().expect("one delivery");
+            Box::pin(async move {
+                Ok(Handled::Committed(Box::pin(async move {
+                    durable.await.map_err(|_| "the sync failed".to_owned())
+                })))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_committed_delivery_is_reported_processed_and_acked_once_durable() {
+        let (to_client, inbound) = mpsc::channel::<AttachResponseResult>(8);
+        let (sent_tx, sent_rx) = oneshot::channel();
+        let router = RouterLink::new(FakeRouter {
+            streams: Mutex::new(Some((ReceiverStream::new(inbound), sent_tx))),
+        });
+        let (make_durable, durable) = oneshot::channel();
+        let handler = Arc::new(Staged {
+            durable: Mutex::new(Some(durable)),
+        });
+        to_client
+            .send(Ok(AttachResponse {
+                kind: Some(attach_response::Kind::Welcome(Welcome::default())),
+            }))
+            .await
+            .unwrap();
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let config = HandlerConfig {
+            service: "coordinator".into(),
+            group: "coordinator".into(),
+            event_types: vec![EventType::PurchaseInitiated],
+            max_in_flight: 8,
+            mode: SagaMode::Choreography,
+        };
+        let _client = RouterClient::start(router, config, handler, &tasks, shutdown.clone())
+            .await
+            .unwrap();
+        let mut sent = sent_rx.await.unwrap();
+        assert!(matches!(
+            sent.next().await,
+            Some(AttachRequest {
+                kind: Some(attach_request::Kind::Hello(_))
+            })
+        ));
+
+        let delivery = Delivery {
+            delivery_id: 7,
+            attempt: 1,
+            envelope: Some(Envelope::default()),
+        };
+        to_client
+            .send(Ok(AttachResponse {
+                kind: Some(attach_response::Kind::Deliveries(Deliveries {
+                    deliveries: vec![delivery],
+                })),
+            }))
+            .await
+            .unwrap();
+        match sent.next().await {
+            Some(AttachRequest {
+                kind: Some(attach_request::Kind::Processed(processed)),
+            }) => assert_eq!(processed.delivery_ids, vec![7]),
+            other => panic!("expected the delivery reported processed, got {other:?}"),
+        }
+        make_durable.send(()).unwrap();
+        match sent.next().await {
+            Some(AttachRequest {
+                kind: Some(attach_request::Kind::Ack(ack)),
+            }) => assert_eq!(ack.delivery_ids, vec![7]),
+            other => panic!("expected the delivery acked once durable, got {other:?}"),
+        }
+        shutdown.cancel();
+    }
+}
