@@ -156,6 +156,9 @@ pub(crate) struct SqliteStore {
     /// How a durable read asks the syncer not to wait; `None` when nothing
     /// is synced.
     hurry: Option<Hurry>,
+    /// How many fsyncs of the WAL the store made.
+    #[cfg(test)]
+    fsyncs: Arc<AtomicU64>,
 }
 
 /// A durable read's way to have deferred batches synced now.
@@ -281,9 +284,11 @@ impl SqliteStore {
              PRAGMA foreign_keys = ON;",
         )?;
         migrate(&writer, migrations)?;
+        let fsyncs = Arc::new(AtomicU64::new(0));
         let mut syncer = Syncer {
             wal_path: durability_wal(path, durability),
             wal: None,
+            fsyncs: Arc::clone(&fsyncs),
         };
         // The WAL holds whatever the last run committed, synced or not (it
         // may have died between a commit and its fsync): sync it before any
@@ -337,6 +342,8 @@ impl SqliteStore {
             readers,
             watermark,
             hurry,
+            #[cfg(test)]
+            fsyncs,
         })
     }
 
@@ -368,6 +375,12 @@ impl SqliteStore {
     {
         let (tx, rx) = oneshot::channel();
         self.submit(Answer::Staged(tx), f, rx).await
+    }
+
+    /// How many fsyncs of the WAL the store made since it opened.
+    #[cfg(test)]
+    fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
     }
 
     /// Like [`SqliteStore::write_staged`], but asks for no fsync of its
@@ -470,6 +483,8 @@ struct Syncer {
     wal_path: Option<PathBuf>,
     /// Opened at the first sync; SQLite keeps the file while it is open.
     wal: Option<File>,
+    /// How many fsyncs it made.
+    fsyncs: Arc<AtomicU64>,
 }
 
 impl Syncer {
@@ -489,6 +504,7 @@ impl Syncer {
         let Some(wal) = &self.wal else {
             unreachable!("opened above")
         };
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
         wal.sync_data()
             .map_err(|e| format!("fsync of the WAL failed: {e}"))
     }
@@ -581,6 +597,7 @@ fn run_writer(
             }
         }
         let mut urgent = false;
+        let changes = prepared.total_changes();
         let outcome = commit_and_answer(
             &mut prepared,
             marker,
@@ -603,6 +620,13 @@ fn run_writer(
             let synced_earlier = sync(&syncer.wal, marker, number);
             answer(&mut synced, &outcome);
             syncer.tell_deferred(synced_earlier);
+            continue;
+        }
+        if prepared.total_changes() == changes && marker.synced_before(number) {
+            // It wrote nothing, and every batch before it is synced: what
+            // its writes read is durable already.
+            marker.synced_through(number);
+            answer(&mut synced, &outcome);
             continue;
         }
         if !urgent || !jobs.is_empty() {
@@ -940,6 +964,7 @@ mod tests {
     async fn deferred_writes_are_synced_by_the_next_write_that_asks_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = deferring_store(&dir);
+        let before = store.fsyncs();
         let mut deferred = Vec::new();
         for _ in 0..3 {
             let (_, synced) = store.write_deferred(insert("deferred")).await.unwrap();
@@ -955,6 +980,7 @@ mod tests {
         for synced in deferred {
             synced_soon(synced).await;
         }
+        assert_eq!(store.fsyncs(), before + 1, "four commits, one fsync");
 
         // Mixed with concurrent durable writes, every deferred one is
         // synced too (whether the writer or the syncer thread syncs). The
@@ -973,6 +999,26 @@ mod tests {
         for write in mixed.collect::<Vec<_>>() {
             write.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_changes_nothing_makes_no_fsync_once_the_rest_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = deferring_store(&dir);
+        store.write(insert("durable")).await.unwrap();
+        let before = store.fsyncs();
+        let count_notes = |conn: &mut Prepared<'_>| {
+            Ok::<i64, StoreError>(conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?)
+        };
+        assert_eq!(store.write(count_notes).await.unwrap(), 1);
+        assert_eq!(store.fsyncs(), before, "nothing to sync");
+
+        // After a deferred write, what it reads may not be durable yet: it
+        // waits for that sync.
+        let (_, deferred) = store.write_deferred(insert("deferred")).await.unwrap();
+        assert_eq!(store.write(count_notes).await.unwrap(), 2);
+        synced_soon(deferred).await;
+        assert_eq!(store.fsyncs(), before + 1);
     }
 
     #[tokio::test]

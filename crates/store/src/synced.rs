@@ -87,6 +87,12 @@ impl Marker {
         }
     }
 
+    /// Whether every batch before `batch` is synced (never after a failed
+    /// sync).
+    pub(crate) fn synced_before(&self, batch: u64) -> bool {
+        matches!(*self.synced.borrow(), Synced::Through(through) if through.saturating_add(1) >= batch)
+    }
+
     /// Says that an fsync failed, for good.
     pub(crate) fn sync_failed(&self) {
         self.synced.send_replace(Synced::Failed);

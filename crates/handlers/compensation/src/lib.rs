@@ -16,7 +16,7 @@ use prost::Message;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, SagaMode};
 use sagamesh_router_client::{
-    BoxFuture, ClientError, Handler, HandlerConfig, OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES,
+    BoxFuture, ClientError, Handled, Handler, HandlerConfig, OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES,
     OUTBOX_WRITER_MIGRATION, OutboxRelay, PROCESSED_MIGRATION, PROCESSED_MIGRATION_POSTGRES, RouterClient,
     claim, claimed,
 };
@@ -198,19 +198,35 @@ impl CompensationHandler {
 }
 
 impl Handler for CompensationHandler {
-    fn handle(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), String>> {
+    fn handle(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if let Handled::Committed(durable) = self.handle_staged(event, attempt).await? {
+                durable.await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reported processed once its transition is committed: most events
+    /// (a step's success, a completion) change little or nothing, and
+    /// their writes share the next fsync instead of making one each. The
+    /// compensation requests it writes go out once durable, through the
+    /// relay's durable read.
+    fn handle_staged(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<Handled, String>> {
         Box::pin(async move {
             let tx_id = event.transaction_id.clone();
-            let actions = self
+            let (actions, synced) = self
                 .store
-                .write(move |tx| CompensationHandler::transition(tx, &event))
+                .write_deferred(move |tx| CompensationHandler::transition(tx, &event))
                 .await
                 .map_err(|f| f.0)?;
             if !actions.is_empty() {
                 self.relay.nudge();
             }
             log_actions("CompensationHandler", &tx_id, &actions);
-            Ok(())
+            Ok(Handled::Committed(Box::pin(async move {
+                synced.durable().await.map_err(|e| e.to_string())
+            })))
         })
     }
 }
