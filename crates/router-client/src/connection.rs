@@ -128,6 +128,8 @@ enum Done {
 struct Attached {
     outbound: mpsc::Sender<AttachRequest>,
     inbound: Inbound,
+    /// Whether the router takes `Processed` (see `Welcome`).
+    accepts_processed: bool,
 }
 
 /// What a router answers on an Attach stream.
@@ -266,8 +268,12 @@ async fn attach(router: &RouterLink, hello: &Hello) -> Result<Attached, ClientEr
     let mut inbound = router.0.attach(ReceiverStream::new(rx)).await.map_err(refused)?;
     match inbound.next().await.transpose().map_err(refused)? {
         Some(AttachResponse {
-            kind: Some(attach_response::Kind::Welcome(_)),
-        }) => Ok(Attached { outbound, inbound }),
+            kind: Some(attach_response::Kind::Welcome(welcome)),
+        }) => Ok(Attached {
+            outbound,
+            inbound,
+            accepts_processed: welcome.accepts_processed,
+        }),
         _ => Err(ClientError::Unreachable(
             "the router did not welcome the hello".into(),
         )),
@@ -339,6 +345,7 @@ impl Connection {
         let Attached {
             outbound,
             mut inbound,
+            accepts_processed,
         } = attached;
         let (done_tx, mut done_rx) = mpsc::channel::<Done>(ACK_QUEUE);
         let mut pending: HashMap<u64, oneshot::Sender<Result<PublishResponse, ClientError>>> = HashMap::new();
@@ -399,7 +406,9 @@ impl Connection {
                                     let outcome = match handler.handle_staged(envelope, delivery.attempt).await {
                                         Ok(Handled::Durable) => Ok(()),
                                         Ok(Handled::Committed(durable)) => {
-                                            let _ = done.send(Done::Processed(generation, id)).await;
+                                            if accepts_processed {
+                                                let _ = done.send(Done::Processed(generation, id)).await;
+                                            }
                                             durable.await
                                         }
                                         Err(reason) => Err(reason),
@@ -536,8 +545,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_committed_delivery_is_reported_processed_and_acked_once_durable() {
+    /// A client attached to a fake router whose welcome says whether it
+    /// takes `Processed`, holding one delivery whose handler committed it.
+    struct OneDelivery {
+        /// What the client sent after its hello.
+        sent: ReceiverStream<AttachRequest>,
+        /// Makes the delivery's effects durable.
+        make_durable: oneshot::Sender<()>,
+        /// Keeps the stream to the client open.
+        _to_client: mpsc::Sender<AttachResponseResult>,
+        shutdown: CancellationToken,
+    }
+
+    async fn one_committed_delivery(accepts_processed: bool) -> OneDelivery {
         let (to_client, inbound) = mpsc::channel::<AttachResponseResult>(8);
         let (sent_tx, sent_rx) = oneshot::channel();
         let router = RouterLink::new(FakeRouter {
@@ -547,9 +567,13 @@ mod tests {
         let handler = Arc::new(Staged {
             durable: Mutex::new(Some(durable)),
         });
+        let welcome = Welcome {
+            accepts_processed,
+            ..Welcome::default()
+        };
         to_client
             .send(Ok(AttachResponse {
-                kind: Some(attach_response::Kind::Welcome(Welcome::default())),
+                kind: Some(attach_response::Kind::Welcome(welcome)),
             }))
             .await
             .unwrap();
@@ -561,7 +585,7 @@ mod tests {
             max_in_flight: 8,
             mode: SagaMode::Choreography,
         };
-        let _client = RouterClient::start(router, config, handler, &tasks, shutdown.clone())
+        RouterClient::start(router, config, handler, &tasks, shutdown.clone())
             .await
             .unwrap();
         let mut sent = sent_rx.await.unwrap();
@@ -571,7 +595,6 @@ mod tests {
                 kind: Some(attach_request::Kind::Hello(_))
             })
         ));
-
         let delivery = Delivery {
             delivery_id: 7,
             attempt: 1,
@@ -585,19 +608,43 @@ mod tests {
             }))
             .await
             .unwrap();
-        match sent.next().await {
+        OneDelivery {
+            sent,
+            make_durable,
+            _to_client: to_client,
+            shutdown,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_committed_delivery_is_reported_processed_and_acked_once_durable() {
+        let mut attached = one_committed_delivery(true).await;
+        match attached.sent.next().await {
             Some(AttachRequest {
                 kind: Some(attach_request::Kind::Processed(processed)),
             }) => assert_eq!(processed.delivery_ids, vec![7]),
             other => panic!("expected the delivery reported processed, got {other:?}"),
         }
-        make_durable.send(()).unwrap();
-        match sent.next().await {
+        attached.make_durable.send(()).unwrap();
+        match attached.sent.next().await {
             Some(AttachRequest {
                 kind: Some(attach_request::Kind::Ack(ack)),
             }) => assert_eq!(ack.delivery_ids, vec![7]),
             other => panic!("expected the delivery acked once durable, got {other:?}"),
         }
-        shutdown.cancel();
+        attached.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_router_that_does_not_take_processed_only_gets_the_ack() {
+        let mut attached = one_committed_delivery(false).await;
+        attached.make_durable.send(()).unwrap();
+        match attached.sent.next().await {
+            Some(AttachRequest {
+                kind: Some(attach_request::Kind::Ack(ack)),
+            }) => assert_eq!(ack.delivery_ids, vec![7]),
+            other => panic!("expected only the ack, got {other:?}"),
+        }
+        attached.shutdown.cancel();
     }
 }

@@ -568,6 +568,7 @@ impl Core {
             kind: Some(attach_response::Kind::Welcome(Welcome {
                 ack_deadline_ms: self.config.ack_deadline.as_millis() as u64,
                 max_attempts: self.config.max_attempts,
+                accepts_processed: true,
             })),
         };
         if let Some(attached) = self.instances.get(&instance)
