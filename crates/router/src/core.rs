@@ -635,24 +635,24 @@ impl Core {
 
     /// Handles one "processed": the event stays in its queue until its
     /// ack, and the transaction's next event may go out. Returns the group
-    /// to dispatch again.
+    /// to dispatch again when there is one waiting.
     fn processed(&mut self, instance: u64, delivery_id: u64) -> Option<usize> {
         let flight = self
             .in_flight
             .get(&delivery_id)
             .filter(|f| f.instance == instance)?;
         let group = &mut self.groups[flight.group];
-        let pending = group
-            .queues
-            .get_mut(&flight.transaction)?
-            .iter_mut()
-            .find(|p| p.serial == flight.serial)?;
+        let queue = group.queues.get_mut(&flight.transaction)?;
+        let pending = queue.iter_mut().find(|p| p.serial == flight.serial)?;
         if pending.stage != (Stage::Sent { delivery_id }) {
             return None;
         }
         pending.stage = Stage::Processed { delivery_id };
-        group.ready.push_back(flight.transaction.clone());
-        Some(flight.group)
+        if head(queue).is_some_and(|next| next.stage == Stage::Waiting) {
+            group.ready.push_back(flight.transaction.clone());
+            return Some(flight.group);
+        }
+        None
     }
 
     /// An event is done with (acked or dead-lettered): it leaves its queue
@@ -689,7 +689,7 @@ impl Core {
         }
         if queue.is_empty() {
             group.queues.remove(transaction);
-        } else {
+        } else if head(queue).is_some_and(|next| next.stage == Stage::Waiting) {
             group.ready.push_back(transaction.clone());
         }
     }
