@@ -12,9 +12,11 @@
 //! are committed, not yet durable. The event then stays at the front of its
 //! queue, still unacked for the cursor, and the next one becomes the head.
 //! If the ack never comes (the stream breaks, the deadline passes, or the
-//! instance nacks), the event becomes the head again and every later event
-//! of the transaction that went out since is taken back, so the
-//! transaction's events are delivered again in order.
+//! instance nacks), the event is retried like any failed delivery, as the
+//! head again, and every later event of the transaction that went out
+//! since is taken back, so the transaction's events are delivered again in
+//! order. For the same reason a later event's ack that comes first is
+//! settled only after the earlier one's.
 //!
 //! Durability of progress, on the embedded log: for each group the core
 //! saves a cursor, the lowest offset it has not seen acked. After a restart
@@ -140,6 +142,9 @@ enum Stage {
     Sent { delivery_id: u64 },
     /// Its instance committed it and will ack it once it is durable.
     Processed { delivery_id: u64 },
+    /// Acked while an earlier event of its transaction is still processed
+    /// and unacked: it is settled after that one, in order.
+    Acked,
     /// Waiting out a retry delay.
     Delayed,
     /// Being stored as a dead letter.
@@ -192,11 +197,11 @@ impl Settled {
     }
 }
 
-/// A transaction's head: its first event not yet processed.
+/// A transaction's head: its first event not yet processed (or acked).
 fn head(queue: &mut VecDeque<Pending>) -> Option<&mut Pending> {
     queue
         .iter_mut()
-        .find(|pending| !matches!(pending.stage, Stage::Processed { .. }))
+        .find(|pending| !matches!(pending.stage, Stage::Processed { .. } | Stage::Acked))
 }
 
 struct Group {
@@ -629,7 +634,10 @@ impl Core {
     /// Handles one ack; returns the group to dispatch again.
     fn ack(&mut self, instance: u64, delivery_id: u64) -> Option<usize> {
         let flight = self.take_in_flight(instance, delivery_id)?;
-        self.finish(flight.group, &flight.transaction, flight.serial);
+        let queue = self.groups[flight.group].queues.get_mut(&flight.transaction)?;
+        let acked = queue.iter_mut().find(|p| p.serial == flight.serial)?;
+        acked.stage = Stage::Acked;
+        self.settle_acked(flight.group, &flight.transaction);
         Some(flight.group)
     }
 
@@ -655,8 +663,8 @@ impl Core {
         None
     }
 
-    /// An event is done with (acked or dead-lettered): it leaves its queue
-    /// and the group's unacked events.
+    /// A dead-lettered event leaves its queue and the group's unacked
+    /// events.
     fn finish(&mut self, group_index: usize, transaction: &Arc<str>, serial: u64) {
         let group = &mut self.groups[group_index];
         let Some(queue) = group.queues.get_mut(transaction) else {
@@ -664,33 +672,57 @@ impl Core {
         };
         let position = queue.iter().position(|p| p.serial == serial);
         if let Some(done) = position.and_then(|at| queue.remove(at)) {
-            match done.settle {
-                Settle::Offset(offset) => {
-                    group.unacked.remove(&offset);
-                }
-                Settle::Receipt { sequence, receipt } => {
-                    group.held.remove(&sequence);
-                    group.settled.insert(sequence);
-                    tokio::spawn(receipt.ack());
-                }
-                Settle::Replay => {}
-            }
-            if let Some(id) = done.replay_of {
-                // It stays marked as replaying until it is deleted, so a
-                // second replay request meanwhile is refused.
-                let (log, commands) = (self.dead_letters.clone(), self.commands.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = log.delete_dead_letter(id).await {
-                        tracing::warn!(error = %e, dead_letter = id, "could not delete a replayed dead letter");
-                    }
-                    let _ = commands.send(Command::ReplayEnded { id }).await;
-                });
-            }
+            self.settle(group_index, done);
+        }
+        self.settle_acked(group_index, transaction);
+    }
+
+    /// Settles the acked events at the front of a transaction's queue, in
+    /// order; an acked event behind a processed one waits for it.
+    fn settle_acked(&mut self, group_index: usize, transaction: &Arc<str>) {
+        let group = &mut self.groups[group_index];
+        let Some(queue) = group.queues.get_mut(transaction) else {
+            return;
+        };
+        let mut settled = Vec::new();
+        while queue.front().is_some_and(|p| p.stage == Stage::Acked) {
+            settled.extend(queue.pop_front());
         }
         if queue.is_empty() {
             group.queues.remove(transaction);
         } else if head(queue).is_some_and(|next| next.stage == Stage::Waiting) {
             group.ready.push_back(transaction.clone());
+        }
+        for done in settled {
+            self.settle(group_index, done);
+        }
+    }
+
+    /// The group is done with an event: the cursor may pass it, or
+    /// JetStream is told.
+    fn settle(&mut self, group_index: usize, done: Pending) {
+        let group = &mut self.groups[group_index];
+        match done.settle {
+            Settle::Offset(offset) => {
+                group.unacked.remove(&offset);
+            }
+            Settle::Receipt { sequence, receipt } => {
+                group.held.remove(&sequence);
+                group.settled.insert(sequence);
+                tokio::spawn(receipt.ack());
+            }
+            Settle::Replay => {}
+        }
+        if let Some(id) = done.replay_of {
+            // It stays marked as replaying until it is deleted, so a
+            // second replay request meanwhile is refused.
+            let (log, commands) = (self.dead_letters.clone(), self.commands.clone());
+            tokio::spawn(async move {
+                if let Err(e) = log.delete_dead_letter(id).await {
+                    tracing::warn!(error = %e, dead_letter = id, "could not delete a replayed dead letter");
+                }
+                let _ = commands.send(Command::ReplayEnded { id }).await;
+            });
         }
     }
 
@@ -707,9 +739,16 @@ impl Core {
             return;
         };
         if matches!(head.stage, Stage::Processed { .. }) {
-            self.unprocess(flight, reason);
-            return;
+            self.take_back_after(&flight);
         }
+        let group = &mut self.groups[flight.group];
+        let Some(head) = group
+            .queues
+            .get_mut(&flight.transaction)
+            .and_then(|q| q.iter_mut().find(|p| p.serial == flight.serial))
+        else {
+            return;
+        };
         head.last_error = reason;
         if head.attempts >= max_attempts {
             let (group_name, envelope, attempts, error) = (
@@ -805,11 +844,12 @@ impl Core {
     }
 
     /// A processed event was not acked (its stream broke, its deadline
-    /// passed, or making it durable failed): it is the transaction's head
-    /// again, and every later event of the transaction that went out since
-    /// is taken back, so all of them are delivered again in order. An
-    /// instance that kept the effects finds them already applied.
-    fn unprocess(&mut self, flight: InFlight, reason: String) {
+    /// passed, or making it durable failed), so it will be the
+    /// transaction's head again: every later event of the transaction that
+    /// went out since is taken back (an acked one included), to be
+    /// delivered again after it, in order. An instance that kept the
+    /// effects finds them already applied.
+    fn take_back_after(&mut self, flight: &InFlight) {
         let group = &mut self.groups[flight.group];
         let Some(queue) = group.queues.get_mut(&flight.transaction) else {
             return;
@@ -817,20 +857,20 @@ impl Core {
         let Some(at) = queue.iter().position(|p| p.serial == flight.serial) else {
             return;
         };
-        for pending in queue.iter_mut().skip(at) {
-            let (Stage::Sent { delivery_id } | Stage::Processed { delivery_id }) = pending.stage else {
-                continue;
-            };
-            pending.stage = Stage::Waiting;
-            if let Some(taken) = self.in_flight.remove(&delivery_id)
-                && let Some(holder) = self.instances.get_mut(&taken.instance)
-            {
-                holder.in_flight.remove(&delivery_id);
+        for pending in queue.iter_mut().skip(at + 1) {
+            match pending.stage {
+                Stage::Sent { delivery_id } | Stage::Processed { delivery_id } => {
+                    if let Some(taken) = self.in_flight.remove(&delivery_id)
+                        && let Some(holder) = self.instances.get_mut(&taken.instance)
+                    {
+                        holder.in_flight.remove(&delivery_id);
+                    }
+                }
+                Stage::Acked => {}
+                Stage::Waiting | Stage::Delayed | Stage::DeadLettering => continue,
             }
+            pending.stage = Stage::Waiting;
         }
-        queue[at].last_error = reason;
-        group.ready.push_front(flight.transaction);
-        self.dispatch(flight.group);
     }
 
     /// Queues durable events for every group subscribed to their type.
@@ -958,6 +998,8 @@ impl Core {
             }
             let _ = done.send(());
         });
+        // Their instances may have room again for the group's other events.
+        self.dispatch(group_index);
     }
 
     fn replay(&mut self, dead_letter: DeadLetter) -> Result<(), Status> {
@@ -1481,6 +1523,69 @@ mod tests {
         assert_eq!(then[0].2, 2);
         ack(core, 2, then[0].0);
         assert_eq!(core.cursors()[0].1, 3);
+    }
+
+    #[tokio::test]
+    async fn a_later_event_acked_first_is_delivered_again_when_an_earlier_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = harness(&dir, |_| {}).await;
+        let core = &mut harness.core;
+        let (outbound, mut inbound) = mpsc::channel(16);
+        core.attach(1, hello(8), outbound).unwrap();
+        core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-a")], false);
+        let first = deliveries(&mut inbound);
+        processed(core, 1, first[0].0);
+        let second = deliveries(&mut inbound);
+        processed(core, 1, second[0].0);
+        ack(core, 1, second[0].0);
+        assert_eq!(core.cursors()[0].1, 1, "the later ack waits for the earlier one");
+
+        // Making the first durable failed: it comes back after a delay, as
+        // a second attempt, and the second event follows it again.
+        core.handle(Command::Nack {
+            instance: 1,
+            delivery_id: first[0].0,
+            reason: "fsync failed".into(),
+        });
+        assert!(deliveries(&mut inbound).is_empty(), "a nack waits out a delay");
+        assert_eq!(core.delayed.len(), 1);
+        core.delayed[0].0 = Instant::now();
+        core.on_tick();
+        let again = deliveries(&mut inbound);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].2, 2, "the first event's second attempt");
+        ack(core, 1, again[0].0);
+        let then = deliveries(&mut inbound);
+        assert_eq!(then.len(), 1);
+        assert_eq!(then[0].2, 2, "the second event, delivered again after it");
+        ack(core, 1, then[0].0);
+        assert_eq!(core.cursors()[0].1, 3);
+    }
+
+    #[tokio::test]
+    async fn a_processed_event_that_never_becomes_durable_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = harness(&dir, |config| config.max_attempts = 2).await;
+        let (outbound, mut inbound) = mpsc::channel(16);
+        harness.core.attach(1, hello(8), outbound).unwrap();
+        harness.core.enqueue(vec![initiated(1, "tx-a")], false);
+        for attempt in 1..=2 {
+            let delivered = deliveries(&mut inbound);
+            assert_eq!(delivered.len(), 1);
+            assert_eq!(delivered[0].2, attempt);
+            processed(&mut harness.core, 1, delivered[0].0);
+            harness.core.handle(Command::Nack {
+                instance: 1,
+                delivery_id: delivered[0].0,
+                reason: "fsync failed".into(),
+            });
+            for delayed in &mut harness.core.delayed {
+                delayed.0 = Instant::now();
+            }
+            harness.core.on_tick();
+        }
+        let append = harness.appends.recv().await.expect("its dead-letter notice");
+        assert_eq!(append.events[0].event_type(), EventType::DeadLettered);
     }
 
     fn delivery_of(bytes: usize) -> Delivery {

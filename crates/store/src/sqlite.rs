@@ -549,6 +549,11 @@ enum SyncWork {
 /// Syncs the WAL, which makes every batch up to `through` durable, and
 /// says so.
 fn sync(wal: &Mutex<Syncer>, marker: &Marker, through: u64) -> Result<(), String> {
+    if marker.has_failed() {
+        // Linux may have dropped the pages a failed fsync could not
+        // write: no later fsync proves anything durable.
+        return Err("an earlier fsync of the store failed; restart the service".to_owned());
+    }
     let outcome = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sync();
     match &outcome {
         Ok(()) => marker.synced_through(through),

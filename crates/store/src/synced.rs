@@ -93,6 +93,11 @@ impl Marker {
         matches!(*self.synced.borrow(), Synced::Through(through) if through.saturating_add(1) >= batch)
     }
 
+    /// Whether an fsync failed.
+    pub(crate) fn has_failed(&self) -> bool {
+        *self.synced.borrow() == Synced::Failed
+    }
+
     /// Says that an fsync failed, for good.
     pub(crate) fn sync_failed(&self) {
         self.synced.send_replace(Synced::Failed);
