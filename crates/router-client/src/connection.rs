@@ -457,6 +457,13 @@ impl Connection {
                         collect(more);
                     }
                     handling = handling.saturating_sub(acks.len() + nacks.len());
+                    let answered_some = !acks.is_empty() || !nacks.is_empty();
+                    if !processed.is_empty() && answered_some {
+                        // Answered in full already: the ack (or nack) says it all.
+                        let answered: std::collections::HashSet<u64> =
+                            acks.iter().copied().chain(nacks.iter().map(|(id, _)| *id)).collect();
+                        processed.retain(|id| !answered.contains(id));
+                    }
                     if !processed.is_empty() {
                         let processed = AttachRequest { kind: Some(attach_request::Kind::Processed(Processed { delivery_ids: processed })) };
                         if outbound.send(processed).await.is_err() { break Ended::Broke; }
