@@ -145,6 +145,11 @@ enum Stage {
     /// Acked while an earlier event of its transaction is still processed
     /// and unacked: it is settled after that one, in order.
     Acked,
+    /// Taken back (an earlier event failed) while its instance may still
+    /// be handling it: it goes out again once that delivery is answered
+    /// or its deadline passes, so no instance runs it twice at once and
+    /// the instance's room stays counted.
+    Recalled { delivery_id: u64 },
     /// Waiting out a retry delay.
     Delayed,
     /// Being stored as a dead letter.
@@ -237,6 +242,8 @@ struct InFlight {
     transaction: Arc<str>,
     /// The [`Pending`] delivered.
     serial: u64,
+    /// Taken back: its answer only frees the instance's room.
+    recalled: bool,
     instance: u64,
     deadline: Instant,
 }
@@ -611,13 +618,16 @@ impl Core {
         let mut in_flight: Vec<u64> = gone.in_flight.into_iter().collect();
         in_flight.sort_unstable();
         for delivery_id in in_flight {
-            if let Some(flight) = self.in_flight.remove(&delivery_id) {
-                self.retry(flight, "the stream broke before the ack".into(), false);
+            match self.in_flight.remove(&delivery_id) {
+                Some(flight) if flight.recalled => self.release_recalled(flight, delivery_id),
+                Some(flight) => self.retry(flight, "the stream broke before the ack".into(), false),
+                None => {}
             }
         }
     }
 
-    /// Takes a delivery out of flight if this instance holds it.
+    /// Takes a delivery out of flight if this instance holds it. A
+    /// recalled delivery is released instead, and its answer ignored.
     fn take_in_flight(&mut self, instance: u64, delivery_id: u64) -> Option<InFlight> {
         match self.in_flight.get(&delivery_id) {
             Some(flight) if flight.instance == instance => {}
@@ -628,7 +638,27 @@ impl Core {
         if let Some(holder) = self.instances.get_mut(&instance) {
             holder.in_flight.remove(&delivery_id);
         }
+        if flight.recalled {
+            self.release_recalled(flight, delivery_id);
+            return None;
+        }
         Some(flight)
+    }
+
+    /// A recalled delivery was answered, or its deadline passed: its
+    /// event may go out again when its turn comes.
+    fn release_recalled(&mut self, flight: InFlight, delivery_id: u64) {
+        let group = &mut self.groups[flight.group];
+        let recalled = group
+            .queues
+            .get_mut(&flight.transaction)
+            .and_then(|q| q.iter_mut().find(|p| p.serial == flight.serial))
+            .filter(|p| p.stage == Stage::Recalled { delivery_id });
+        if let Some(pending) = recalled {
+            pending.stage = Stage::Waiting;
+            group.ready.push_front(flight.transaction);
+            self.dispatch(flight.group);
+        }
     }
 
     /// Handles one ack; returns the group to dispatch again.
@@ -648,7 +678,7 @@ impl Core {
         let flight = self
             .in_flight
             .get(&delivery_id)
-            .filter(|f| f.instance == instance)?;
+            .filter(|f| f.instance == instance && !f.recalled)?;
         let group = &mut self.groups[flight.group];
         let queue = group.queues.get_mut(&flight.transaction)?;
         let pending = queue.iter_mut().find(|p| p.serial == flight.serial)?;
@@ -847,8 +877,9 @@ impl Core {
     /// passed, or making it durable failed), so it will be the
     /// transaction's head again: every later event of the transaction that
     /// went out since is taken back (an acked one included), to be
-    /// delivered again after it, in order. An instance that kept the
-    /// effects finds them already applied.
+    /// delivered again after it, in order; one still in flight is recalled
+    /// until its instance answers. An instance that kept the effects finds
+    /// them already applied.
     fn take_back_after(&mut self, flight: &InFlight) {
         let group = &mut self.groups[flight.group];
         let Some(queue) = group.queues.get_mut(&flight.transaction) else {
@@ -858,18 +889,19 @@ impl Core {
             return;
         };
         for pending in queue.iter_mut().skip(at + 1) {
-            match pending.stage {
+            pending.stage = match pending.stage {
                 Stage::Sent { delivery_id } | Stage::Processed { delivery_id } => {
-                    if let Some(taken) = self.in_flight.remove(&delivery_id)
-                        && let Some(holder) = self.instances.get_mut(&taken.instance)
-                    {
-                        holder.in_flight.remove(&delivery_id);
+                    match self.in_flight.get_mut(&delivery_id) {
+                        Some(taken) => {
+                            taken.recalled = true;
+                            Stage::Recalled { delivery_id }
+                        }
+                        None => Stage::Waiting,
                     }
                 }
-                Stage::Acked => {}
-                Stage::Waiting | Stage::Delayed | Stage::DeadLettering => continue,
-            }
-            pending.stage = Stage::Waiting;
+                Stage::Acked => Stage::Waiting,
+                Stage::Waiting | Stage::Delayed | Stage::DeadLettering | Stage::Recalled { .. } => continue,
+            };
         }
     }
 
@@ -1096,6 +1128,7 @@ impl Core {
                     group: group_index,
                     transaction,
                     serial,
+                    recalled: false,
                     instance: instance_id,
                     deadline,
                 },
@@ -1509,15 +1542,26 @@ mod tests {
         assert_eq!(later.len(), 1, "the next event went to the second instance");
 
         // The first instance goes away without its ack: the first event
-        // comes back, and the later one is taken back from the second
-        // instance, whose answer for it no longer counts.
+        // comes back, and the later one is recalled from the second
+        // instance, which may still be handling it.
         core.detach(1);
         let again = deliveries(&mut second_inbound);
         assert_eq!(again.len(), 1, "only the first event is out again");
         assert_eq!(again[0].2, 2);
-        ack(core, 2, later[0].0);
-        assert_eq!(core.in_flight.len(), 1, "the stale ack changed nothing");
+        assert_eq!(
+            core.instances[&2].in_flight.len(),
+            2,
+            "the recalled one still takes room"
+        );
         ack(core, 2, again[0].0);
+        assert!(
+            deliveries(&mut second_inbound).is_empty(),
+            "the later event waits until its first delivery is answered"
+        );
+
+        // The old delivery's answer only releases it.
+        ack(core, 2, later[0].0);
+        assert_eq!(core.cursors()[0].1, 2, "the stale ack settled nothing");
         let then = deliveries(&mut second_inbound);
         assert_eq!(then.len(), 1, "then the later event, once more");
         assert_eq!(then[0].2, 2);
