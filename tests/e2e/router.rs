@@ -9,7 +9,7 @@ use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::event_router_client::EventRouterClient;
 use sagamesh_proto::v1::{
     Ack, AttachRequest, AttachResponse, Delivery, DiscardDeadLetterRequest, Envelope, EventType,
-    GetDeadLetterRequest, Hello, ListDeadLettersRequest, Nack, PublishRequest, PurchaseDetails,
+    GetDeadLetterRequest, Hello, ListDeadLettersRequest, Nack, Processed, PublishRequest, PurchaseDetails,
     PurchaseInitiated, ReplayDeadLetterRequest, SagaMode, Step, attach_request, attach_response,
 };
 use tokio::sync::mpsc;
@@ -24,6 +24,8 @@ struct Instance {
     inbound: Streaming<AttachResponse>,
     /// Deliveries received in a batch and not yet taken.
     buffered: VecDeque<Delivery>,
+    /// What the router's welcome said about `Processed`.
+    accepts_processed: bool,
 }
 
 fn hello(group: &str, types: &[EventType], mode: SagaMode) -> Hello {
@@ -55,11 +57,12 @@ async fn attach(client: &EventRouterClient<Channel>, hello: Hello) -> Result<Ins
     let mut inbound = client.clone().attach(ReceiverStream::new(rx)).await?.into_inner();
     match inbound.message().await? {
         Some(AttachResponse {
-            kind: Some(attach_response::Kind::Welcome(_)),
+            kind: Some(attach_response::Kind::Welcome(welcome)),
         }) => Ok(Instance {
             outbound,
             inbound,
             buffered: VecDeque::new(),
+            accepts_processed: welcome.accepts_processed,
         }),
         other => panic!("expected a welcome, got {other:?}"),
     }
@@ -117,6 +120,18 @@ impl Instance {
         self.outbound
             .send(AttachRequest {
                 kind: Some(attach_request::Kind::Ack(ack)),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn processed(&self, delivery: &Delivery) {
+        let processed = Processed {
+            delivery_ids: vec![delivery.delivery_id],
+        };
+        self.outbound
+            .send(AttachRequest {
+                kind: Some(attach_request::Kind::Processed(processed)),
             })
             .await
             .unwrap();
@@ -221,6 +236,43 @@ async fn events_of_a_transaction_go_out_in_order_and_again_when_not_acked() {
     assert!(again.attempt >= 2, "attempt {}", again.attempt);
     b.ack(&again).await;
     b.quiet_for(Duration::from_millis(400)).await;
+}
+
+async fn a_processed_event_releases_the_next_and_comes_back_first_when_never_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_router, client) = router(dir.path(), &[]);
+    let mut a = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    assert!(
+        a.accepts_processed,
+        "the router's welcome offers the two-step ack"
+    );
+    let (first, second) = (initiated("tx-1"), refund("tx-1"));
+    publish(&client, vec![first.clone(), second.clone()]).await;
+
+    // Reported processed, the first event lets the second go out unacked.
+    let one = a.next().await;
+    assert_eq!(one.envelope.as_ref().unwrap().event_id, first.event_id);
+    a.processed(&one).await;
+    let two = a.next().await;
+    assert_eq!(two.envelope.as_ref().unwrap().event_id, second.event_id);
+
+    // The stream ends before either is acked: the next instance gets both
+    // again, the processed one first and the other only after it.
+    a.close().await;
+    let mut b = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let again = b.next().await;
+    assert_eq!(again.envelope.as_ref().unwrap().event_id, first.event_id);
+    assert_eq!(again.attempt, 2);
+    b.quiet_for(Duration::from_millis(200)).await;
+    b.ack(&again).await;
+    let then = b.next().await;
+    assert_eq!(then.envelope.as_ref().unwrap().event_id, second.event_id);
+    b.ack(&then).await;
+    b.quiet_for(Duration::from_millis(200)).await;
 }
 
 async fn a_group_shares_its_events_among_instances() {
@@ -411,6 +463,7 @@ async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back()
 
 on_both_backends!(
     events_of_a_transaction_go_out_in_order_and_again_when_not_acked,
+    a_processed_event_releases_the_next_and_comes_back_first_when_never_acked,
     a_group_shares_its_events_among_instances,
     an_event_that_keeps_failing_becomes_a_dead_letter,
     hellos_that_do_not_fit_the_mesh_are_refused,
