@@ -1026,6 +1026,25 @@ mod tests {
         assert_eq!(store.fsyncs(), before + 1);
     }
 
+    #[test]
+    fn once_an_fsync_failed_no_later_sync_answers_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_path = dir.path().join("notes.db-wal");
+        std::fs::write(&wal_path, b"frames").unwrap();
+        let fsyncs = Arc::new(AtomicU64::new(0));
+        let wal = Mutex::new(Syncer {
+            wal_path: Some(wal_path),
+            wal: None,
+            fsyncs: Arc::clone(&fsyncs),
+        });
+        let (marker, _watermark) = synced::marks();
+        assert!(sync(&wal, &marker, 1).is_ok());
+        marker.sync_failed();
+        let refused = sync(&wal, &marker, 2).unwrap_err();
+        assert!(refused.contains("earlier fsync"), "{refused}");
+        assert_eq!(fsyncs.load(Ordering::Relaxed), 1, "no fsync after the failure");
+    }
+
     #[tokio::test]
     async fn a_durable_read_has_deferred_writes_synced_at_once() {
         let dir = tempfile::tempdir().unwrap();
