@@ -209,6 +209,18 @@ fn head(queue: &mut VecDeque<Pending>) -> Option<&mut Pending> {
         .find(|pending| !matches!(pending.stage, Stage::Processed { .. } | Stage::Acked))
 }
 
+/// A queued event of a group, found by its serial.
+fn pending_mut<'q>(
+    queues: &'q mut HashMap<Arc<str>, VecDeque<Pending>>,
+    transaction: &str,
+    serial: u64,
+) -> Option<&'q mut Pending> {
+    queues
+        .get_mut(transaction)?
+        .iter_mut()
+        .find(|pending| pending.serial == serial)
+}
+
 struct Group {
     name: String,
     event_types: Vec<EventType>,
@@ -442,35 +454,11 @@ impl Core {
             Command::Ack {
                 instance,
                 delivery_ids,
-            } => {
-                let mut touched = Vec::new();
-                for id in delivery_ids {
-                    if let Some(group) = self.ack(instance, id) {
-                        touched.push(group);
-                    }
-                }
-                touched.sort_unstable();
-                touched.dedup();
-                for group in touched {
-                    self.dispatch(group);
-                }
-            }
+            } => self.answer_each(instance, delivery_ids, Core::ack),
             Command::Processed {
                 instance,
                 delivery_ids,
-            } => {
-                let mut touched = Vec::new();
-                for id in delivery_ids {
-                    if let Some(group) = self.processed(instance, id) {
-                        touched.push(group);
-                    }
-                }
-                touched.sort_unstable();
-                touched.dedup();
-                for group in touched {
-                    self.dispatch(group);
-                }
-            }
+            } => self.answer_each(instance, delivery_ids, Core::processed),
             Command::Nack {
                 instance,
                 delivery_id,
@@ -503,6 +491,27 @@ impl Core {
             Command::ReplayEnded { id } => {
                 self.replaying.remove(&id);
             }
+        }
+    }
+
+    /// Handles an instance's answer for each delivery, then dispatches
+    /// once each group that `answer` says may send again.
+    fn answer_each(
+        &mut self,
+        instance: u64,
+        delivery_ids: Vec<u64>,
+        answer: fn(&mut Core, u64, u64) -> Option<usize>,
+    ) {
+        let mut touched = Vec::new();
+        for id in delivery_ids {
+            if let Some(group) = answer(self, instance, id) {
+                touched.push(group);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for group in touched {
+            self.dispatch(group);
         }
     }
 
@@ -649,10 +658,7 @@ impl Core {
     /// event may go out again when its turn comes.
     fn release_recalled(&mut self, flight: InFlight, delivery_id: u64) {
         let group = &mut self.groups[flight.group];
-        let recalled = group
-            .queues
-            .get_mut(&flight.transaction)
-            .and_then(|q| q.iter_mut().find(|p| p.serial == flight.serial))
+        let recalled = pending_mut(&mut group.queues, &flight.transaction, flight.serial)
             .filter(|p| p.stage == Stage::Recalled { delivery_id });
         if let Some(pending) = recalled {
             pending.stage = Stage::Waiting;
@@ -664,8 +670,11 @@ impl Core {
     /// Handles one ack; returns the group to dispatch again.
     fn ack(&mut self, instance: u64, delivery_id: u64) -> Option<usize> {
         let flight = self.take_in_flight(instance, delivery_id)?;
-        let queue = self.groups[flight.group].queues.get_mut(&flight.transaction)?;
-        let acked = queue.iter_mut().find(|p| p.serial == flight.serial)?;
+        let acked = pending_mut(
+            &mut self.groups[flight.group].queues,
+            &flight.transaction,
+            flight.serial,
+        )?;
         acked.stage = Stage::Acked;
         self.settle_acked(flight.group, &flight.transaction);
         Some(flight.group)
@@ -760,23 +769,19 @@ impl Core {
     /// later for a nack, or dead-letter it after the maximum attempts.
     fn retry(&mut self, flight: InFlight, reason: String, delay: bool) {
         let max_attempts = self.config.max_attempts;
-        let group = &mut self.groups[flight.group];
-        let Some(head) = group
-            .queues
-            .get_mut(&flight.transaction)
-            .and_then(|q| q.iter_mut().find(|p| p.serial == flight.serial))
-        else {
+        let Some(stage) = pending_mut(
+            &mut self.groups[flight.group].queues,
+            &flight.transaction,
+            flight.serial,
+        )
+        .map(|p| p.stage) else {
             return;
         };
-        if matches!(head.stage, Stage::Processed { .. }) {
+        if matches!(stage, Stage::Processed { .. }) {
             self.take_back_after(&flight);
         }
         let group = &mut self.groups[flight.group];
-        let Some(head) = group
-            .queues
-            .get_mut(&flight.transaction)
-            .and_then(|q| q.iter_mut().find(|p| p.serial == flight.serial))
-        else {
+        let Some(head) = pending_mut(&mut group.queues, &flight.transaction, flight.serial) else {
             return;
         };
         head.last_error = reason;
@@ -1204,10 +1209,7 @@ impl Core {
                 }
             });
             for (group, tx, serial) in due {
-                let waited = self.groups[group]
-                    .queues
-                    .get_mut(&tx)
-                    .and_then(|q| q.iter_mut().find(|p| p.serial == serial))
+                let waited = pending_mut(&mut self.groups[group].queues, &tx, serial)
                     .filter(|p| p.stage == Stage::Delayed);
                 if let Some(pending) = waited {
                     pending.stage = Stage::Waiting;
