@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use crate::sqlite::SyncWhen;
+
 pub use value::{Row, Value};
 
 /// How much a committed write survives.
@@ -231,20 +233,13 @@ impl Store {
     /// process dying. The returned [`Synced`] resolves once it also survives
     /// the machine. Use it only where whatever acts on the result early can
     /// be redone from a durable copy kept elsewhere.
-    pub async fn write_staged<R, E, F>(&self, mut f: F) -> Result<(R, Synced), E>
+    pub async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
     where
         F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        match &self.engine {
-            Engine::Sqlite(engine) => {
-                engine
-                    .write_staged(move |conn| f(&mut SqliteTx::Writer(conn)))
-                    .await
-            }
-            Engine::Postgres(engine) => engine.write_staged(f).await,
-        }
+        self.staged(f, SyncWhen::Now).await
     }
 
     /// Like [`Store::write_staged`], for a stream of writes that need not
@@ -253,7 +248,17 @@ impl Store {
     /// when a [`Store::read_durable`] waits for it, or within a few
     /// milliseconds, so that such writes share fsyncs. (A PostgreSQL commit
     /// is durable when it returns.)
-    pub async fn write_deferred<R, E, F>(&self, mut f: F) -> Result<(R, Synced), E>
+    pub async fn write_deferred<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    where
+        F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.staged(f, SyncWhen::Deferred).await
+    }
+
+    /// A staged write whose commit is synced `when`.
+    async fn staged<R, E, F>(&self, mut f: F, when: SyncWhen) -> Result<(R, Synced), E>
     where
         F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -262,7 +267,7 @@ impl Store {
         match &self.engine {
             Engine::Sqlite(engine) => {
                 engine
-                    .write_deferred(move |conn| f(&mut SqliteTx::Writer(conn)))
+                    .write_staged(move |conn| f(&mut SqliteTx::Writer(conn)), when)
                     .await
             }
             Engine::Postgres(engine) => engine.write_staged(f).await,

@@ -27,7 +27,7 @@
 //! itself and saves the hand-off. Readers therefore may see a commit before
 //! its fsync; a read whose rows are passed on waits for it (`synced`).
 //!
-//! A deferred write ([`SqliteStore::write_deferred`]) does not ask for an
+//! A deferred write ([`SyncWhen::Deferred`]) does not ask for an
 //! fsync of its own: its batch waits at the syncer for the next write that
 //! does, for a read that must see it durable, or for [`DEFER_SYNC_AT_MOST`],
 //! whichever comes first. A stream of deferred writes between durable ones
@@ -86,9 +86,17 @@ enum Answer<R, E> {
     Durable(oneshot::Sender<Result<R, E>>),
     /// [`SqliteStore::write_staged`]: answered once committed, with a
     /// [`Synced`] that resolves once synced.
-    Staged(oneshot::Sender<Result<(R, Synced), E>>),
-    /// [`SqliteStore::write_deferred`]: like `Staged`, and its sync may wait.
-    Deferred(oneshot::Sender<Result<(R, Synced), E>>),
+    Staged(oneshot::Sender<Result<(R, Synced), E>>, SyncWhen),
+}
+
+/// When a staged write's commit is synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SyncWhen {
+    /// At once, as for a durable write.
+    Now,
+    /// With a later write's sync, a durable read's, or after
+    /// [`DEFER_SYNC_AT_MOST`]: the write asks for no fsync of its own.
+    Deferred,
 }
 
 impl<F, R, E> WriteJob for Queued<F, R, E>
@@ -110,7 +118,6 @@ where
         // A job that never ran to the end (it panicked, or the batch broke
         // before its turn) changed nothing.
         let result = result.unwrap_or_else(|| Err(E::from(StoreError::NotRun)));
-        let urgent = !matches!(answer, Answer::Deferred(_));
         match answer {
             Answer::Durable(tx) => Finish {
                 urgent: true,
@@ -119,10 +126,10 @@ where
                     let _ = tx.send(settle(result, outcome));
                 }),
             },
-            Answer::Staged(tx) | Answer::Deferred(tx) => {
+            Answer::Staged(tx, when) => {
                 let (sync_tx, sync_rx) = oneshot::channel();
                 Finish {
-                    urgent,
+                    urgent: when == SyncWhen::Now,
                     committed: Some(Box::new(move |outcome| {
                         let _ = tx.send(settle(result, outcome).map(|value| (value, Synced::new(sync_rx))));
                     })),
@@ -366,34 +373,22 @@ impl SqliteStore {
     /// committed, before its fsync: its effects are visible and survive the
     /// process dying. The returned [`Synced`] resolves once it also survives
     /// the machine. Use it only where whatever acts on the result early can
-    /// be redone from a durable copy kept elsewhere.
-    pub(crate) async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
+    /// be redone from a durable copy kept elsewhere. `when` says whether
+    /// the commit asks for an fsync of its own.
+    pub(crate) async fn write_staged<R, E, F>(&self, f: F, when: SyncWhen) -> Result<(R, Synced), E>
     where
         F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        self.submit(Answer::Staged(tx), f, rx).await
+        self.submit(Answer::Staged(tx, when), f, rx).await
     }
 
     /// How many fsyncs of the WAL the store made since it opened.
     #[cfg(test)]
     fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
-    }
-
-    /// Like [`SqliteStore::write_staged`], but asks for no fsync of its
-    /// own: the commit's sync comes with a later write's, with a durable
-    /// read's, or after [`DEFER_SYNC_AT_MOST`].
-    pub(crate) async fn write_deferred<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
-    where
-        F: FnMut(&mut Prepared<'_>) -> Result<R, E> + Send + 'static,
-        R: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        self.submit(Answer::Deferred(tx), f, rx).await
     }
 
     /// Queues `f` for the writer and waits for the answer it sends on `rx`;
@@ -584,7 +579,7 @@ fn answer(waiting: &mut Vec<Completion>, outcome: &Result<(), String>) {
 /// asks for no fsync.
 fn run_writer(
     conn: Connection,
-    syncer: Option<SyncHandle>,
+    mut syncer: Option<SyncHandle>,
     marker: &Marker,
     mut jobs: mpsc::Receiver<Box<dyn WriteJob>>,
 ) {
@@ -592,7 +587,6 @@ fn run_writer(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
-    let mut syncer = syncer;
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -900,7 +894,7 @@ mod tests {
     async fn a_staged_write_is_visible_at_once_and_durable_after_its_sync() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
-        let (id, synced) = store.write_staged(insert("first")).await.unwrap();
+        let (id, synced) = store.write_staged(insert("first"), SyncWhen::Now).await.unwrap();
         assert_eq!(id, 1);
         assert_eq!(count(&store).await, 1, "committed before the sync");
         synced.durable().await.unwrap();
@@ -912,7 +906,7 @@ mod tests {
         for durability in [Durability::Machine, Durability::Process] {
             let dir = tempfile::tempdir().unwrap();
             let store = SqliteStore::open(&dir.path().join("notes.db"), durability, MIGRATIONS).unwrap();
-            let (_, synced) = store.write_staged(insert("staged")).await.unwrap();
+            let (_, synced) = store.write_staged(insert("staged"), SyncWhen::Now).await.unwrap();
             let seen = store
                 .read_durable(|conn| {
                     Ok::<i64, StoreError>(conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?)
@@ -928,11 +922,14 @@ mod tests {
     async fn a_failing_staged_write_rolls_back_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
-        let failing = store.write_staged(|conn| {
-            conn.execute("INSERT INTO notes (body) VALUES ('lost')", [])?;
-            Err::<(), _>(StoreError::Commit("refused".into()))
-        });
-        let kept = store.write_staged(insert("kept"));
+        let failing = store.write_staged(
+            |conn| {
+                conn.execute("INSERT INTO notes (body) VALUES ('lost')", [])?;
+                Err::<(), _>(StoreError::Commit("refused".into()))
+            },
+            SyncWhen::Now,
+        );
+        let kept = store.write_staged(insert("kept"), SyncWhen::Now);
         let (failing, kept) = tokio::join!(failing, kept);
         assert!(matches!(failing, Err(StoreError::Commit(reason)) if reason == "refused"));
         kept.unwrap().1.durable().await.unwrap();
@@ -972,7 +969,10 @@ mod tests {
         let before = store.fsyncs();
         let mut deferred = Vec::new();
         for _ in 0..3 {
-            let (_, synced) = store.write_deferred(insert("deferred")).await.unwrap();
+            let (_, synced) = store
+                .write_staged(insert("deferred"), SyncWhen::Deferred)
+                .await
+                .unwrap();
             deferred.push(synced);
         }
         assert_eq!(count(&store).await, 3, "visible once committed");
@@ -994,7 +994,10 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move {
                 if i % 2 == 0 {
-                    let (_, synced) = store.write_deferred(insert("deferred")).await.unwrap();
+                    let (_, synced) = store
+                        .write_staged(insert("deferred"), SyncWhen::Deferred)
+                        .await
+                        .unwrap();
                     synced_soon(synced).await;
                 } else {
                     store.write(insert("durable")).await.unwrap();
@@ -1020,7 +1023,10 @@ mod tests {
 
         // After a deferred write, what it reads may not be durable yet: it
         // waits for that sync.
-        let (_, deferred) = store.write_deferred(insert("deferred")).await.unwrap();
+        let (_, deferred) = store
+            .write_staged(insert("deferred"), SyncWhen::Deferred)
+            .await
+            .unwrap();
         assert_eq!(store.write(count_notes).await.unwrap(), 2);
         synced_soon(deferred).await;
         assert_eq!(store.fsyncs(), before + 1);
@@ -1049,7 +1055,10 @@ mod tests {
     async fn a_durable_read_has_deferred_writes_synced_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = deferring_store(&dir);
-        let (_, mut deferred) = store.write_deferred(insert("deferred")).await.unwrap();
+        let (_, mut deferred) = store
+            .write_staged(insert("deferred"), SyncWhen::Deferred)
+            .await
+            .unwrap();
         assert!(!is_durable_yet(&mut deferred));
         let seen = tokio::time::timeout(
             Duration::from_secs(10),
@@ -1068,7 +1077,10 @@ mod tests {
     async fn a_deferred_write_alone_is_synced_within_the_deferral() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("notes.db"), Durability::Machine, MIGRATIONS).unwrap();
-        let (_, synced) = store.write_deferred(insert("alone")).await.unwrap();
+        let (_, synced) = store
+            .write_staged(insert("alone"), SyncWhen::Deferred)
+            .await
+            .unwrap();
         synced_soon(synced).await;
     }
 
