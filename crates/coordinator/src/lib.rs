@@ -530,13 +530,8 @@ fn same_order(existing: Transaction, order: &PurchaseOrder) -> Result<Transactio
 }
 
 impl Handler for Coordinator {
-    fn handle(&self, event: Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move {
-            if let Some(synced) = self.apply(event).await.map_err(|e| e.to_string())? {
-                synced.durable().await.map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        })
+    fn handle(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.handle_staged(event, attempt).await?.durable().await })
     }
 
     /// Reported processed once the view is committed, so the router sends

@@ -67,6 +67,16 @@ pub enum Handled {
     Committed(BoxFuture<'static, Result<(), String>>),
 }
 
+impl Handled {
+    /// Waits until the effects are durable: a staged handler's `handle`.
+    pub async fn durable(self) -> Result<(), String> {
+        match self {
+            Handled::Durable => Ok(()),
+            Handled::Committed(durable) => durable.await,
+        }
+    }
+}
+
 /// Who this instance is and what it subscribes to.
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {

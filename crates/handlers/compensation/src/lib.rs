@@ -199,12 +199,7 @@ impl CompensationHandler {
 
 impl Handler for CompensationHandler {
     fn handle(&self, event: Envelope, attempt: u32) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move {
-            if let Handled::Committed(durable) = self.handle_staged(event, attempt).await? {
-                durable.await?;
-            }
-            Ok(())
-        })
+        Box::pin(async move { self.handle_staged(event, attempt).await?.durable().await })
     }
 
     /// Reported processed once its transition is committed: most events
