@@ -113,28 +113,25 @@ impl Instance {
             .expect("the router ends a closed stream");
     }
 
+    async fn send(&self, kind: attach_request::Kind) {
+        self.outbound
+            .send(AttachRequest { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+
     async fn ack(&self, delivery: &Delivery) {
         let ack = Ack {
             delivery_ids: vec![delivery.delivery_id],
         };
-        self.outbound
-            .send(AttachRequest {
-                kind: Some(attach_request::Kind::Ack(ack)),
-            })
-            .await
-            .unwrap();
+        self.send(attach_request::Kind::Ack(ack)).await;
     }
 
     async fn processed(&self, delivery: &Delivery) {
         let processed = Processed {
             delivery_ids: vec![delivery.delivery_id],
         };
-        self.outbound
-            .send(AttachRequest {
-                kind: Some(attach_request::Kind::Processed(processed)),
-            })
-            .await
-            .unwrap();
+        self.send(attach_request::Kind::Processed(processed)).await;
     }
 
     async fn nack(&self, delivery: &Delivery) {
@@ -142,12 +139,7 @@ impl Instance {
             delivery_id: delivery.delivery_id,
             reason: "test says no".into(),
         };
-        self.outbound
-            .send(AttachRequest {
-                kind: Some(attach_request::Kind::Nack(nack)),
-            })
-            .await
-            .unwrap();
+        self.send(attach_request::Kind::Nack(nack)).await;
     }
 }
 
