@@ -1429,6 +1429,17 @@ mod tests {
         received
     }
 
+    /// The one delivery received so far, failing the test (saying `why`
+    /// one was expected) on none or several.
+    fn only_delivery(
+        inbound: &mut mpsc::Receiver<Result<AttachResponse, Status>>,
+        why: &str,
+    ) -> (u64, String, u32) {
+        let mut received = deliveries(inbound);
+        assert_eq!(received.len(), 1, "{why}: {received:?}");
+        received.remove(0)
+    }
+
     fn processed(core: &mut Core, instance: u64, delivery_id: u64) {
         core.handle(Command::Processed {
             instance,
@@ -1451,15 +1462,12 @@ mod tests {
         let (outbound, mut inbound) = mpsc::channel(16);
         core.attach(1, hello(8), outbound).unwrap();
         core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-a")], false);
-        let first = deliveries(&mut inbound);
-        assert_eq!(first.len(), 1, "one event of a transaction at a time");
+        let first = only_delivery(&mut inbound, "one event of a transaction at a time");
 
-        processed(core, 1, first[0].0);
-        let second = deliveries(&mut inbound);
-        assert_eq!(
-            second.len(),
-            1,
-            "the next event went out once the first was processed"
+        processed(core, 1, first.0);
+        let second = only_delivery(
+            &mut inbound,
+            "the next event went out once the first was processed",
         );
         assert_eq!(
             core.cursors()[0].1,
@@ -1468,16 +1476,15 @@ mod tests {
         );
 
         // An event that arrives behind processed ones only goes out at once.
-        processed(core, 1, second[0].0);
+        processed(core, 1, second.0);
         core.enqueue(vec![initiated(3, "tx-a")], false);
-        let third = deliveries(&mut inbound);
-        assert_eq!(third.len(), 1, "nothing but processed events ahead of it");
+        let third = only_delivery(&mut inbound, "nothing but processed events ahead of it");
 
         // Acks may come in any order; the cursor passes each acked event.
-        ack(core, 1, second[0].0);
-        ack(core, 1, third[0].0);
+        ack(core, 1, second.0);
+        ack(core, 1, third.0);
         assert_eq!(core.cursors()[0].1, 1);
-        ack(core, 1, first[0].0);
+        ack(core, 1, first.0);
         assert_eq!(core.cursors()[0].1, 4);
         assert!(core.groups[0].queues.is_empty());
         assert!(core.in_flight.is_empty());
@@ -1498,8 +1505,10 @@ mod tests {
         processed(core, 1, one[0].0);
         let two = deliveries(&mut first_inbound);
         processed(core, 1, two[0].0);
-        let three = deliveries(&mut first_inbound);
-        assert_eq!(three.len(), 1, "the third event is out, the first two unacked");
+        only_delivery(
+            &mut first_inbound,
+            "the third event is out, the first two unacked",
+        );
 
         // A second instance attaches; the first one's stream breaks before
         // it acked anything. The first event goes out again (to the second
@@ -1507,22 +1516,19 @@ mod tests {
         let (second_stream, mut second_inbound) = mpsc::channel(16);
         core.attach(2, hello(8), second_stream).unwrap();
         core.detach(1);
-        let again = deliveries(&mut second_inbound);
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].2, 2, "its second attempt");
+        let again = only_delivery(&mut second_inbound, "one delivery");
+        assert_eq!(again.2, 2, "its second attempt");
         assert_eq!(core.in_flight.len(), 1);
 
         // The rest follow in order, each after the one before is processed.
-        processed(core, 2, again[0].0);
-        let then = deliveries(&mut second_inbound);
-        assert_eq!(then.len(), 1);
-        assert_eq!(then[0].2, 2, "the second event went out again as well");
-        ack(core, 2, again[0].0);
-        ack(core, 2, then[0].0);
-        let last = deliveries(&mut second_inbound);
-        assert_eq!(last.len(), 1);
-        assert_eq!(last[0].2, 2, "the third, taken back from the broken stream");
-        ack(core, 2, last[0].0);
+        processed(core, 2, again.0);
+        let then = only_delivery(&mut second_inbound, "one delivery");
+        assert_eq!(then.2, 2, "the second event went out again as well");
+        ack(core, 2, again.0);
+        ack(core, 2, then.0);
+        let last = only_delivery(&mut second_inbound, "one delivery");
+        assert_eq!(last.2, 2, "the third, taken back from the broken stream");
+        ack(core, 2, last.0);
         assert_eq!(core.cursors()[0].1, 4);
     }
 
@@ -1537,37 +1543,33 @@ mod tests {
         core.attach(2, hello(8), second_stream).unwrap();
         core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-a")], false);
         // Instances are taken in turn: the first event goes to the first.
-        let first = deliveries(&mut first_inbound);
-        assert_eq!(first.len(), 1);
-        processed(core, 1, first[0].0);
-        let later = deliveries(&mut second_inbound);
-        assert_eq!(later.len(), 1, "the next event went to the second instance");
+        let first = only_delivery(&mut first_inbound, "one delivery");
+        processed(core, 1, first.0);
+        let later = only_delivery(&mut second_inbound, "the next event went to the second instance");
 
         // The first instance goes away without its ack: the first event
         // comes back, and the later one is recalled from the second
         // instance, which may still be handling it.
         core.detach(1);
-        let again = deliveries(&mut second_inbound);
-        assert_eq!(again.len(), 1, "only the first event is out again");
-        assert_eq!(again[0].2, 2);
+        let again = only_delivery(&mut second_inbound, "only the first event is out again");
+        assert_eq!(again.2, 2);
         assert_eq!(
             core.instances[&2].in_flight.len(),
             2,
             "the recalled one still takes room"
         );
-        ack(core, 2, again[0].0);
+        ack(core, 2, again.0);
         assert!(
             deliveries(&mut second_inbound).is_empty(),
             "the later event waits until its first delivery is answered"
         );
 
         // The old delivery's answer only releases it.
-        ack(core, 2, later[0].0);
+        ack(core, 2, later.0);
         assert_eq!(core.cursors()[0].1, 2, "the stale ack settled nothing");
-        let then = deliveries(&mut second_inbound);
-        assert_eq!(then.len(), 1, "then the later event, once more");
-        assert_eq!(then[0].2, 2);
-        ack(core, 2, then[0].0);
+        let then = only_delivery(&mut second_inbound, "then the later event, once more");
+        assert_eq!(then.2, 2);
+        ack(core, 2, then.0);
         assert_eq!(core.cursors()[0].1, 3);
     }
 
@@ -1579,32 +1581,30 @@ mod tests {
         let (outbound, mut inbound) = mpsc::channel(16);
         core.attach(1, hello(8), outbound).unwrap();
         core.enqueue(vec![initiated(1, "tx-a"), initiated(2, "tx-a")], false);
-        let first = deliveries(&mut inbound);
-        processed(core, 1, first[0].0);
-        let second = deliveries(&mut inbound);
-        processed(core, 1, second[0].0);
-        ack(core, 1, second[0].0);
+        let first = only_delivery(&mut inbound, "the first event");
+        processed(core, 1, first.0);
+        let second = only_delivery(&mut inbound, "the second event, once the first is processed");
+        processed(core, 1, second.0);
+        ack(core, 1, second.0);
         assert_eq!(core.cursors()[0].1, 1, "the later ack waits for the earlier one");
 
         // Making the first durable failed: it comes back after a delay, as
         // a second attempt, and the second event follows it again.
         core.handle(Command::Nack {
             instance: 1,
-            delivery_id: first[0].0,
+            delivery_id: first.0,
             reason: "fsync failed".into(),
         });
         assert!(deliveries(&mut inbound).is_empty(), "a nack waits out a delay");
         assert_eq!(core.delayed.len(), 1);
         core.delayed[0].0 = Instant::now();
         core.on_tick();
-        let again = deliveries(&mut inbound);
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].2, 2, "the first event's second attempt");
-        ack(core, 1, again[0].0);
-        let then = deliveries(&mut inbound);
-        assert_eq!(then.len(), 1);
-        assert_eq!(then[0].2, 2, "the second event, delivered again after it");
-        ack(core, 1, then[0].0);
+        let again = only_delivery(&mut inbound, "one delivery");
+        assert_eq!(again.2, 2, "the first event's second attempt");
+        ack(core, 1, again.0);
+        let then = only_delivery(&mut inbound, "one delivery");
+        assert_eq!(then.2, 2, "the second event, delivered again after it");
+        ack(core, 1, then.0);
         assert_eq!(core.cursors()[0].1, 3);
     }
 
@@ -1616,13 +1616,12 @@ mod tests {
         harness.core.attach(1, hello(8), outbound).unwrap();
         harness.core.enqueue(vec![initiated(1, "tx-a")], false);
         for attempt in 1..=2 {
-            let delivered = deliveries(&mut inbound);
-            assert_eq!(delivered.len(), 1);
-            assert_eq!(delivered[0].2, attempt);
-            processed(&mut harness.core, 1, delivered[0].0);
+            let delivered = only_delivery(&mut inbound, "one delivery");
+            assert_eq!(delivered.2, attempt);
+            processed(&mut harness.core, 1, delivered.0);
             harness.core.handle(Command::Nack {
                 instance: 1,
-                delivery_id: delivered[0].0,
+                delivery_id: delivered.0,
                 reason: "fsync failed".into(),
             });
             for delayed in &mut harness.core.delayed {
