@@ -652,6 +652,22 @@ mod tests {
         attached.shutdown.cancel();
     }
 
+    /// The test runtime has one thread, so the handler's task reports the
+    /// delivery processed and then acked (its sync done already) before the
+    /// client's loop reads either: both leave in the same round.
+    #[tokio::test]
+    async fn a_delivery_durable_before_it_is_reported_is_only_acked() {
+        let mut attached = one_committed_delivery(true).await;
+        attached.make_durable.send(()).unwrap();
+        match attached.sent.next().await {
+            Some(AttachRequest {
+                kind: Some(attach_request::Kind::Ack(ack)),
+            }) => assert_eq!(ack.delivery_ids, vec![7]),
+            other => panic!("expected only the ack, got {other:?}"),
+        }
+        attached.shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn a_router_that_does_not_take_processed_only_gets_the_ack() {
         let mut attached = one_committed_delivery(false).await;
