@@ -238,10 +238,13 @@ impl EventLog for SqliteLog {
         })
     }
 
+    /// Deferred: a cursor lost to a machine crash only makes the router
+    /// deliver again what the group acked (consumers dedupe), so saves ride
+    /// on the fsync of the next append instead of making their own.
     fn save_cursors(&self, cursors: Vec<(String, Offset)>) -> BoxFuture<'_, Result<(), LogError>> {
         Box::pin(async move {
             self.store
-                .write(move |tx| {
+                .write_deferred(move |tx| {
                     for (group, offset) in &cursors {
                         tx.execute(
                             "INSERT INTO cursors (grp, next_offset) VALUES ($1, $2)
@@ -252,6 +255,7 @@ impl EventLog for SqliteLog {
                     Ok::<_, Failure>(())
                 })
                 .await
+                .map(|((), _synced)| ())
                 .map_err(|f| f.0)
         })
     }
@@ -270,14 +274,17 @@ impl EventLog for SqliteLog {
         })
     }
 
+    /// Deferred, like the cursors it follows (and a commit that survives
+    /// the machine means every one before it did too).
     fn truncate(&self, offset: Offset) -> BoxFuture<'_, Result<(), LogError>> {
         Box::pin(async move {
             self.store
-                .write(move |tx| {
+                .write_deferred(move |tx| {
                     tx.execute("DELETE FROM events WHERE offset < $1", &values![offset])?;
                     Ok::<_, Failure>(())
                 })
                 .await
+                .map(|((), _synced)| ())
                 .map_err(|f| f.0)
         })
     }
