@@ -2,10 +2,10 @@
 //! replicas: a service's tables live in a schema of its own, so several
 //! services (or test runs) share one database.
 //!
-//! Like the SQLite engine it runs writes on threads of its own, each write in
-//! a savepoint inside its transaction, answered after the commit
-//! (PostgreSQL's own commit is durable, so a staged write is answered then
-//! too). There are [`WRITERS`] writer threads, each with its connection, so
+//! Like the SQLite engine it runs writes on threads of its own, answered
+//! after the commit (PostgreSQL's own commit is durable, so a staged write
+//! is answered then too), but each write in a transaction of its own (see
+//! [`run_writer`]). There are [`WRITERS`] writer threads, each with its connection, so
 //! commits overlap and PostgreSQL shares WAL flushes among them, and
 //! [`READERS`] reader threads. The threads use the
 //! synchronous `postgres` client, so no call ever blocks an async worker.
@@ -22,12 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Row, StoreError, Synced, Tx, Value};
 
-/// Most writes committed together: one. Two replicas' batches could lock
-/// the same rows in opposite orders (user X then Y against Y then X) and
-/// deadlock, failing every write in both; a write alone locks its few rows
-/// in the order its code gives. PostgreSQL still shares its WAL flushes
-/// among concurrent commits.
-const MAX_BATCH: usize = 1;
 /// Writes and reads waiting for their thread. When full, callers wait.
 const QUEUE: usize = 4096;
 /// Writer connections per store. Every instance of every service opens
@@ -415,10 +409,15 @@ impl ToSql for Value {
     to_sql_checked!();
 }
 
+/// Runs writes one per transaction. Two replicas' batches could lock the
+/// same rows in opposite orders (user X then Y against Y then X) and
+/// deadlock, failing every write in both; a write alone locks its few rows
+/// in the order its code gives. PostgreSQL still shares its WAL flushes
+/// among the commits of concurrent connections. Alone in its transaction,
+/// a write needs no savepoint: a failed one is rolled back whole, which
+/// saves two round trips a write.
 fn run_writer(mut client: Client, connector: &Connector, name: &str, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut prepared = HashMap::new();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     loop {
         // One writer waits for the queue at a time; the lock is released
         // before the write runs.
@@ -426,15 +425,14 @@ fn run_writer(mut client: Client, connector: &Connector, name: &str, jobs: Arc<M
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .blocking_recv();
-        let Some(first) = next else { return };
-        batch.push(first);
-        let outcome = commit_batch(&mut client, &mut prepared, &mut batch, &mut done);
+        let Some(job) = next else { return };
+        let (outcome, done) = run_in_transaction(&mut client, &mut prepared, job);
         if let Err(e) = &outcome {
-            tracing::error!(error = %e, writes = done.len(), "store commit failed");
+            tracing::error!(error = %e, "store write failed");
             let _ = client.batch_execute("ROLLBACK");
         }
-        for complete in done.drain(..) {
-            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        if let Some(done) = done {
+            done(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         }
         if client.is_closed() {
             tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
@@ -448,46 +446,34 @@ fn run_writer(mut client: Client, connector: &Connector, name: &str, jobs: Arc<M
     }
 }
 
-fn commit_batch(
+/// Runs one write in a transaction of its own and commits it, or rolls it
+/// back when the write says not to keep it. Returns the outcome and the
+/// write's completion (none when the write did not finish: dropped, it
+/// answers its caller `Closed`).
+fn run_in_transaction(
     client: &mut Client,
     prepared: &mut HashMap<String, Statement>,
-    batch: &mut Vec<Job>,
-    done: &mut Vec<Completion>,
-) -> Result<(), String> {
-    let mut began = client.batch_execute("BEGIN").map_err(|e| e.to_string());
-    for job in batch.drain(..) {
-        if began.is_err() {
-            continue;
-        }
-        if let Err(e) = client.batch_execute("SAVEPOINT job") {
-            began = Err(e.to_string());
-            continue;
-        }
-        let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            job(&mut PgTx {
-                client: &mut *client,
-                prepared: &mut *prepared,
-            })
-        }));
-        let Ok(finish) = finish else {
-            tracing::error!("a store write panicked; rolled back");
-            if let Err(e) = client.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job") {
-                began = Err(e.to_string());
-            }
-            continue;
-        };
-        let end = if finish.keep {
-            "RELEASE SAVEPOINT job"
-        } else {
-            "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
-        };
-        if let Err(e) = client.batch_execute(end) {
-            began = Err(e.to_string());
-        }
-        done.push(finish.done);
+    job: Job,
+) -> (Result<(), String>, Option<Completion>) {
+    if let Err(e) = client.batch_execute("BEGIN") {
+        // The write never ran; dropped, it answers its caller `Closed`.
+        return (Err(e.to_string()), None);
     }
-    began?;
-    client.batch_execute("COMMIT").map_err(|e| e.to_string())
+    let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        job(&mut PgTx {
+            client: &mut *client,
+            prepared: &mut *prepared,
+        })
+    }));
+    let Ok(finish) = finish else {
+        tracing::error!("a store write panicked; rolled back");
+        return (client.batch_execute("ROLLBACK").map_err(|e| e.to_string()), None);
+    };
+    let end = if finish.keep { "COMMIT" } else { "ROLLBACK" };
+    (
+        client.batch_execute(end).map_err(|e| e.to_string()),
+        Some(finish.done),
+    )
 }
 
 fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
