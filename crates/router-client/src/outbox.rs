@@ -190,8 +190,9 @@ async fn delete_confirmed(store: &Store, progress: &mut Progress) -> Result<(), 
     }
     let through = progress.published_through;
     let writer = progress.writer.clone();
-    // Deferred: the delete rides on the next fsync that some write asks for.
-    store
+    // Deferred: the delete rides on the next fsync that some write asks
+    // for, so nothing waits for it to be durable.
+    let ((), _durable) = store
         .write_deferred(move |tx| {
             tx.execute(
                 "DELETE FROM outbox WHERE writer = $1 AND seq <= $2",

@@ -2,12 +2,15 @@
 //! replicas: a service's tables live in a schema of its own, so several
 //! services (or test runs) share one database.
 //!
-//! Like the SQLite engine it runs writes on threads of its own, answered
-//! after the commit (PostgreSQL's own commit is durable, so a staged write
-//! is answered then too), but each write in a transaction of its own (see
-//! [`run_writer`]). There are [`WRITERS`] writer threads, each with its connection, so
-//! commits overlap and PostgreSQL shares WAL flushes among them, and
-//! [`READERS`] reader threads. The threads use the
+//! Like the SQLite engine it runs writes on threads of its own, commits
+//! what waits in one transaction and answers after the commit
+//! (PostgreSQL's own commit is durable, so a staged write is answered then
+//! too). Unlike it, a batch has no savepoints, which would cost two round
+//! trips a write: when a write fails, the batch is rolled back and each
+//! write runs again alone (see [`commit_batch`]). There are [`WRITERS`]
+//! writer threads, each with its connection, so commits overlap and
+//! PostgreSQL shares WAL flushes among them, and [`READERS`] reader
+//! threads. The threads use the
 //! synchronous `postgres` client, so no call ever blocks an async worker.
 //! Statements are prepared once per connection and reused.
 
@@ -31,18 +34,63 @@ pub(crate) const WRITERS: usize = 2;
 /// Reader connections per store.
 const READERS: usize = 2;
 
-type Job = Box<dyn FnOnce(&mut PgTx<'_>) -> Finish + Send>;
-type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
+/// A queued read: runs once and answers its caller.
+type ReadJob = Box<dyn FnOnce(&mut PgTx<'_>) + Send>;
 
-struct Finish {
-    keep: bool,
-    done: Completion,
+/// A queued write. It may run twice: in a batch that is then rolled back,
+/// and again alone (see [`commit_batch`]); only its last run counts.
+trait WriteJob: Send {
+    /// Runs the write's statements; says whether to keep them.
+    fn run(&mut self, tx: &mut PgTx<'_>) -> bool;
+    /// Answers the caller with the last run's result, given how its
+    /// transaction ended. A write that never ran is dropped instead, and
+    /// its caller hears `Closed`.
+    fn answer(self: Box<Self>, outcome: Result<(), &str>);
+}
+
+type Write = Box<dyn WriteJob>;
+
+struct Queued<F, R, E> {
+    f: F,
+    result: Option<Result<R, E>>,
+    answer: oneshot::Sender<Result<R, E>>,
+}
+
+impl<F, R, E> WriteJob for Queued<F, R, E>
+where
+    F: FnMut(&mut dyn Tx) -> Result<R, E> + Send,
+    R: Send,
+    E: From<StoreError> + Send,
+{
+    fn run(&mut self, tx: &mut PgTx<'_>) -> bool {
+        let mut result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(tx)))
+            .unwrap_or_else(|_| {
+                tracing::error!("a store write panicked; nothing of it was kept");
+                Err(E::from(StoreError::NotRun))
+            });
+        if tx.failed && result.is_ok() {
+            // PostgreSQL ends a transaction whose statement failed, and its
+            // COMMIT then rolls back without an error: never answer Ok.
+            result = Err(E::from(StoreError::Sql(
+                "a statement of the write failed and the write went on; nothing of it was kept".into(),
+            )));
+        }
+        let keep = result.is_ok();
+        self.result = Some(result);
+        keep
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(), &str>) {
+        if let Some(result) = self.result {
+            let _ = self.answer.send(crate::settle(result, outcome));
+        }
+    }
 }
 
 #[derive(Clone)]
 pub(crate) struct PostgresStore {
-    writes: mpsc::Sender<Job>,
-    reads: mpsc::Sender<Job>,
+    writes: mpsc::Sender<Write>,
+    reads: mpsc::Sender<ReadJob>,
     /// This instance's writer connections, as each tells the database
     /// (`sagamesh.writer`): rows a table defaults to one of them are this
     /// instance's. They share a prefix, the instance's id.
@@ -85,9 +133,9 @@ impl PostgresStore {
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let writers: Vec<String> = (0..WRITERS).map(|n| format!("{instance}-{n}")).collect();
         let names = writers.clone();
-        let (writes, write_rx) = mpsc::channel::<Job>(QUEUE);
+        let (writes, write_rx) = mpsc::channel::<Write>(QUEUE);
         let write_rx = Arc::new(Mutex::new(write_rx));
-        let (reads, read_rx) = mpsc::channel::<Job>(QUEUE);
+        let (reads, read_rx) = mpsc::channel::<ReadJob>(QUEUE);
         let read_rx = Arc::new(Mutex::new(read_rx));
         let thread_name = format!("{schema}-pg");
         std::thread::Builder::new()
@@ -141,23 +189,35 @@ impl PostgresStore {
         &self.writers
     }
 
+    /// Runs `f` in a transaction, maybe shared with other writes; `f` may
+    /// run more than once, only its last run counts (see [`commit_batch`]).
     pub(crate) async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
-        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        run(&self.writes, f, || StoreError::NotRun).await
+        let (answer, answered) = oneshot::channel();
+        let job: Write = Box::new(Queued {
+            f,
+            result: None,
+            answer,
+        });
+        self.writes
+            .send(job)
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        answered.await.map_err(|_| E::from(StoreError::Closed))?
     }
 
     /// PostgreSQL's commit is its sync: a staged write is durable at once.
     pub(crate) async fn write_staged<R, E, F>(&self, f: F) -> Result<(R, Synced), E>
     where
-        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let value = run(&self.writes, f, || StoreError::NotRun).await?;
+        let value = self.write(f).await?;
         let (synced, receiver) = oneshot::channel();
         let _ = synced.send(Ok(()));
         Ok((value, Synced::new(receiver)))
@@ -169,32 +229,22 @@ impl PostgresStore {
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        run(&self.reads, f, || StoreError::ReadPanicked).await
+        let (answer, answered) = oneshot::channel();
+        let job: ReadJob = Box::new(move |pg| {
+            // A panicking read is answered, and its thread lives on.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(pg))).unwrap_or_else(|_| {
+                    tracing::error!("a store read panicked");
+                    Err(E::from(StoreError::ReadPanicked))
+                });
+            let _ = answer.send(result);
+        });
+        self.reads
+            .send(job)
+            .await
+            .map_err(|_| E::from(StoreError::Closed))?;
+        answered.await.map_err(|_| E::from(StoreError::Closed))?
     }
-}
-
-/// Queues `f` for a writer or a reader thread. A job that panics is not
-/// kept and is answered `panicked` (the thread lives on).
-async fn run<R, E, F>(queue: &mpsc::Sender<Job>, f: F, panicked: fn() -> StoreError) -> Result<R, E>
-where
-    F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
-    R: Send + 'static,
-    E: From<StoreError> + Send + 'static,
-{
-    let (tx, rx) = oneshot::channel();
-    let job: Job = Box::new(move |pg| {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(pg))).unwrap_or_else(|_| {
-            tracing::error!("a store job panicked; nothing of it was kept");
-            Err(E::from(panicked()))
-        });
-        let keep = result.is_ok();
-        let done: Completion = Box::new(move |outcome| {
-            let _ = tx.send(crate::settle(result, outcome));
-        });
-        Finish { keep, done }
-    });
-    queue.send(job).await.map_err(|_| E::from(StoreError::Closed))?;
-    rx.await.map_err(|_| E::from(StoreError::Closed))?
 }
 
 /// Where a connection string points, for messages and logs: user, hosts
@@ -266,7 +316,7 @@ impl Connector {
 
     /// Connects again, pausing longer after each failure, until it
     /// connects or the store is closed (`None`).
-    fn reconnect(&self, writer: Option<&str>, jobs: &Mutex<mpsc::Receiver<Job>>) -> Option<Client> {
+    fn reconnect<J>(&self, writer: Option<&str>, jobs: &Mutex<mpsc::Receiver<J>>) -> Option<Client> {
         let mut pause = RECONNECT_FIRST;
         loop {
             // Another thread waiting on the queue holds the lock: the store
@@ -320,6 +370,8 @@ fn migrate(client: &mut Client, schema: &str, migrations: &[String]) -> Result<(
 pub(crate) struct PgTx<'c> {
     client: &'c mut Client,
     prepared: &'c mut HashMap<String, Statement>,
+    /// Whether a statement failed (which ends the transaction).
+    failed: bool,
 }
 
 impl PgTx<'_> {
@@ -327,7 +379,9 @@ impl PgTx<'_> {
         if let Some(statement) = self.prepared.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.client.prepare(sql)?;
+        let statement = self.client.prepare(sql);
+        self.failed |= statement.is_err();
+        let statement = statement?;
         self.prepared.insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
@@ -344,12 +398,16 @@ impl Tx for PgTx<'_> {
 
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
         let statement = self.statement(sql)?;
-        Ok(self.client.execute(&statement, &parameters(params))?)
+        let changed = self.client.execute(&statement, &parameters(params));
+        self.failed |= changed.is_err();
+        Ok(changed?)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
         let statement = self.statement(sql)?;
-        let rows = self.client.query(&statement, &parameters(params))?;
+        let rows = self.client.query(&statement, &parameters(params));
+        self.failed |= rows.is_err();
+        let rows = rows?;
         rows.iter()
             .map(|row| {
                 let values = row
@@ -409,31 +467,46 @@ impl ToSql for Value {
     to_sql_checked!();
 }
 
-/// Runs writes one per transaction. Two replicas' batches could lock the
-/// same rows in opposite orders (user X then Y against Y then X) and
-/// deadlock, failing every write in both; a write alone locks its few rows
-/// in the order its code gives. PostgreSQL still shares its WAL flushes
-/// among the commits of concurrent connections. Alone in its transaction,
-/// a write needs no savepoint: a failed one is rolled back whole, which
-/// saves two round trips a write.
-fn run_writer(mut client: Client, connector: &Connector, name: &str, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+/// Most writes one transaction takes.
+const MAX_BATCH: usize = 64;
+
+/// How long a batch waits for a row lock before it gives up and its writes
+/// run alone. Two batches (of this store's writers, or of replicas) may
+/// lock the same rows in opposite orders (user X then Y against Y then X);
+/// one of them then gives up well before PostgreSQL's deadlock check
+/// (`deadlock_timeout`, a second by default) would end it.
+const BATCH_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
+
+/// Takes the writes waiting for this store and commits them, many at a
+/// time (see [`commit_batch`]).
+fn run_writer(
+    mut client: Client,
+    connector: &Connector,
+    name: &str,
+    jobs: Arc<Mutex<mpsc::Receiver<Write>>>,
+) {
     let mut prepared = HashMap::new();
+    let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     loop {
         // One writer waits for the queue at a time; the lock is released
-        // before the write runs.
+        // before the writes run.
         let next = jobs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .blocking_recv();
-        let Some(job) = next else { return };
-        let (outcome, done) = run_in_transaction(&mut client, &mut prepared, job);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, "store write failed");
-            let _ = client.batch_execute("ROLLBACK");
+        let Some(first) = next else { return };
+        batch.push(first);
+        // What else waits, unless the other writer is waiting on the queue:
+        // then it takes the next write itself.
+        if let Ok(mut queue) = jobs.try_lock() {
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
         }
-        if let Some(done) = done {
-            done(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        }
+        commit_batch(&mut client, &mut prepared, &mut batch);
         if client.is_closed() {
             tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
             let Some(again) = connector.reconnect(Some(name), &jobs) else {
@@ -446,37 +519,80 @@ fn run_writer(mut client: Client, connector: &Connector, name: &str, jobs: Arc<M
     }
 }
 
-/// Runs one write in a transaction of its own and commits it, or rolls it
-/// back when the write says not to keep it. Returns the outcome and the
-/// write's completion (none when the write did not finish: dropped, it
-/// answers its caller `Closed`).
-fn run_in_transaction(
-    client: &mut Client,
-    prepared: &mut HashMap<String, Statement>,
-    job: Job,
-) -> (Result<(), String>, Option<Completion>) {
-    if let Err(e) = client.batch_execute("BEGIN") {
-        // The write never ran; dropped, it answers its caller `Closed`.
-        return (Err(e.to_string()), None);
+/// Commits the writes in one transaction (sharing its round trips and its
+/// commit) and answers them. When any of them fails, asks not to be kept,
+/// or waits too long for a lock, that transaction is rolled back and each
+/// write runs again alone, so a failed write rolls back only itself.
+fn commit_batch(client: &mut Client, prepared: &mut HashMap<String, Statement>, batch: &mut Vec<Write>) {
+    if batch.len() > 1 {
+        match commit_together(client, prepared, batch) {
+            Ok(()) => {
+                for job in batch.drain(..) {
+                    job.answer(Ok(()));
+                }
+                return;
+            }
+            // A lost connection fails every write the same way.
+            Err(e) if client.is_closed() => {
+                tracing::error!(error = %e, writes = batch.len(), "store commit failed");
+                for job in batch.drain(..) {
+                    job.answer(Err(&e));
+                }
+                return;
+            }
+            Err(_) => {}
+        }
     }
-    let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        job(&mut PgTx {
-            client: &mut *client,
-            prepared: &mut *prepared,
-        })
-    }));
-    let Ok(finish) = finish else {
-        tracing::error!("a store write panicked; rolled back");
-        return (client.batch_execute("ROLLBACK").map_err(|e| e.to_string()), None);
-    };
-    let end = if finish.keep { "COMMIT" } else { "ROLLBACK" };
-    (
-        client.batch_execute(end).map_err(|e| e.to_string()),
-        Some(finish.done),
-    )
+    for mut job in batch.drain(..) {
+        let outcome = commit_alone(client, prepared, &mut job);
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "store write failed");
+            let _ = client.batch_execute("ROLLBACK");
+        }
+        job.answer(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+    }
 }
 
-fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+/// Runs every write of the batch in one transaction and commits it; any
+/// failure rolls it all back.
+fn commit_together(
+    client: &mut Client,
+    prepared: &mut HashMap<String, Statement>,
+    batch: &mut [Write],
+) -> Result<(), String> {
+    client.batch_execute(BATCH_BEGIN).map_err(|e| e.to_string())?;
+    for job in batch.iter_mut() {
+        let kept = job.run(&mut PgTx {
+            client: &mut *client,
+            prepared: &mut *prepared,
+            failed: false,
+        });
+        if !kept {
+            let _ = client.batch_execute("ROLLBACK");
+            return Err("a write of the batch was not kept".into());
+        }
+    }
+    client.batch_execute("COMMIT").map_err(|e| e.to_string())
+}
+
+/// Runs one write in a transaction of its own: committed, or rolled back
+/// when the write says not to keep it. Alone, it needs no savepoint.
+fn commit_alone(
+    client: &mut Client,
+    prepared: &mut HashMap<String, Statement>,
+    job: &mut Write,
+) -> Result<(), String> {
+    client.batch_execute("BEGIN").map_err(|e| e.to_string())?;
+    let kept = job.run(&mut PgTx {
+        client: &mut *client,
+        prepared: &mut *prepared,
+        failed: false,
+    });
+    let end = if kept { "COMMIT" } else { "ROLLBACK" };
+    client.batch_execute(end).map_err(|e| e.to_string())
+}
+
+fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::Receiver<ReadJob>>>) {
     let mut prepared = HashMap::new();
     loop {
         let next = jobs
@@ -484,16 +600,11 @@ fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::R
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .blocking_recv();
         let Some(job) = next else { return };
-        let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            job(&mut PgTx {
-                client: &mut client,
-                prepared: &mut prepared,
-            })
-        }));
-        match finish {
-            Ok(finish) => (finish.done)(Ok(())),
-            Err(_) => tracing::error!("a store read panicked"),
-        }
+        job(&mut PgTx {
+            client: &mut client,
+            prepared: &mut prepared,
+            failed: false,
+        });
         if client.is_closed() {
             tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
             let Some(again) = connector.reconnect(None, &jobs) else {
@@ -507,7 +618,181 @@ fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::R
 
 #[cfg(test)]
 mod tests {
-    use super::described;
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::values;
+
+    /// A connection to the PostgreSQL server on this machine
+    /// (`SAGAMESH_TEST_POSTGRES`), in a schema of the test's own holding a
+    /// table `t (id, v)`. `None`, with a reason, when there is no server,
+    /// except in CI.
+    fn test_connection(test: &str) -> Option<(Client, Connector)> {
+        let url = std::env::var("SAGAMESH_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let connector = Connector {
+            url: Arc::from(url.as_str()),
+            schema: Arc::from(format!("{test}_{}", std::process::id()).as_str()),
+        };
+        match connector.connect(Some("test")) {
+            Ok(mut client) => {
+                client
+                    .batch_execute("CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")
+                    .unwrap();
+                Some((client, connector))
+            }
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipping: no PostgreSQL ({e})");
+                None
+            }
+            Err(e) => panic!("PostgreSQL must run in CI: {e}"),
+        }
+    }
+
+    fn drop_schema(client: &mut Client, connector: &Connector) {
+        client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", connector.schema))
+            .unwrap();
+    }
+
+    type Answer<R> = oneshot::Receiver<Result<R, StoreError>>;
+
+    fn write<R: Send + 'static>(
+        f: impl FnMut(&mut dyn Tx) -> Result<R, StoreError> + Send + 'static,
+    ) -> (Write, Answer<R>) {
+        let (answer, answered) = oneshot::channel();
+        let job: Write = Box::new(Queued {
+            f,
+            result: None,
+            answer,
+        });
+        (job, answered)
+    }
+
+    fn ids(client: &mut Client) -> Vec<i64> {
+        client
+            .query("SELECT id FROM t ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
+    /// Inserts `id`, counting its runs, and returns its transaction's id.
+    fn insert(id: i64, runs: &Arc<AtomicUsize>) -> (Write, Answer<i64>) {
+        let runs = runs.clone();
+        write(move |tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tx.execute("INSERT INTO t (id, v) VALUES ($1, 0)", &values![id])?;
+            tx.query("SELECT txid_current()", &[])?[0].int(0)
+        })
+    }
+
+    #[test]
+    fn the_writes_of_a_batch_share_one_transaction() {
+        let Some((mut client, connector)) = test_connection("store_batch_shared") else {
+            return;
+        };
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (first, first_answer) = insert(1, &runs);
+        let (second, second_answer) = insert(2, &runs);
+        commit_batch(&mut client, &mut HashMap::new(), &mut vec![first, second]);
+        let first_tx = first_answer.blocking_recv().unwrap().unwrap();
+        assert_eq!(second_answer.blocking_recv().unwrap().unwrap(), first_tx);
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "each write ran once");
+        assert_eq!(ids(&mut client), vec![1, 2]);
+        drop_schema(&mut client, &connector);
+    }
+
+    #[test]
+    fn a_write_that_fails_in_a_batch_rolls_back_alone() {
+        let Some((mut client, connector)) = test_connection("store_batch_fail") else {
+            return;
+        };
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (first, first_answer) = insert(1, &runs);
+        let (failing, failing_answer) = write(|tx| {
+            tx.execute("INSERT INTO t (id, v) VALUES (2, 0)", &[])?;
+            Err::<(), _>(StoreError::Sql("refused".into()))
+        });
+        let (last, last_answer) = insert(3, &runs);
+        commit_batch(&mut client, &mut HashMap::new(), &mut vec![first, failing, last]);
+        let first_tx = first_answer.blocking_recv().unwrap().unwrap();
+        assert!(
+            matches!(failing_answer.blocking_recv().unwrap(), Err(StoreError::Sql(reason)) if reason == "refused")
+        );
+        let last_tx = last_answer.blocking_recv().unwrap().unwrap();
+        assert_ne!(first_tx, last_tx, "after the failure, each write ran alone");
+        // The first ran in the batch and again alone; the last only alone.
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        assert_eq!(ids(&mut client), vec![1, 3]);
+        drop_schema(&mut client, &connector);
+    }
+
+    #[test]
+    fn a_write_that_goes_on_after_a_failed_statement_is_not_answered_ok() {
+        let Some((mut client, connector)) = test_connection("store_batch_swallowed") else {
+            return;
+        };
+        let (swallowing, answer) = write(|tx| {
+            tx.execute("INSERT INTO t (id, v) VALUES (1, 0)", &[])?;
+            let _ = tx.execute("INSERT INTO t (id, v) VALUES (1, 0)", &[]);
+            Ok(())
+        });
+        commit_batch(&mut client, &mut HashMap::new(), &mut vec![swallowing]);
+        assert!(answer.blocking_recv().unwrap().is_err());
+        assert_eq!(ids(&mut client), Vec::<i64>::new());
+        drop_schema(&mut client, &connector);
+    }
+
+    /// Two connections' batches update two rows in opposite orders and
+    /// meet in the middle (a deadlock); one gives up at its lock timeout,
+    /// runs its writes alone, and every update lands.
+    #[test]
+    fn batches_that_lock_rows_in_opposite_orders_do_not_deadlock() {
+        let Some((mut client, connector)) = test_connection("store_batch_deadlock") else {
+            return;
+        };
+        client
+            .batch_execute("INSERT INTO t (id, v) VALUES (1, 0), (2, 0)")
+            .unwrap();
+        // Each batch's first write waits, on its first run only, until the
+        // other's first write holds its row.
+        let both_hold_one = Arc::new(Barrier::new(2));
+        let batch = |first_row: i64, second_row: i64| {
+            let (barrier, first_run) = (both_hold_one.clone(), Arc::new(AtomicBool::new(true)));
+            let (first, first_answer) = write(move |tx| {
+                let changed = tx.execute("UPDATE t SET v = v + 1 WHERE id = $1", &values![first_row])?;
+                if first_run.swap(false, Ordering::SeqCst) {
+                    barrier.wait();
+                }
+                Ok(changed)
+            });
+            let (second, second_answer) =
+                write(move |tx| tx.execute("UPDATE t SET v = v + 1 WHERE id = $1", &values![second_row]));
+            (vec![first, second], [first_answer, second_answer])
+        };
+        let (mut forward, forward_answers) = batch(1, 2);
+        let (mut backward, backward_answers) = batch(2, 1);
+        let mut other = connector.connect(Some("other")).unwrap();
+        let backward_done = std::thread::spawn(move || {
+            commit_batch(&mut other, &mut HashMap::new(), &mut backward);
+        });
+        commit_batch(&mut client, &mut HashMap::new(), &mut forward);
+        backward_done.join().unwrap();
+        for answer in forward_answers.into_iter().chain(backward_answers) {
+            assert_eq!(answer.blocking_recv().unwrap().unwrap(), 1);
+        }
+        let values: Vec<i64> = client
+            .query("SELECT v FROM t ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(values, vec![2, 2], "every update landed once");
+        drop_schema(&mut client, &connector);
+    }
 
     #[test]
     fn a_connection_string_is_described_without_its_password() {
