@@ -42,9 +42,14 @@ type ReadJob = Box<dyn FnOnce(&mut PgTx<'_>) + Send>;
 trait WriteJob: Send {
     /// Runs the write's statements; says whether to keep them.
     fn run(&mut self, tx: &mut PgTx<'_>) -> bool;
+    /// Forgets the result of a run whose transaction was rolled back, so
+    /// that it is never answered. A write that panicked keeps its result:
+    /// it does not run again.
+    fn reset(&mut self);
+    /// Whether the write panicked.
+    fn panicked(&self) -> bool;
     /// Answers the caller with the last run's result, given how its
-    /// transaction ended. A write that never ran is dropped instead, and
-    /// its caller hears `Closed`.
+    /// transaction ended; a write with no result is answered `NotRun`.
     fn answer(self: Box<Self>, outcome: Result<(), &str>);
 }
 
@@ -53,6 +58,7 @@ type Write = Box<dyn WriteJob>;
 struct Queued<F, R, E> {
     f: F,
     result: Option<Result<R, E>>,
+    panicked: bool,
     answer: oneshot::Sender<Result<R, E>>,
 }
 
@@ -66,6 +72,7 @@ where
         let mut result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(tx)))
             .unwrap_or_else(|_| {
                 tracing::error!("a store write panicked; nothing of it was kept");
+                self.panicked = true;
                 Err(E::from(StoreError::NotRun))
             });
         if tx.failed && result.is_ok() {
@@ -80,10 +87,19 @@ where
         keep
     }
 
-    fn answer(self: Box<Self>, outcome: Result<(), &str>) {
-        if let Some(result) = self.result {
-            let _ = self.answer.send(crate::settle(result, outcome));
+    fn reset(&mut self) {
+        if !self.panicked {
+            self.result = None;
         }
+    }
+
+    fn panicked(&self) -> bool {
+        self.panicked
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(), &str>) {
+        let result = self.result.unwrap_or_else(|| Err(E::from(StoreError::NotRun)));
+        let _ = self.answer.send(crate::settle(result, outcome));
     }
 }
 
@@ -201,6 +217,7 @@ impl PostgresStore {
         let job: Write = Box::new(Queued {
             f,
             result: None,
+            panicked: false,
             answer,
         });
         self.writes
@@ -277,9 +294,11 @@ fn described(url: &str) -> String {
 }
 
 /// Opens a store's connections, and opens one again when PostgreSQL drops
-/// it (a restart, a failover, an administrator ending the session): the
-/// write or read that found it closed fails, the ones queued behind it
-/// wait, and the thread goes on once it is connected again.
+/// it (a restart, a failover, an administrator ending the session): a read
+/// that found it closed fails, and so does a write whose commit was under
+/// way (it may or may not have committed); the writes that had not reached
+/// their commit run again, and the ones queued behind wait, once the
+/// thread is connected again.
 #[derive(Clone)]
 struct Connector {
     url: Arc<str>,
@@ -372,15 +391,34 @@ pub(crate) struct PgTx<'c> {
     prepared: &'c mut HashMap<String, Statement>,
     /// Whether a statement failed (which ends the transaction).
     failed: bool,
+    /// Whether a statement gave up waiting for a row lock.
+    lock_timed_out: bool,
 }
 
-impl PgTx<'_> {
+impl<'c> PgTx<'c> {
+    fn new(client: &'c mut Client, prepared: &'c mut HashMap<String, Statement>) -> PgTx<'c> {
+        PgTx {
+            client,
+            prepared,
+            failed: false,
+            lock_timed_out: false,
+        }
+    }
+
+    /// Notes a statement's failure.
+    fn note(&mut self, error: Option<&postgres::Error>) {
+        if let Some(error) = error {
+            self.failed = true;
+            self.lock_timed_out |= error.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+        }
+    }
+
     fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
         if let Some(statement) = self.prepared.get(sql) {
             return Ok(statement.clone());
         }
         let statement = self.client.prepare(sql);
-        self.failed |= statement.is_err();
+        self.note(statement.as_ref().err());
         let statement = statement?;
         self.prepared.insert(sql.to_owned(), statement.clone());
         Ok(statement)
@@ -399,14 +437,14 @@ impl Tx for PgTx<'_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, StoreError> {
         let statement = self.statement(sql)?;
         let changed = self.client.execute(&statement, &parameters(params));
-        self.failed |= changed.is_err();
+        self.note(changed.as_ref().err());
         Ok(changed?)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StoreError> {
         let statement = self.statement(sql)?;
         let rows = self.client.query(&statement, &parameters(params));
-        self.failed |= rows.is_err();
+        self.note(rows.as_ref().err());
         let rows = rows?;
         rows.iter()
             .map(|row| {
@@ -470,11 +508,13 @@ impl ToSql for Value {
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 64;
 
-/// How long a batch waits for a row lock before it gives up and its writes
-/// run alone. Two batches (of this store's writers, or of replicas) may
-/// lock the same rows in opposite orders (user X then Y against Y then X);
-/// one of them then gives up well before PostgreSQL's deadlock check
-/// (`deadlock_timeout`, a second by default) would end it.
+/// How long a batch waits for a row lock before it gives up, rolls back
+/// and tries again without a limit. Two batches (of this store's writers,
+/// or of replicas) may lock the same rows in opposite orders (user X then
+/// Y against Y then X); one of them then gives up well before PostgreSQL's
+/// deadlock check (`deadlock_timeout`, a second by default) would end it,
+/// and the other goes on meanwhile. A batch that only waited behind a busy
+/// row waits for it on its second try.
 const BATCH_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
 
 /// Takes the writes waiting for this store and commits them, many at a
@@ -488,14 +528,16 @@ fn run_writer(
     let mut prepared = HashMap::new();
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
     loop {
-        // One writer waits for the queue at a time; the lock is released
-        // before the writes run.
-        let next = jobs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .blocking_recv();
-        let Some(first) = next else { return };
-        batch.push(first);
+        if batch.is_empty() {
+            // One writer waits for the queue at a time; the lock is released
+            // before the writes run.
+            let next = jobs
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .blocking_recv();
+            let Some(first) = next else { return };
+            batch.push(first);
+        }
         // What else waits, unless the other writer is waiting on the queue:
         // then it takes the next write itself.
         if let Ok(mut queue) = jobs.try_lock() {
@@ -506,6 +548,8 @@ fn run_writer(
                 }
             }
         }
+        // What is left in `batch` never reached a commit before the
+        // connection closed: it runs once connected again.
         commit_batch(&mut client, &mut prepared, &mut batch);
         if client.is_closed() {
             tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
@@ -519,77 +563,119 @@ fn run_writer(
     }
 }
 
+/// How a transaction of writes ended.
+#[derive(Debug, PartialEq)]
+enum Ended {
+    Committed,
+    /// Rolled back: a write failed or asked not to be kept.
+    RolledBack,
+    /// Rolled back: a row lock took longer than the batch's timeout.
+    LockTimedOut,
+    /// The connection closed before the commit: nothing was committed.
+    LostBeforeCommit,
+    /// The commit failed, and the connection may be gone with it: the
+    /// writes may or may not be committed.
+    CommitFailed(String),
+}
+
 /// Commits the writes in one transaction (sharing its round trips and its
-/// commit) and answers them. When any of them fails, asks not to be kept,
-/// or waits too long for a lock, that transaction is rolled back and each
-/// write runs again alone, so a failed write rolls back only itself.
+/// commit) and answers them. When any of them fails or asks not to be
+/// kept, the transaction is rolled back and each write runs again alone,
+/// so a failed write rolls back only itself. Writes that never reached a
+/// commit before the connection closed are left in `batch`.
 fn commit_batch(client: &mut Client, prepared: &mut HashMap<String, Statement>, batch: &mut Vec<Write>) {
     if batch.len() > 1 {
-        match commit_together(client, prepared, batch) {
-            Ok(()) => {
+        let mut ended = commit_together(client, prepared, batch, BATCH_BEGIN);
+        if ended == Ended::LockTimedOut {
+            tracing::debug!(
+                writes = batch.len(),
+                "a batch waited too long for a row lock; trying it again"
+            );
+            ended = commit_together(client, prepared, batch, "BEGIN");
+        }
+        match ended {
+            Ended::Committed => {
                 for job in batch.drain(..) {
                     job.answer(Ok(()));
                 }
                 return;
             }
-            // A lost connection fails every write the same way.
-            Err(e) if client.is_closed() => {
+            Ended::CommitFailed(e) => {
                 tracing::error!(error = %e, writes = batch.len(), "store commit failed");
                 for job in batch.drain(..) {
                     job.answer(Err(&e));
                 }
                 return;
             }
-            Err(_) => {}
+            Ended::LostBeforeCommit => {
+                batch.iter_mut().for_each(|job| job.reset());
+                return;
+            }
+            Ended::RolledBack | Ended::LockTimedOut => {
+                tracing::debug!(writes = batch.len(), "a write of a batch failed; each runs alone");
+                batch.iter_mut().for_each(|job| job.reset());
+            }
         }
     }
-    for mut job in batch.drain(..) {
-        let outcome = commit_alone(client, prepared, &mut job);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, "store write failed");
-            let _ = client.batch_execute("ROLLBACK");
+    let mut alone = std::mem::take(batch).into_iter();
+    while let Some(mut job) = alone.next() {
+        if job.panicked() {
+            job.answer(Ok(()));
+            continue;
         }
-        job.answer(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        match commit_together(client, prepared, std::slice::from_mut(&mut job), "BEGIN") {
+            Ended::Committed | Ended::RolledBack | Ended::LockTimedOut => job.answer(Ok(())),
+            Ended::CommitFailed(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                job.answer(Err(&e));
+            }
+            Ended::LostBeforeCommit => {
+                job.reset();
+                batch.push(job);
+                batch.extend(alone);
+                return;
+            }
+        }
     }
 }
 
-/// Runs every write of the batch in one transaction and commits it; any
-/// failure rolls it all back.
+/// Runs the writes in one transaction begun with `begin`, and commits it
+/// if every write is kept.
 fn commit_together(
     client: &mut Client,
     prepared: &mut HashMap<String, Statement>,
     batch: &mut [Write],
-) -> Result<(), String> {
-    client.batch_execute(BATCH_BEGIN).map_err(|e| e.to_string())?;
+    begin: &str,
+) -> Ended {
+    let lost_or = |client: &Client, ended: Ended| {
+        if client.is_closed() {
+            Ended::LostBeforeCommit
+        } else {
+            ended
+        }
+    };
+    if client.batch_execute(begin).is_err() {
+        let _ = client.batch_execute("ROLLBACK");
+        return lost_or(client, Ended::RolledBack);
+    }
     for job in batch.iter_mut() {
-        let kept = job.run(&mut PgTx {
-            client: &mut *client,
-            prepared: &mut *prepared,
-            failed: false,
-        });
+        let mut tx = PgTx::new(client, prepared);
+        let kept = job.run(&mut tx);
+        let lock_timed_out = tx.lock_timed_out;
         if !kept {
             let _ = client.batch_execute("ROLLBACK");
-            return Err("a write of the batch was not kept".into());
+            let ended = if lock_timed_out {
+                Ended::LockTimedOut
+            } else {
+                Ended::RolledBack
+            };
+            return lost_or(client, ended);
         }
     }
-    client.batch_execute("COMMIT").map_err(|e| e.to_string())
-}
-
-/// Runs one write in a transaction of its own: committed, or rolled back
-/// when the write says not to keep it. Alone, it needs no savepoint.
-fn commit_alone(
-    client: &mut Client,
-    prepared: &mut HashMap<String, Statement>,
-    job: &mut Write,
-) -> Result<(), String> {
-    client.batch_execute("BEGIN").map_err(|e| e.to_string())?;
-    let kept = job.run(&mut PgTx {
-        client: &mut *client,
-        prepared: &mut *prepared,
-        failed: false,
-    });
-    let end = if kept { "COMMIT" } else { "ROLLBACK" };
-    client.batch_execute(end).map_err(|e| e.to_string())
+    match client.batch_execute("COMMIT") {
+        Ok(()) => Ended::Committed,
+        Err(e) => Ended::CommitFailed(e.to_string()),
+    }
 }
 
 fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::Receiver<ReadJob>>>) {
@@ -600,11 +686,7 @@ fn run_reader(mut client: Client, connector: &Connector, jobs: Arc<Mutex<mpsc::R
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .blocking_recv();
         let Some(job) = next else { return };
-        job(&mut PgTx {
-            client: &mut client,
-            prepared: &mut prepared,
-            failed: false,
-        });
+        job(&mut PgTx::new(&mut client, &mut prepared));
         if client.is_closed() {
             tracing::error!(schema = %connector.schema, "the PostgreSQL connection closed; connecting again");
             let Some(again) = connector.reconnect(None, &jobs) else {
@@ -665,6 +747,7 @@ mod tests {
         let job: Write = Box::new(Queued {
             f,
             result: None,
+            panicked: false,
             answer,
         });
         (job, answered)
@@ -744,6 +827,93 @@ mod tests {
         assert!(answer.blocking_recv().unwrap().is_err());
         assert_eq!(ids(&mut client), Vec::<i64>::new());
         drop_schema(&mut client, &connector);
+    }
+
+    /// A batch that waits behind a row another transaction holds for
+    /// longer than its lock timeout tries again without one: its writes
+    /// still share one transaction.
+    #[test]
+    fn a_batch_behind_a_busy_row_waits_for_it_on_its_second_try() {
+        let Some((mut client, connector)) = test_connection("store_batch_busy") else {
+            return;
+        };
+        client
+            .batch_execute("INSERT INTO t (id, v) VALUES (1, 0)")
+            .unwrap();
+        let (held, released) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let mut holder = connector.connect(Some("holder")).unwrap();
+        let holding = {
+            let (held, released) = (held.clone(), released.clone());
+            std::thread::spawn(move || {
+                holder
+                    .batch_execute("BEGIN; UPDATE t SET v = v + 10 WHERE id = 1")
+                    .unwrap();
+                held.wait();
+                released.wait();
+                // Longer than the lock timeout.
+                std::thread::sleep(Duration::from_millis(300));
+                holder.batch_execute("COMMIT").unwrap();
+            })
+        };
+        held.wait();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let update_runs = runs.clone();
+        let (update, update_answer) = write(move |tx| {
+            update_runs.fetch_add(1, Ordering::SeqCst);
+            tx.execute("UPDATE t SET v = v + 1 WHERE id = 1", &[])?;
+            tx.query("SELECT txid_current()", &[])?[0].int(0)
+        });
+        let (second, second_answer) = insert(2, &runs);
+        released.wait();
+        commit_batch(&mut client, &mut HashMap::new(), &mut vec![update, second]);
+        holding.join().unwrap();
+        let update_tx = update_answer.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            second_answer.blocking_recv().unwrap().unwrap(),
+            update_tx,
+            "still one transaction"
+        );
+        // The update timed out once and ran again; the insert ran once.
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        let v: i64 = client
+            .query_one("SELECT v FROM t WHERE id = 1", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, 11);
+        drop_schema(&mut client, &connector);
+    }
+
+    /// The connection closes in the middle of a batch: nothing is
+    /// answered, the writes stay in the batch, and they commit on the next
+    /// connection.
+    #[test]
+    fn writes_whose_connection_closed_before_their_commit_run_again() {
+        let Some((mut client, connector)) = test_connection("store_batch_lost") else {
+            return;
+        };
+        let first_run = Arc::new(AtomicBool::new(true));
+        let (ending, ending_answer) = write(move |tx| {
+            tx.execute("INSERT INTO t (id, v) VALUES (1, 0)", &[])?;
+            if first_run.swap(false, Ordering::SeqCst) {
+                // PostgreSQL ends this session, as a restart would.
+                let _ = tx.query("SELECT pg_terminate_backend(pg_backend_pid())", &[]);
+            }
+            Ok(())
+        });
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (second, mut second_answer) = insert(2, &runs);
+        let mut batch = vec![ending, second];
+        commit_batch(&mut client, &mut HashMap::new(), &mut batch);
+        assert!(client.is_closed());
+        assert_eq!(batch.len(), 2, "both writes wait for the next connection");
+        assert!(second_answer.try_recv().is_err(), "not answered yet");
+        let mut again = connector.connect(Some("again")).unwrap();
+        commit_batch(&mut again, &mut HashMap::new(), &mut batch);
+        assert!(batch.is_empty());
+        ending_answer.blocking_recv().unwrap().unwrap();
+        second_answer.blocking_recv().unwrap().unwrap();
+        assert_eq!(ids(&mut again), vec![1, 2]);
+        drop_schema(&mut again, &connector);
     }
 
     /// Two connections' batches update two rows in opposite orders and
