@@ -619,11 +619,13 @@ fn commit_batch(client: &mut Client, prepared: &mut HashMap<String, Statement>, 
     }
     let mut alone = std::mem::take(batch).into_iter();
     while let Some(mut job) = alone.next() {
+        // A write that panicked is answered with its panic, not run again.
         if job.panicked() {
             job.answer(Ok(()));
             continue;
         }
         match commit_together(client, prepared, std::slice::from_mut(&mut job), "BEGIN") {
+            // Its own result says whether it was kept.
             Ended::Committed | Ended::RolledBack | Ended::LockTimedOut => job.answer(Ok(())),
             Ended::CommitFailed(e) => {
                 tracing::error!(error = %e, "store commit failed");
