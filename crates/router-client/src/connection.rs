@@ -657,20 +657,17 @@ mod tests {
     /// client's loop reads either: both leave in the same round.
     #[tokio::test]
     async fn a_delivery_durable_before_it_is_reported_is_only_acked() {
-        let mut attached = one_committed_delivery(true).await;
-        attached.make_durable.send(()).unwrap();
-        match attached.sent.next().await {
-            Some(AttachRequest {
-                kind: Some(attach_request::Kind::Ack(ack)),
-            }) => assert_eq!(ack.delivery_ids, vec![7]),
-            other => panic!("expected only the ack, got {other:?}"),
-        }
-        attached.shutdown.cancel();
+        make_durable_and_expect_only_the_ack(one_committed_delivery(true).await).await;
     }
 
     #[tokio::test]
     async fn a_router_that_does_not_take_processed_only_gets_the_ack() {
-        let mut attached = one_committed_delivery(false).await;
+        make_durable_and_expect_only_the_ack(one_committed_delivery(false).await).await;
+    }
+
+    /// Makes the delivery durable at once: the next message out is its ack,
+    /// with no processed report before it.
+    async fn make_durable_and_expect_only_the_ack(mut attached: OneDelivery) {
         attached.make_durable.send(()).unwrap();
         match attached.sent.next().await {
             Some(AttachRequest {

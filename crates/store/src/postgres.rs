@@ -919,8 +919,8 @@ mod tests {
     }
 
     /// Two connections' batches update two rows in opposite orders and
-    /// meet in the middle (a deadlock); one gives up at its lock timeout,
-    /// runs its writes alone, and every update lands.
+    /// meet in the middle (a deadlock); one gives up at its lock timeout
+    /// and tries again behind the other, and every update lands once.
     #[test]
     fn batches_that_lock_rows_in_opposite_orders_do_not_deadlock() {
         let Some((mut client, connector)) = test_connection("store_batch_deadlock") else {
