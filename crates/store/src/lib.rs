@@ -129,6 +129,17 @@ impl Synced {
     }
 }
 
+/// Queues `job` for an engine's thread and waits for the answer it sends
+/// on `answered`; a thread that is gone answers `StoreError::Closed`.
+pub(crate) async fn hand_over<J, T, E: From<StoreError>>(
+    queue: &tokio::sync::mpsc::Sender<J>,
+    job: J,
+    answered: oneshot::Receiver<Result<T, E>>,
+) -> Result<T, E> {
+    queue.send(job).await.map_err(|_| E::from(StoreError::Closed))?;
+    answered.await.map_err(|_| E::from(StoreError::Closed))?
+}
+
 /// A job's own result combined with the outcome of its commit.
 pub(crate) fn settle<R, E: From<StoreError>>(
     result: Result<R, E>,

@@ -220,11 +220,7 @@ impl PostgresStore {
             panicked: false,
             answer,
         });
-        self.writes
-            .send(job)
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        answered.await.map_err(|_| E::from(StoreError::Closed))?
+        crate::hand_over(&self.writes, job, answered).await
     }
 
     /// PostgreSQL's commit is its sync: a staged write is durable at once.
@@ -256,11 +252,7 @@ impl PostgresStore {
                 });
             let _ = answer.send(result);
         });
-        self.reads
-            .send(job)
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        answered.await.map_err(|_| E::from(StoreError::Closed))?
+        crate::hand_over(&self.reads, job, answered).await
     }
 }
 
@@ -755,13 +747,18 @@ mod tests {
         (job, answered)
     }
 
-    fn ids(client: &mut Client) -> Vec<i64> {
+    /// The first column of `sql`'s rows, an integer.
+    fn integers(client: &mut Client, sql: &str) -> Vec<i64> {
         client
-            .query("SELECT id FROM t ORDER BY id", &[])
+            .query(sql, &[])
             .unwrap()
             .iter()
             .map(|row| row.get(0))
             .collect()
+    }
+
+    fn ids(client: &mut Client) -> Vec<i64> {
+        integers(client, "SELECT id FROM t ORDER BY id")
     }
 
     /// Inserts `id`, counting its runs, and returns its transaction's id.
@@ -877,11 +874,7 @@ mod tests {
         );
         // The update timed out once and ran again; the insert ran once.
         assert_eq!(runs.load(Ordering::SeqCst), 3);
-        let v: i64 = client
-            .query_one("SELECT v FROM t WHERE id = 1", &[])
-            .unwrap()
-            .get(0);
-        assert_eq!(v, 11);
+        assert_eq!(integers(&mut client, "SELECT v FROM t WHERE id = 1"), vec![11]);
         drop_schema(&mut client, &connector);
     }
 
@@ -956,13 +949,11 @@ mod tests {
         for answer in forward_answers.into_iter().chain(backward_answers) {
             assert_eq!(answer.blocking_recv().unwrap().unwrap(), 1);
         }
-        let values: Vec<i64> = client
-            .query("SELECT v FROM t ORDER BY id", &[])
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        assert_eq!(values, vec![2, 2], "every update landed once");
+        assert_eq!(
+            integers(&mut client, "SELECT v FROM t ORDER BY id"),
+            vec![2, 2],
+            "every update landed once"
+        );
         drop_schema(&mut client, &connector);
     }
 

@@ -391,8 +391,7 @@ impl SqliteStore {
         self.fsyncs.load(Ordering::Relaxed)
     }
 
-    /// Queues `f` for the writer and waits for the answer it sends on `rx`;
-    /// a writer that is gone answers `StoreError::Closed`.
+    /// Queues `f` for the writer and waits for the answer it sends on `rx`.
     async fn submit<F, R, E, T>(
         &self,
         answer: Answer<R, E>,
@@ -409,11 +408,7 @@ impl SqliteStore {
             result: None,
             answer,
         });
-        self.writes
-            .send(job)
-            .await
-            .map_err(|_| E::from(StoreError::Closed))?;
-        rx.await.map_err(|_| E::from(StoreError::Closed))?
+        crate::hand_over(&self.writes, job, rx).await
     }
 
     /// Runs `f` on a read connection, which sees the last commit, on the
