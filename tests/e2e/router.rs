@@ -451,6 +451,35 @@ async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back()
         seen.contains(&pending.event_id),
         "the unacked event was delivered again after the crash"
     );
+
+    // The new router knows the events it holds: publishing them again (as
+    // a publisher does that never heard they were stored) adds nothing,
+    // and an event published after the restart gets through.
+    let repeated = client
+        .clone()
+        .publish(PublishRequest {
+            request_id: 0,
+            events: vec![done.clone(), pending.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (repeated.accepted, repeated.duplicates),
+        (0, 2),
+        "events stored before the crash are duplicates after it"
+    );
+    let fresh = initiated("tx-fresh");
+    publish(&client, vec![fresh.clone()]).await;
+    loop {
+        let delivery = b.next().await;
+        b.ack(&delivery).await;
+        let id = &delivery.envelope.as_ref().unwrap().event_id;
+        assert_ne!(*id, pending.event_id, "an acked event came back");
+        if *id == fresh.event_id {
+            break;
+        }
+    }
 }
 
 on_both_backends!(

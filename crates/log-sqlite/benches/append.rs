@@ -6,17 +6,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sagamesh_log::EventLog;
+use sagamesh_log::{EventLog, StoredEvent};
 use sagamesh_log_sqlite::SqliteLog;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
 use sagamesh_store::Durability;
 
-static NEXT: AtomicU64 = AtomicU64::new(0);
+static NEXT: AtomicU64 = AtomicU64::new(1);
 
-fn event() -> Arc<Envelope> {
-    let transaction = format!("tx-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    Arc::new(Envelope::new(
+/// A new event at the next offset, as the router's sequencer numbers it.
+fn event() -> StoredEvent {
+    let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+    let transaction = format!("tx-{offset}");
+    let envelope = Arc::new(Envelope::new(
         &transaction,
         "",
         "bench",
@@ -30,7 +32,8 @@ fn event() -> Arc<Envelope> {
                 mode: 1,
             }),
         }),
-    ))
+    ));
+    StoredEvent { offset, envelope }
 }
 
 fn append(c: &mut Criterion) {

@@ -2,19 +2,20 @@
 //!
 //! Appends go through the shared group-commit writer of `sagamesh-store`,
 //! so concurrent publishes share one fsync, and are staged: readable as soon
-//! as committed, durable once the writer's fsync that follows is done. The `events` table's
-//! AUTOINCREMENT key is the offset (never reused, even after truncation), and
-//! the unique `event_id` column dedupes publishes. A batch is inserted with
-//! one statement per chunk of up to 32 events.
+//! as committed, durable once the writer's fsync that follows is done. The
+//! `events` table's key is the offset the router gave the event; being
+//! AUTOINCREMENT, the table remembers the highest one even after
+//! truncation, which is where [`EventLog::tail`] goes on from. The unique
+//! `event_id` column keeps an event from being stored twice. A batch is
+//! inserted with one statement per chunk of up to 32 events.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use sagamesh_log::{
-    Appended, Appending, BoxFuture, DeadLetter, DeadLetterStore, EventLog, LogError, Offset, StoredEvent,
+    BoxFuture, DeadLetter, DeadLetterStore, Durable, EventLog, LogError, Offset, StoredEvent, Tail,
 };
 use sagamesh_proto::v1::Envelope;
 use sagamesh_store::{Durability, Row, Store, StoreError, Tx, Value, values};
@@ -114,14 +115,14 @@ fn list_dead(
 /// sizes, so that a few prepared statements serve every batch.
 const INSERT_CHUNKS: [usize; 3] = [32, 8, 1];
 
-/// `INSERT ... VALUES ($1, $2), ($3, $4), ...` for each chunk size.
+/// `INSERT ... VALUES ($1, $2, $3), ($4, $5, $6), ...` for each chunk size.
 static INSERTS: LazyLock<[String; 3]> = LazyLock::new(|| {
     INSERT_CHUNKS.map(|rows| {
         let values: Vec<String> = (0..rows)
-            .map(|row| format!("(${}, ${})", 2 * row + 1, 2 * row + 2))
+            .map(|row| format!("(${}, ${}, ${})", 3 * row + 1, 3 * row + 2, 3 * row + 3))
             .collect();
         format!(
-            "INSERT INTO events (event_id, body) VALUES {}
+            "INSERT INTO events (offset, event_id, body) VALUES {}
              ON CONFLICT (event_id) DO NOTHING",
             values.join(", ")
         )
@@ -137,81 +138,75 @@ fn insert_statement(remaining: usize) -> (&'static str, usize) {
     (INSERTS[index].as_str(), INSERT_CHUNKS[index])
 }
 
-/// Appends `chunk` in one statement. Rows get offsets in the order they are
-/// listed; an event id already stored, or listed earlier in the chunk, is
-/// a duplicate.
-///
-/// The offsets come from the rowid of the last row inserted: when no row
-/// conflicts, the one writer numbers a statement's rows one after another,
-/// above every offset before. (A conflicting row still uses up an offset,
-/// so a chunk with duplicates asks the table.) `RETURNING` would name them
-/// too, but SQLite gathers its rows in a temporary table per statement,
-/// which cost more than the insert.
-fn insert(tx: &mut dyn Tx, sql: &str, chunk: &[Arc<Envelope>]) -> Result<Vec<Appended>, Failure> {
+/// Stores `chunk` in one statement; an event id stored already (or listed
+/// earlier in the chunk) is skipped.
+fn insert(tx: &mut dyn Tx, sql: &str, chunk: &[StoredEvent]) -> Result<(), Failure> {
     let params: Vec<Value> = chunk
         .iter()
-        .flat_map(|event| [Value::from(&event.event_id), Value::from(event.encode_to_vec())])
-        .collect();
-    let inserted = tx.execute(sql, &params)? as usize;
-    if inserted == 0 {
-        return Ok(vec![Appended::Duplicate; chunk.len()]);
-    }
-    if inserted == chunk.len() {
-        let last = tx
-            .last_rowid()
-            .ok_or_else(|| StoreError::Sql("the event log needs rowids".into()))?;
-        let first = last - inserted as i64 + 1;
-        return Ok((first..=last)
-            .map(|offset| Appended::New(offset as Offset))
-            .collect());
-    }
-    // Some were duplicates (a publish repeated after a reconnect): the new
-    // rows are the `inserted` highest offsets among the listed ids.
-    let mut params: Vec<Value> = vec![(inserted as i64).into()];
-    params.extend(chunk.iter().map(|event| Value::from(&event.event_id)));
-    let placeholders: Vec<String> = (2..=params.len()).map(|n| format!("${n}")).collect();
-    let stored = tx.query(
-        &format!(
-            "SELECT event_id, offset FROM events WHERE event_id IN ({}) ORDER BY offset DESC LIMIT $1",
-            placeholders.join(", ")
-        ),
-        &params,
-    )?;
-    let mut offsets = HashMap::with_capacity(stored.len());
-    for row in stored {
-        offsets.insert(row.string(0)?, row.int(1)? as Offset);
-    }
-    Ok(chunk
-        .iter()
-        .map(|event| match offsets.remove(&event.event_id) {
-            Some(offset) => Appended::New(offset),
-            None => Appended::Duplicate,
+        .flat_map(|event| {
+            [
+                Value::from(event.offset),
+                Value::from(&event.envelope.event_id),
+                Value::from(event.envelope.encode_to_vec()),
+            ]
         })
-        .collect())
+        .collect();
+    tx.execute(sql, &params)?;
+    Ok(())
 }
 
 impl EventLog for SqliteLog {
-    fn append_staged(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Appending, LogError>> {
+    fn tail(&self, recent: usize) -> BoxFuture<'_, Result<Tail, LogError>> {
         Box::pin(async move {
-            let (outcomes, synced) = self
+            self.store
+                .read(move |tx| {
+                    let appended =
+                        tx.query_opt("SELECT seq FROM sqlite_sequence WHERE name = 'events'", &[])?;
+                    let appended = match appended {
+                        Some(row) => row.int(0)? as Offset,
+                        None => 0,
+                    };
+                    let passed = tx.query_opt("SELECT max(next_offset) FROM cursors", &[])?;
+                    let passed = match passed {
+                        Some(row) => row.opt_int(0)?.unwrap_or(0) as Offset,
+                        None => 0,
+                    };
+                    let rows = tx.query(
+                        "SELECT event_id FROM events ORDER BY offset DESC LIMIT $1",
+                        &values![recent],
+                    )?;
+                    let mut recent_ids = rows
+                        .iter()
+                        .map(|row| row.string(0))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    recent_ids.reverse();
+                    Ok::<_, Failure>(Tail {
+                        next_offset: (appended + 1).max(passed),
+                        recent_ids,
+                    })
+                })
+                .await
+                .map_err(|f| f.0)
+        })
+    }
+
+    fn append_staged(&self, events: Vec<StoredEvent>) -> BoxFuture<'_, Result<Durable, LogError>> {
+        Box::pin(async move {
+            let ((), synced) = self
                 .store
                 .write_staged(move |tx| {
-                    let mut appended = Vec::with_capacity(events.len());
                     let mut rest = &events[..];
                     while !rest.is_empty() {
                         let (sql, rows) = insert_statement(rest.len());
                         let (chunk, tail) = rest.split_at(rows);
-                        appended.extend(insert(tx, sql, chunk)?);
+                        insert(tx, sql, chunk)?;
                         rest = tail;
                     }
-                    Ok::<_, Failure>(appended)
+                    Ok::<_, Failure>(())
                 })
                 .await
                 .map_err(|f| f.0)?;
-            Ok(Appending {
-                outcomes,
-                durable: Box::pin(async move { synced.durable().await.map_err(storage) }),
-            })
+            Ok(Box::pin(async move { synced.durable().await.map_err(storage) }) as Durable)
         })
     }
 
@@ -384,11 +379,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_large_batch_keeps_its_order_and_dedupes_within_itself() {
-        use conformance::event;
+    async fn a_large_batch_keeps_its_order_and_stores_each_id_once() {
+        use conformance::{event, numbered};
         let (_dir, log) = open();
         let stored = event("stored");
-        log.append(vec![stored.clone()]).await.unwrap();
+        log.append(numbered(1, std::slice::from_ref(&stored)))
+            .await
+            .unwrap();
         // 45 events: chunks of 32, 8 and 1, with repeats inside the first
         // chunk, across chunks, and of an event stored before.
         let fresh: Vec<_> = (0..40).map(|i| event(&format!("tx-{i}"))).collect();
@@ -397,46 +394,42 @@ mod tests {
         batch.insert(35, fresh[10].clone());
         batch.insert(20, stored.clone());
         batch.extend([fresh[39].clone(), event("last")]);
-        let outcomes = log.append(batch.clone()).await.unwrap();
-        let mut seen = std::collections::HashSet::from([stored.event_id.clone()]);
-        let mut last = 0;
-        for (event, outcome) in batch.iter().zip(&outcomes) {
-            if seen.insert(event.event_id.clone()) {
-                let Appended::New(offset) = *outcome else {
-                    panic!("{} is new: {outcome:?}", event.transaction_id)
-                };
-                assert!(offset > last, "offsets follow the batch's order");
-                last = offset;
-            } else {
-                assert_eq!(
-                    *outcome,
-                    Appended::Duplicate,
-                    "{} was seen before",
-                    event.transaction_id
-                );
-            }
-        }
+        let appended = numbered(2, &batch);
+        log.append(appended.clone()).await.unwrap();
         let read = log.read(0, 100).await.unwrap();
         let ids: Vec<_> = read.iter().map(|e| e.envelope.transaction_id.clone()).collect();
         let mut expected = vec!["stored".to_owned()];
         expected.extend((0..40).map(|i| format!("tx-{i}")));
         expected.push("last".to_owned());
         assert_eq!(ids, expected);
-        // Each offset handed back is where the event was stored.
-        let stored_at: std::collections::HashMap<_, _> = read
-            .iter()
-            .map(|e| (e.envelope.event_id.clone(), e.offset))
-            .collect();
-        for (event, outcome) in batch.iter().zip(&outcomes) {
-            if let Appended::New(offset) = outcome {
-                assert_eq!(
-                    Some(offset),
-                    stored_at.get(&event.event_id),
-                    "{}",
-                    event.transaction_id
-                );
-            }
+        // Each event is stored at the offset of its first listing.
+        let mut first_offsets = std::collections::HashMap::from([(stored.event_id.clone(), 1)]);
+        for event in &appended {
+            first_offsets
+                .entry(event.envelope.event_id.clone())
+                .or_insert(event.offset);
         }
+        for event in &read {
+            assert_eq!(
+                Some(&event.offset),
+                first_offsets.get(&event.envelope.event_id),
+                "{}",
+                event.envelope.transaction_id
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn tail_of_a_new_log_starts_at_one() {
+        let (_dir, log) = open();
+        let tail = log.tail(10).await.unwrap();
+        assert_eq!(
+            tail,
+            Tail {
+                next_offset: 1,
+                recent_ids: vec![]
+            }
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{Envelope, PurchaseDetails, PurchaseInitiated};
 
-use crate::{Appended, DeadLetterStore, EventLog};
+use crate::{DeadLetterStore, EventLog, Offset, StoredEvent};
 
 /// A saga event of transaction `tx`, with a fresh id, for backends' tests.
 pub fn event(tx: &str) -> Arc<Envelope> {
@@ -19,31 +19,57 @@ pub fn event(tx: &str) -> Arc<Envelope> {
     ))
 }
 
-/// Appends, reads back in order, and dedupes by event id.
-pub async fn append_read_dedupe(log: &dyn EventLog) {
-    let a = event("tx-a");
-    let b = event("tx-b");
-    let first = log.append(vec![a.clone(), b.clone()]).await.unwrap();
-    let (Appended::New(oa), Appended::New(ob)) = (first[0], first[1]) else {
-        panic!("fresh events must be new: {first:?}");
-    };
-    assert!(ob > oa, "offsets grow in append order");
-    let again = log.append(vec![b.clone(), event("tx-c")]).await.unwrap();
-    assert_eq!(again[0], Appended::Duplicate, "same event id is a duplicate");
-    assert!(matches!(again[1], Appended::New(o) if o > ob));
-    let read = log.read(oa, 10).await.unwrap();
-    let ids: Vec<_> = read.iter().map(|e| e.envelope.event_id.clone()).collect();
-    assert_eq!(ids[..2], [a.event_id.clone(), b.event_id.clone()]);
-    assert_eq!(read.len(), 3);
-    assert_eq!(*read[0].envelope, *a, "events read back unchanged");
+/// `events` numbered from `first` on, as a router's sequencer numbers them.
+pub fn numbered(first: Offset, events: &[Arc<Envelope>]) -> Vec<StoredEvent> {
+    events
+        .iter()
+        .zip(first..)
+        .map(|(envelope, offset)| StoredEvent {
+            offset,
+            envelope: envelope.clone(),
+        })
+        .collect()
 }
 
-/// Cursors and truncation.
+/// Appends, reads back in order, and stores an event id only once.
+pub async fn append_read_dedupe(log: &dyn EventLog) {
+    let start = log.tail(10).await.unwrap().next_offset;
+    let (a, b, c) = (event("tx-a"), event("tx-b"), event("tx-c"));
+    log.append(numbered(start, &[a.clone(), b.clone()]))
+        .await
+        .unwrap();
+    // A repeat of `b` that the sequencer no longer remembered.
+    log.append(numbered(start + 2, &[b.clone(), c.clone()]))
+        .await
+        .unwrap();
+    let read = log.read(start, 10).await.unwrap();
+    let stored: Vec<_> = read
+        .iter()
+        .map(|e| (e.offset, e.envelope.event_id.clone()))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (start, a.event_id.clone()),
+            (start + 1, b.event_id.clone()),
+            (start + 3, c.event_id.clone())
+        ],
+        "stored at their offsets, in order, each id once"
+    );
+    assert_eq!(*read[0].envelope, *a, "events read back unchanged");
+    let tail = log.tail(2).await.unwrap();
+    assert_eq!(tail.next_offset, start + 4, "above every offset appended");
+    assert_eq!(tail.recent_ids, [b.event_id.clone(), c.event_id.clone()]);
+}
+
+/// Cursors and truncation; offsets stay above what was truncated and what
+/// a cursor passed.
 pub async fn cursors_and_truncate(log: &dyn EventLog) {
-    let appended = log.append(vec![event("t1"), event("t2")]).await.unwrap();
-    let Appended::New(second) = appended[1] else {
-        panic!("expected a new event")
-    };
+    let start = log.tail(0).await.unwrap().next_offset;
+    log.append(numbered(start, &[event("t1"), event("t2")]))
+        .await
+        .unwrap();
+    let second = start + 1;
     log.save_cursors(vec![("g".into(), second)]).await.unwrap();
     log.save_cursors(vec![("g".into(), second + 1), ("h".into(), second)])
         .await
@@ -55,6 +81,11 @@ pub async fn cursors_and_truncate(log: &dyn EventLog) {
     let left = log.read(0, 100).await.unwrap();
     assert!(left.iter().all(|e| e.offset >= second));
     assert_eq!(left.first().map(|e| e.offset), Some(second));
+    log.truncate(second + 1).await.unwrap();
+    assert_eq!(log.tail(10).await.unwrap().next_offset, second + 1);
+    // A cursor may pass offsets whose append never landed.
+    log.save_cursors(vec![("g".into(), second + 7)]).await.unwrap();
+    assert_eq!(log.tail(10).await.unwrap().next_offset, second + 7);
 }
 
 /// Dead letters are stored, listed newest first, fetched and deleted.

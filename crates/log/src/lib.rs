@@ -1,18 +1,24 @@
 //! The router's durable event log, as a trait, so the embedded SQLite log and
 //! (later) NATS JetStream can stand behind the same router.
 //!
-//! The contract every backend keeps, checked by [`conformance`]:
-//! - an `append` that returned is durable, in order, and deduplicated by event
-//!   id (an event already in the log is reported as a duplicate, not stored
-//!   twice);
-//! - an `append_staged` that returned is in order, deduplicated and survives
-//!   the process; once its `durable` future resolved it is durable too;
-//! - offsets grow with every append and are never reused;
+//! The router numbers events itself (a [`Sequencer`]), so it can deliver an
+//! event before the log has even committed it; the log stores what it is
+//! given. The contract every backend keeps, checked by [`conformance`]:
+//! - an `append` that returned is durable and readable in offset order; an
+//!   `append_staged` that returned survives the process, and once its
+//!   `Durable` resolved, the machine too;
+//! - an event whose id the log holds already is not stored again;
+//! - [`EventLog::tail`] names an offset above every offset ever appended
+//!   and every saved cursor, so offsets are never reused for anything the
+//!   log or a cursor remembers;
 //! - a cursor saved for a group is the offset below which that group has
 //!   acked everything; it survives a restart;
 //! - a dead letter stays until it is deleted.
 
 pub mod conformance;
+mod sequencer;
+
+pub use sequencer::Sequencer;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,28 +65,31 @@ pub struct DeadLetter {
     pub dead_at: SystemTime,
 }
 
-/// Events appended in order, that survive the process but maybe not yet the
-/// machine.
-pub struct Appending {
-    pub outcomes: Vec<Appended>,
-    /// Resolves once the events survive a crash of the machine.
-    pub durable: BoxFuture<'static, Result<(), LogError>>,
+/// Resolves once an append survives a crash of the machine.
+pub type Durable = BoxFuture<'static, Result<(), LogError>>;
+
+/// Where a router's [`Sequencer`] starts from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tail {
+    /// Above every offset appended so far and every saved cursor.
+    pub next_offset: Offset,
+    /// The ids of the latest events stored, oldest first.
+    pub recent_ids: Vec<String>,
 }
 
 pub trait EventLog: DeadLetterStore {
-    /// Appends the events in order; returns once they are in the log, before
-    /// they are necessarily durable (see [`Appending::durable`]). The router
-    /// delivers them at that point and confirms them to their publishers
-    /// only once durable.
-    fn append_staged(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Appending, LogError>>;
+    /// Where appends go on from, with the ids of the latest `recent` events.
+    fn tail(&self, recent: usize) -> BoxFuture<'_, Result<Tail, LogError>>;
 
-    /// Appends the events in order; returns once they are durable.
-    fn append(&self, events: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>> {
-        Box::pin(async move {
-            let appending = self.append_staged(events).await?;
-            appending.durable.await?;
-            Ok(appending.outcomes)
-        })
+    /// Stores the events at their offsets, which the caller's [`Sequencer`]
+    /// gave them (growing, and above every earlier append's), skipping any
+    /// whose id is stored already. Returns once they survive the process,
+    /// before they are necessarily durable (see [`Durable`]).
+    fn append_staged(&self, events: Vec<StoredEvent>) -> BoxFuture<'_, Result<Durable, LogError>>;
+
+    /// Like [`EventLog::append_staged`], but returns once durable.
+    fn append(&self, events: Vec<StoredEvent>) -> BoxFuture<'_, Result<(), LogError>> {
+        Box::pin(async move { self.append_staged(events).await?.await })
     }
 
     /// Up to `limit` events with offsets at or above `from`, in order.

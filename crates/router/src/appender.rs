@@ -4,18 +4,25 @@
 //! While one append is being written, new publishes queue; the next append
 //! takes all of them at once (group commit).
 //!
-//! An append is handed to the core for delivery as soon as it is committed,
-//! and its publishers are answered only once its fsync is done (by the
-//! [`confirm`] task, in order). Delivering before the fsync is safe because
-//! a publisher keeps its own durable copy of an event (its outbox) until
-//! that answer: if the machine dies in between, the publisher publishes the
-//! event again with the same id, and consumers dedupe by id. It takes the
-//! router's fsync off the path of every saga step.
+//! On the embedded log the appender numbers the events itself (a
+//! [`Sequencer`]) and hands them to the core for delivery at once, while
+//! the log commits them; their publishers are answered only once the
+//! append is durable (by the [`confirm`] task, in order). Delivering before
+//! the commit and its fsync is safe because a publisher keeps its own
+//! durable copy of an event (its outbox) until that answer: if the process
+//! or the machine dies in between, the publisher publishes the event again
+//! with the same id, and consumers dedupe by id. It takes the router's
+//! commit and fsync off the path of every saga step.
+//!
+//! For the same reason the order of the log's writes matters little: a
+//! cursor the core saves may pass an event whose append is still on its
+//! way, or failed; a failed append's publishers are told so and publish
+//! again, and the log starts its offsets above every saved cursor.
 
 use std::sync::Arc;
 
 use sagamesh_jetstream::JetStream;
-use sagamesh_log::{Appended, Appending, BoxFuture, EventLog, LogError, StoredEvent};
+use sagamesh_log::{Appended, BoxFuture, EventLog, LogError, Sequencer};
 use sagamesh_proto::v1::Envelope;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +34,9 @@ use crate::core::Command;
 pub(crate) const APPEND_QUEUE: usize = 4096;
 /// Most events in one append; bounds the latency of one commit.
 const MAX_EVENTS_PER_APPEND: usize = 4096;
+/// How many of the latest event ids the sequencer remembers, to call a
+/// repeated publish a duplicate (see [`Sequencer`]).
+pub(crate) const RECENT_IDS: usize = 65_536;
 
 /// The outcome of one publish: (new events, duplicates).
 pub(crate) type AppendResult = Result<(u32, u32), String>;
@@ -45,15 +55,34 @@ struct Confirmation {
     replies: Vec<(oneshot::Sender<AppendResult>, (u32, u32))>,
 }
 
+/// Where the appender writes: the embedded log, numbered by the sequencer
+/// that starts from its tail, or JetStream.
+pub(crate) enum Target {
+    Log(Arc<dyn EventLog>, Sequencer),
+    JetStream(JetStream),
+}
+
+impl Target {
+    pub(crate) async fn of(backend: &Backend) -> Result<Target, LogError> {
+        Ok(match backend {
+            Backend::Embedded(log) => {
+                let tail = log.tail(RECENT_IDS).await?;
+                Target::Log(log.clone(), Sequencer::new(tail, RECENT_IDS))
+            }
+            Backend::JetStream(bus) => Target::JetStream(bus.clone()),
+        })
+    }
+}
+
 pub(crate) async fn run(
-    backend: Backend,
+    target: Target,
     requests: mpsc::Receiver<Append>,
     core: mpsc::Sender<Command>,
     shutdown: CancellationToken,
 ) {
-    match backend {
-        Backend::Embedded(log) => append_to_log(log, requests, core, shutdown).await,
-        Backend::JetStream(bus) => publish_to_jetstream(bus, requests, shutdown).await,
+    match target {
+        Target::Log(log, sequencer) => append_to_log(log, sequencer, requests, core, shutdown).await,
+        Target::JetStream(bus) => publish_to_jetstream(bus, requests, shutdown).await,
     }
 }
 
@@ -136,6 +165,7 @@ async fn publish_to_jetstream(
 
 async fn append_to_log(
     log: Arc<dyn EventLog>,
+    mut sequencer: Sequencer,
     mut requests: mpsc::Receiver<Append>,
     core: mpsc::Sender<Command>,
     shutdown: CancellationToken,
@@ -144,26 +174,15 @@ async fn append_to_log(
     tokio::spawn(confirm(pending));
     let mut batch: Vec<Append> = Vec::new();
     while let Some(events) = next_batch(&mut requests, &shutdown, &mut batch).await {
-        match log.append_staged(events.clone()).await {
-            Ok(Appending {
-                outcomes: appended,
-                durable,
-            }) => {
-                let stored: Vec<StoredEvent> = events
-                    .into_iter()
-                    .zip(&appended)
-                    .filter_map(|(envelope, outcome)| match outcome {
-                        Appended::New(offset) => Some(StoredEvent {
-                            offset: *offset,
-                            envelope,
-                        }),
-                        Appended::Duplicate => None,
-                    })
-                    .collect();
-                if !stored.is_empty() && core.send(Command::Appended(stored)).await.is_err() {
-                    return;
-                }
-                let replies = share_outcomes(&mut batch, appended);
+        let (outcomes, new) = sequencer.assign(&events);
+        if !new.is_empty() && core.send(Command::Appended(new.clone())).await.is_err() {
+            return;
+        }
+        // A batch of duplicates only still goes through the log, so that
+        // its answer waits for the appends it repeats to be durable.
+        match log.append_staged(new.clone()).await {
+            Ok(durable) => {
+                let replies = share_outcomes(&mut batch, outcomes);
                 if confirmations
                     .send(Confirmation { durable, replies })
                     .await
@@ -174,6 +193,7 @@ async fn append_to_log(
             }
             Err(e) => {
                 tracing::error!(error = %e, events = events.len(), "event log append failed");
+                sequencer.forget(&new);
                 fail_batch(&mut batch, &e.to_string());
             }
         }

@@ -118,6 +118,7 @@ impl Router {
         let (members, attached) = watch::channel(vec![0; config.subscriptions.len()]);
         let state =
             core::Core::recover(&backend, config.clone(), core.clone(), appender.clone(), members).await?;
+        let target = appender::Target::of(&backend).await?;
         tasks.spawn(state.run(core_rx, shutdown.clone()));
         if let Backend::JetStream(bus) = &backend {
             consumers::start(
@@ -130,7 +131,7 @@ impl Router {
             )
             .await?;
         }
-        tasks.spawn(appender::run(backend, append_rx, core.clone(), shutdown));
+        tasks.spawn(appender::run(target, append_rx, core.clone(), shutdown));
         Ok(Router {
             core,
             appender,
