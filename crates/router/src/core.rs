@@ -356,6 +356,12 @@ impl Core {
             Some(log) => log.load_cursors().await?.into_iter().collect(),
             None => HashMap::new(),
         };
+        // A group with nothing left to ack has its cursor here, not back at
+        // the start, even when the log holds no events.
+        let appended_through = match &log {
+            Some(log) => log.tail(0).await?.next_offset.saturating_sub(1),
+            None => 0,
+        };
         let mut groups_by_type: HashMap<EventType, Vec<usize>> = HashMap::new();
         let groups: Vec<Group> = config
             .subscriptions
@@ -394,7 +400,7 @@ impl Core {
             replaying: HashSet::new(),
             next_delivery_id: 1,
             next_serial: 1,
-            appended_through: 0,
+            appended_through,
             saving_cursors: false,
             last_truncate: Instant::now(),
             truncated_below: 0,
@@ -1349,6 +1355,19 @@ mod tests {
         }
         transactions.sort();
         transactions
+    }
+
+    #[tokio::test]
+    async fn a_restart_with_nothing_to_redeliver_keeps_the_cursors_where_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = SqliteLog::open(&dir.path().join("router.db"), Durability::Process).unwrap();
+            log.append(vec![initiated(41, "tx-acked")]).await.unwrap();
+            log.save_cursors(vec![("wallets".into(), 42)]).await.unwrap();
+            log.truncate(42).await.unwrap();
+        }
+        let harness = harness(&dir, |_| {}).await;
+        assert_eq!(harness.core.cursors(), vec![("wallets".to_owned(), 42)]);
     }
 
     #[tokio::test(start_paused = true)]
