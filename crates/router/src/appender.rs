@@ -212,3 +212,142 @@ async fn confirm(mut pending: mpsc::Receiver<Confirmation>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use sagamesh_log::conformance::event;
+    use sagamesh_log::{DeadLetter, DeadLetterStore, Durable, Offset, StoredEvent, Tail};
+    use sagamesh_log_sqlite::SqliteLog;
+    use sagamesh_store::Durability;
+
+    use super::*;
+
+    /// The embedded log, whose appends fail while `failing` is set.
+    struct FlakyLog {
+        log: SqliteLog,
+        failing: AtomicBool,
+    }
+
+    impl EventLog for FlakyLog {
+        fn tail(&self, recent: usize) -> BoxFuture<'_, Result<Tail, LogError>> {
+            self.log.tail(recent)
+        }
+
+        fn append_staged(&self, events: Vec<StoredEvent>) -> BoxFuture<'_, Result<Durable, LogError>> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(LogError::Storage("the disk is full".into())) });
+            }
+            self.log.append_staged(events)
+        }
+
+        fn read(&self, from: Offset, limit: usize) -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>> {
+            self.log.read(from, limit)
+        }
+
+        fn save_cursors(&self, cursors: Vec<(String, Offset)>) -> BoxFuture<'_, Result<(), LogError>> {
+            self.log.save_cursors(cursors)
+        }
+
+        fn load_cursors(&self) -> BoxFuture<'_, Result<Vec<(String, Offset)>, LogError>> {
+            self.log.load_cursors()
+        }
+
+        fn truncate(&self, offset: Offset) -> BoxFuture<'_, Result<(), LogError>> {
+            self.log.truncate(offset)
+        }
+    }
+
+    impl DeadLetterStore for FlakyLog {
+        fn put_dead_letter(
+            &self,
+            group: String,
+            envelope: Arc<Envelope>,
+            attempts: u32,
+            last_error: String,
+        ) -> BoxFuture<'_, Result<u64, LogError>> {
+            self.log.put_dead_letter(group, envelope, attempts, last_error)
+        }
+
+        fn list_dead_letters(
+            &self,
+            group: Option<String>,
+            before_id: u64,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<Vec<DeadLetter>, LogError>> {
+            self.log.list_dead_letters(group, before_id, limit)
+        }
+
+        fn get_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<Option<DeadLetter>, LogError>> {
+            self.log.get_dead_letter(id)
+        }
+
+        fn delete_dead_letter(&self, id: u64) -> BoxFuture<'_, Result<bool, LogError>> {
+            self.log.delete_dead_letter(id)
+        }
+    }
+
+    async fn publish(appender: &mpsc::Sender<Append>, events: &[Arc<Envelope>]) -> AppendResult {
+        let (reply, answer) = oneshot::channel();
+        let events = events.to_vec();
+        appender.send(Append { events, reply }).await.unwrap();
+        answer.await.unwrap()
+    }
+
+    /// The offsets of the events the appender handed to the core since the
+    /// last look.
+    fn handed_over(core: &mut mpsc::Receiver<Command>) -> Vec<(Offset, String)> {
+        let mut handed = Vec::new();
+        while let Ok(command) = core.try_recv() {
+            if let Command::Appended(events) = command {
+                handed.extend(
+                    events
+                        .into_iter()
+                        .map(|e| (e.offset, e.envelope.event_id.clone())),
+                );
+            }
+        }
+        handed
+    }
+
+    #[tokio::test]
+    async fn an_append_that_failed_counts_as_new_when_published_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(FlakyLog {
+            log: SqliteLog::open(&dir.path().join("router.db"), Durability::Machine).unwrap(),
+            failing: AtomicBool::new(true),
+        });
+        let log: Arc<dyn EventLog> = flaky.clone();
+        let target = Target::of(&Backend::Embedded(log.clone())).await.unwrap();
+        let (appender, requests) = mpsc::channel(4);
+        let (core, mut handed) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(target, requests, core, shutdown.clone()));
+        let e = event("tx");
+        let id = e.event_id.clone();
+
+        // Delivered at once, then the append fails: the publisher hears so.
+        assert!(publish(&appender, std::slice::from_ref(&e)).await.is_err());
+        assert_eq!(handed_over(&mut handed), [(1, id.clone())]);
+
+        // Published again, it is new (not a duplicate of what never landed),
+        // at a new offset, and stored there.
+        flaky.failing.store(false, Ordering::SeqCst);
+        assert_eq!(publish(&appender, std::slice::from_ref(&e)).await, Ok((1, 0)));
+        assert_eq!(handed_over(&mut handed), [(2, id.clone())]);
+        let stored: Vec<_> = log
+            .read(0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.offset)
+            .collect();
+        assert_eq!(stored, [2]);
+
+        // Once stored, a repeat is a duplicate and goes nowhere.
+        assert_eq!(publish(&appender, &[e]).await, Ok((0, 1)));
+        assert!(handed_over(&mut handed).is_empty());
+        shutdown.cancel();
+    }
+}
