@@ -179,7 +179,9 @@ async fn append_to_log(
             return;
         }
         // A batch of duplicates only still goes through the log, so that
-        // its answer waits for the appends it repeats to be durable.
+        // its answer waits for the appends it repeats to be durable. The
+        // next batch is numbered only once this one is committed: a repeat
+        // of an event whose append then failed must not count as stored.
         match log.append_staged(new.clone()).await {
             Ok(durable) => {
                 let replies = share_outcomes(&mut batch, outcomes);
