@@ -160,17 +160,17 @@ impl EventLog for SqliteLog {
         Box::pin(async move {
             self.store
                 .read(move |tx| {
-                    let appended =
-                        tx.query_opt("SELECT seq FROM sqlite_sequence WHERE name = 'events'", &[])?;
-                    let appended = match appended {
-                        Some(row) => row.int(0)? as Offset,
-                        None => 0,
-                    };
-                    let passed = tx.query_opt("SELECT max(next_offset) FROM cursors", &[])?;
-                    let passed = match passed {
-                        Some(row) => row.opt_int(0)?.unwrap_or(0) as Offset,
-                        None => 0,
-                    };
+                    // The highest offset ever stored, and the highest
+                    // cursor; either is NULL in a new log.
+                    let row = tx
+                        .query_opt(
+                            "SELECT (SELECT seq FROM sqlite_sequence WHERE name = 'events'),
+                                    (SELECT max(next_offset) FROM cursors)",
+                            &[],
+                        )?
+                        .ok_or_else(|| Failure(storage("the tail query returned no row")))?;
+                    let appended = row.opt_int(0)?.unwrap_or(0) as Offset;
+                    let passed = row.opt_int(1)?.unwrap_or(0) as Offset;
                     let rows = tx.query(
                         "SELECT event_id FROM events ORDER BY offset DESC LIMIT $1",
                         &values![recent],
