@@ -9,8 +9,9 @@ use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::event_router_client::EventRouterClient;
 use sagamesh_proto::v1::{
     Ack, AttachRequest, AttachResponse, Delivery, DiscardDeadLetterRequest, Envelope, EventType,
-    GetDeadLetterRequest, Hello, ListDeadLettersRequest, Nack, Processed, PublishRequest, PurchaseDetails,
-    PurchaseInitiated, ReplayDeadLetterRequest, SagaMode, Step, attach_request, attach_response,
+    GetDeadLetterRequest, Hello, ListDeadLettersRequest, Nack, Processed, PublishRequest, PublishResponse,
+    PurchaseDetails, PurchaseInitiated, ReplayDeadLetterRequest, SagaMode, Step, attach_request,
+    attach_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -163,7 +164,7 @@ fn refund(tx: &str) -> Envelope {
     )
 }
 
-async fn publish(client: &EventRouterClient<Channel>, events: Vec<Envelope>) {
+async fn publish(client: &EventRouterClient<Channel>, events: Vec<Envelope>) -> PublishResponse {
     client
         .clone()
         .publish(PublishRequest {
@@ -171,7 +172,8 @@ async fn publish(client: &EventRouterClient<Channel>, events: Vec<Envelope>) {
             events,
         })
         .await
-        .expect("publish");
+        .expect("publish")
+        .into_inner()
 }
 
 fn router(dir: &std::path::Path, extra: &[&str]) -> (Process, EventRouterClient<Channel>) {
@@ -455,15 +457,7 @@ async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back()
     // The new router knows the events it holds: publishing them again (as
     // a publisher does that never heard they were stored) adds nothing,
     // and an event published after the restart gets through.
-    let repeated = client
-        .clone()
-        .publish(PublishRequest {
-            request_id: 0,
-            events: vec![done.clone(), pending.clone()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let repeated = publish(&client, vec![done.clone(), pending.clone()]).await;
     assert_eq!(
         (repeated.accepted, repeated.duplicates),
         (0, 2),
