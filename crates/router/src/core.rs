@@ -89,7 +89,8 @@ pub(crate) enum Command {
         delivery_id: u64,
         reason: String,
     },
-    /// Events now in the embedded log, in offset order.
+    /// Events numbered for the embedded log, in offset order (their append
+    /// may still be on its way; see the appender).
     Appended(Vec<StoredEvent>),
     /// An event from a group's JetStream consumer.
     Consumed {
@@ -916,7 +917,7 @@ impl Core {
         }
     }
 
-    /// Queues durable events for every group subscribed to their type.
+    /// Queues events of the log for every group subscribed to their type.
     fn enqueue(&mut self, events: Vec<StoredEvent>, recovering: bool) {
         let mut touched = HashSet::new();
         for event in events {
