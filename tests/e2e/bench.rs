@@ -5,7 +5,9 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::support::{DEADLINE, binary};
+use sagamesh_proto::v1::{SagaMode, TransactionStatus};
+
+use crate::support::{DEADLINE, Mesh, binary};
 
 /// Runs `sagamesh bench <args>`; returns its standard output. Fails the
 /// test (and kills the bench) if it has not finished within the deadline.
@@ -61,6 +63,42 @@ async fn the_bench_reports_every_purchase_and_the_read_rpcs() {
     ] {
         assert!(line.contains(expected), "{expected} missing from {line}");
     }
+}
+
+#[tokio::test]
+async fn the_bench_drives_a_mesh_it_did_not_start() {
+    let mesh = Mesh::start(SagaMode::Choreography).await;
+    let target = mesh.clients.address.to_string();
+    let report = bench(&[
+        "--target",
+        &target,
+        "--scenario",
+        "mixed",
+        "--count",
+        "24",
+        "--warmup",
+        "4",
+        "--concurrency",
+        "3",
+    ])
+    .await;
+    assert!(report.contains("completed 18"), "{report}");
+    assert!(report.contains("failed 6"), "{report}");
+    assert!(report.contains("errors           none"), "{report}");
+    // The warmup's purchases ran on the mesh too, and every one ended.
+    let stats = mesh.clients.stats().await;
+    let count = |status: TransactionStatus| {
+        stats
+            .by_status
+            .iter()
+            .find(|c| c.status == status as i32)
+            .map_or(0, |c| c.count)
+    };
+    assert_eq!(stats.total, 28);
+    assert_eq!(
+        count(TransactionStatus::Completed) + count(TransactionStatus::Failed),
+        28
+    );
 }
 
 #[tokio::test]

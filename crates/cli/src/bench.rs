@@ -71,6 +71,13 @@ pub struct BenchArgs {
     json: bool,
 }
 
+impl BenchArgs {
+    /// Whether the bench only drives a mesh in another process.
+    pub fn drives_a_remote_mesh(&self) -> bool {
+        self.mode.is_none()
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum BenchMode {
     Choreography,

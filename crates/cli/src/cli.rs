@@ -285,6 +285,12 @@ impl Cli {
     pub fn is_bench(&self) -> bool {
         matches!(self.command, Command::Bench(_))
     }
+
+    /// Whether this command is only a load generator for a mesh in
+    /// another process.
+    pub fn is_remote_bench(&self) -> bool {
+        matches!(&self.command, Command::Bench(args) if args.drives_a_remote_mesh())
+    }
 }
 
 pub async fn run(cli: Cli) -> Result<(), String> {

@@ -39,11 +39,16 @@ fn main() -> ExitCode {
         // Colours for a person at a terminal, plain text for log files.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .event_interval(EVENT_INTERVAL)
-        .enable_all()
-        .build()
-    {
+    // A bench that drives a mesh in another process is a load generator
+    // sharing the machine with what it measures: one thread does its work
+    // with a fifth of the context switches and a quarter less CPU than two
+    // workers handing tasks to each other (docs/PERFORMANCE.md).
+    let mut builder = if cli.is_remote_bench() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.event_interval(EVENT_INTERVAL).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("sagamesh: cannot start the async runtime: {e}");
