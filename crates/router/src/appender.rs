@@ -218,6 +218,9 @@ async fn confirm(mut pending: mpsc::Receiver<Confirmation>) {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use tokio::sync::watch;
 
     use sagamesh_log::conformance::event;
     use sagamesh_log::{DeadLetter, DeadLetterStore, Durable, Offset, StoredEvent, Tail};
@@ -226,10 +229,24 @@ mod tests {
 
     use super::*;
 
-    /// The embedded log, whose appends fail while `failing` is set.
+    /// The embedded log, whose appends fail while `failing` is set and do
+    /// not become durable while `syncs_held` is.
     struct FlakyLog {
         log: SqliteLog,
         failing: AtomicBool,
+        syncs_held: watch::Sender<bool>,
+        appends: watch::Sender<usize>,
+    }
+
+    impl FlakyLog {
+        fn open(dir: &std::path::Path) -> FlakyLog {
+            FlakyLog {
+                log: SqliteLog::open(&dir.join("router.db"), Durability::Machine).unwrap(),
+                failing: AtomicBool::new(false),
+                syncs_held: watch::channel(false).0,
+                appends: watch::channel(0).0,
+            }
+        }
     }
 
     impl EventLog for FlakyLog {
@@ -238,10 +255,18 @@ mod tests {
         }
 
         fn append_staged(&self, events: Vec<StoredEvent>) -> BoxFuture<'_, Result<Durable, LogError>> {
+            self.appends.send_modify(|n| *n += 1);
             if self.failing.load(Ordering::SeqCst) {
                 return Box::pin(async { Err(LogError::Storage("the disk is full".into())) });
             }
-            self.log.append_staged(events)
+            let mut held = self.syncs_held.subscribe();
+            Box::pin(async move {
+                let durable = self.log.append_staged(events).await?;
+                Ok(Box::pin(async move {
+                    let _ = held.wait_for(|held| !held).await;
+                    durable.await
+                }) as Durable)
+            })
         }
 
         fn read(&self, from: Offset, limit: usize) -> BoxFuture<'_, Result<Vec<StoredEvent>, LogError>> {
@@ -316,10 +341,8 @@ mod tests {
     #[tokio::test]
     async fn an_append_that_failed_counts_as_new_when_published_again() {
         let dir = tempfile::tempdir().unwrap();
-        let flaky = Arc::new(FlakyLog {
-            log: SqliteLog::open(&dir.path().join("router.db"), Durability::Machine).unwrap(),
-            failing: AtomicBool::new(true),
-        });
+        let flaky = Arc::new(FlakyLog::open(dir.path()));
+        flaky.failing.store(true, Ordering::SeqCst);
         let log: Arc<dyn EventLog> = flaky.clone();
         let target = Target::of(&Backend::Embedded(log.clone())).await.unwrap();
         let (appender, requests) = mpsc::channel(4);
@@ -350,6 +373,55 @@ mod tests {
         // Once stored, a repeat is a duplicate and goes nowhere.
         assert_eq!(publish(&appender, &[e]).await, Ok((0, 1)));
         assert!(handed_over(&mut handed).is_empty());
+        shutdown.cancel();
+    }
+
+    /// Waits until the log has been asked for `count` appends in all.
+    async fn appends_reach(log: &FlakyLog, count: usize) {
+        let mut appends = log.appends.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), appends.wait_for(|n| *n >= count))
+            .await
+            .unwrap_or_else(|_| panic!("the appender did not make {count} appends"))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_is_answered_only_once_its_original_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(FlakyLog::open(dir.path()));
+        flaky.syncs_held.send_replace(true);
+        let log: Arc<dyn EventLog> = flaky.clone();
+        let target = Target::of(&Backend::Embedded(log)).await.unwrap();
+        let (appender, requests) = mpsc::channel(4);
+        let (core, _handed) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(target, requests, core, shutdown.clone()));
+        let e = event("tx");
+
+        let (reply, mut original) = oneshot::channel();
+        let events = vec![e.clone()];
+        appender.send(Append { events, reply }).await.unwrap();
+        appends_reach(&flaky, 1).await;
+        // The repeat is known at once as a duplicate, and goes through the
+        // log as an empty append.
+        let (reply, mut repeat) = oneshot::channel();
+        appender
+            .send(Append {
+                events: vec![e],
+                reply,
+            })
+            .await
+            .unwrap();
+        appends_reach(&flaky, 2).await;
+        assert!(original.try_recv().is_err(), "answered before it was durable");
+        assert!(
+            repeat.try_recv().is_err(),
+            "a repeat answered before its original was durable"
+        );
+
+        flaky.syncs_held.send_replace(false);
+        assert_eq!(original.await.unwrap(), Ok((1, 0)));
+        assert_eq!(repeat.await.unwrap(), Ok((0, 1)));
         shutdown.cancel();
     }
 }
