@@ -8,7 +8,6 @@ use sagamesh_proto::v1::{
     GetStatsRequest, GetTransactionRequest, ListTransactionsRequest, ListTransactionsResponse,
     PurchaseRequest, PurchaseResponse, Stats, StreamTransactionRequest, TransactionStatus, TransactionUpdate,
 };
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -95,7 +94,7 @@ impl PurchaseCoordinator for CoordinatorService {
         let id = request.into_inner().transaction_id;
         check_transaction_id(&id)?;
         let updates = self.coordinator.watch(id).await?;
-        let stream = ReceiverStream::new(updates).map(|update| update.map_err(Status::from));
+        let stream = updates.map(|update| update.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 

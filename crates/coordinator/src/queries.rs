@@ -7,13 +7,12 @@ use std::sync::atomic::Ordering;
 use sagamesh_proto::v1::{
     ModeStats, SagaMode, Stats, StatusCount, Transaction, TransactionStatus, TransactionUpdate,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
+use tokio_stream::Stream;
 
+use crate::watchers::Watch;
 use crate::{Coordinator, CoordinatorError, store, view};
 
-/// Updates waiting to be sent to one watcher. When full, the forwarder
-/// waits; the broadcast behind it absorbs the burst.
-const STREAM_QUEUE: usize = 16;
 /// How often a watch reads the saga again on a store shared by replicas.
 const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 const DEFAULT_PAGE_SIZE: usize = 50;
@@ -63,72 +62,31 @@ impl Coordinator {
         Ok((page.into_iter().map(|(_, t)| t).collect(), next_page_token))
     }
 
-    /// The transaction now, then one update per change; the channel closes
+    /// The transaction now, then one update per change; the stream ends
     /// after a terminal state. `NoSuchTransaction` before anything is sent.
+    ///
+    /// The stream has no task of its own: the RPC's response body polls it,
+    /// so an update goes from the broadcast straight to the connection.
+    /// Dropping it (the client went away) ends the watch.
     pub async fn watch(
         &self,
         transaction_id: String,
-    ) -> Result<mpsc::Receiver<Result<TransactionUpdate, CoordinatorError>>, CoordinatorError> {
+    ) -> Result<
+        impl Stream<Item = Result<TransactionUpdate, CoordinatorError>> + Send + 'static,
+        CoordinatorError,
+    > {
         // Subscribe first, so no change is missed between read and subscribe.
-        let mut watch = self.inner.watchers.watch(&transaction_id);
+        let watch = self.inner.watchers.watch(&transaction_id);
         let current = self.transaction(transaction_id.clone()).await?;
-        let coordinator = self.clone();
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        tokio::spawn(async move {
-            let mut seen = current.history.len();
-            let done = view::is_terminal(current.status());
-            let first = TransactionUpdate {
-                transaction: Some(current),
-                event: 0,
-            };
-            if tx.send(Ok(first)).await.is_err() || done {
-                return;
-            }
-            // Where replicas share the store, another coordinator may apply
-            // the saga's events: read the state again now and then.
-            let shared = coordinator.inner.store.shared();
-            loop {
-                let received = tokio::select! {
-                    // The client went away: stop watching now, not at the
-                    // saga's next change, which may never come.
-                    _ = tx.closed() => return,
-                    received = watch.updates.recv() => received,
-                    _ = tokio::time::sleep(RESYNC_EVERY), if shared => {
-                        Err(broadcast::error::RecvError::Lagged(0))
-                    }
-                };
-                let update = match received {
-                    Ok(update) => (*update).clone(),
-                    // Too slow for the changes (or time to look): read the
-                    // state again.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match coordinator.transaction(transaction_id.clone()).await {
-                            Ok(transaction) => TransactionUpdate {
-                                transaction: Some(transaction),
-                                event: 0,
-                            },
-                            Err(e) => {
-                                let _ = tx.send(Err(e)).await;
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let Some(transaction) = update.transaction.as_ref() else {
-                    continue;
-                };
-                if transaction.history.len() <= seen {
-                    continue;
-                }
-                seen = transaction.history.len();
-                let done = view::is_terminal(transaction.status());
-                if tx.send(Ok(update)).await.is_err() || done {
-                    return;
-                }
-            }
-        });
-        Ok(rx)
+        let following = Following {
+            coordinator: self.clone(),
+            transaction_id,
+            watch,
+            current: Some(current),
+            seen: 0,
+            ended: false,
+        };
+        Ok(futures_util::stream::unfold(following, Following::next))
     }
 
     /// Counts per status, overall and per mode, and step durations.
@@ -198,12 +156,82 @@ fn figures(counts: &[(i32, u64)]) -> (u64, Vec<StatusCount>, f64) {
     (total, by_status, success_rate)
 }
 
+/// One `StreamTransaction`'s place in its saga.
+struct Following {
+    coordinator: Coordinator,
+    transaction_id: String,
+    watch: Watch,
+    /// The state read when the watch began, until it is sent.
+    current: Option<Transaction>,
+    /// History entries the client has seen.
+    seen: usize,
+    /// A terminal state or an error was sent: nothing follows.
+    ended: bool,
+}
+
+impl Following {
+    /// The next update for the client, and where it leaves the watch.
+    async fn next(mut self) -> Option<(Result<TransactionUpdate, CoordinatorError>, Following)> {
+        if self.ended {
+            return None;
+        }
+        if let Some(current) = self.current.take() {
+            return Some((Ok(self.sent(current, 0)), self));
+        }
+        // Where replicas share the store, another coordinator may apply the
+        // saga's events: read the state again now and then.
+        let shared = self.coordinator.inner.store.shared();
+        loop {
+            let received = tokio::select! {
+                received = self.watch.updates.recv() => received,
+                _ = tokio::time::sleep(RESYNC_EVERY), if shared => {
+                    Err(broadcast::error::RecvError::Lagged(0))
+                }
+            };
+            let (transaction, event) = match received {
+                Ok(update) => match &update.transaction {
+                    Some(transaction) if transaction.history.len() > self.seen => {
+                        (transaction.clone(), update.event)
+                    }
+                    _ => continue,
+                },
+                // Too slow for the changes (or time to look): read the state
+                // again.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    match self.coordinator.transaction(self.transaction_id.clone()).await {
+                        Ok(transaction) if transaction.history.len() > self.seen => (transaction, 0),
+                        Ok(_) => continue,
+                        Err(e) => {
+                            self.ended = true;
+                            return Some((Err(e), self));
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            return Some((Ok(self.sent(transaction, event)), self));
+        }
+    }
+
+    /// The update that tells the client of `transaction`, noted as seen.
+    fn sent(&mut self, transaction: Transaction, event: i32) -> TransactionUpdate {
+        self.seen = transaction.history.len();
+        self.ended = view::is_terminal(transaction.status());
+        TransactionUpdate {
+            transaction: Some(transaction),
+            event,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
     use sagamesh_proto::v1::{SagaMode, Transaction, TransactionStatus};
     use sagamesh_store::{Database, Durability};
+
+    use tokio_stream::StreamExt;
 
     use crate::{Catalog, Coordinator, store};
 
@@ -233,8 +261,8 @@ mod tests {
             .await
             .unwrap();
 
-        let mut updates = coordinator.watch("tx-1".into()).await.unwrap();
-        assert!(updates.recv().await.is_some(), "the current state comes first");
+        let mut updates = Box::pin(coordinator.watch("tx-1".into()).await.unwrap());
+        assert!(updates.next().await.is_some(), "the current state comes first");
         assert!(coordinator.inner.watchers.watching("tx-1"));
         drop(updates);
 
