@@ -322,6 +322,9 @@ impl Coordinator {
                 .await?;
             match recorded {
                 store::Recorded::New(live) => {
+                    // The saga's first event is durable: off it goes, while
+                    // the caller is being woken.
+                    inner.relay.nudge();
                     reservation.keep();
                     if let Some(live) = live {
                         inner.live.keep_new(live);
@@ -336,7 +339,6 @@ impl Coordinator {
         if let Some(existing) = existing {
             return same_order(existing, &order);
         }
-        self.inner.relay.nudge();
         tracing::info!(
             tx_id = %transaction_id,
             user = %order.user_id,
