@@ -231,8 +231,11 @@ mod tests {
     use sagamesh_proto::v1::{SagaMode, Transaction, TransactionStatus};
     use sagamesh_store::{Database, Durability};
 
-    use tokio_stream::StreamExt;
+    use sagamesh_proto::v1::StreamTransactionRequest;
+    use sagamesh_proto::v1::purchase_coordinator_client::PurchaseCoordinatorClient;
+    use tokio_stream::wrappers::TcpListenerStream;
 
+    use crate::grpc::CoordinatorService;
     use crate::{Catalog, Coordinator, store};
 
     #[tokio::test]
@@ -261,15 +264,33 @@ mod tests {
             .await
             .unwrap();
 
-        let mut updates = Box::pin(coordinator.watch("tx-1".into()).await.unwrap());
-        assert!(updates.next().await.is_some(), "the current state comes first");
+        // A real client over gRPC, which goes away mid-stream.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(CoordinatorService::new(coordinator.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let mut client = PurchaseCoordinatorClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        let request = StreamTransactionRequest {
+            transaction_id: "tx-1".into(),
+        };
+        let mut updates = client.stream_transaction(request).await.unwrap().into_inner();
+        assert!(
+            updates.message().await.unwrap().is_some(),
+            "the current state comes first"
+        );
         assert!(coordinator.inner.watchers.watching("tx-1"));
         drop(updates);
+        drop(client);
 
         let deadline = Instant::now() + Duration::from_secs(5);
         while coordinator.inner.watchers.watching("tx-1") {
             assert!(Instant::now() < deadline, "the watch outlived its client");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        server.abort();
     }
 }

@@ -229,13 +229,15 @@ mod tests {
 
     use super::*;
 
-    /// The embedded log, whose appends fail while `failing` is set and do
-    /// not become durable while `syncs_held` is.
+    /// The embedded log, whose appends fail while `failing` is set; an
+    /// append that stores events does not become durable while
+    /// `syncs_held` is (an empty one does). `committed` counts the appends
+    /// committed.
     struct FlakyLog {
         log: SqliteLog,
         failing: AtomicBool,
         syncs_held: watch::Sender<bool>,
-        appends: watch::Sender<usize>,
+        committed: watch::Sender<usize>,
     }
 
     impl FlakyLog {
@@ -244,7 +246,7 @@ mod tests {
                 log: SqliteLog::open(&dir.join("router.db"), Durability::Machine).unwrap(),
                 failing: AtomicBool::new(false),
                 syncs_held: watch::channel(false).0,
-                appends: watch::channel(0).0,
+                committed: watch::channel(0).0,
             }
         }
     }
@@ -255,15 +257,17 @@ mod tests {
         }
 
         fn append_staged(&self, events: Vec<StoredEvent>) -> BoxFuture<'_, Result<Durable, LogError>> {
-            self.appends.send_modify(|n| *n += 1);
             if self.failing.load(Ordering::SeqCst) {
                 return Box::pin(async { Err(LogError::Storage("the disk is full".into())) });
             }
-            let mut held = self.syncs_held.subscribe();
+            let held = (!events.is_empty()).then(|| self.syncs_held.subscribe());
             Box::pin(async move {
                 let durable = self.log.append_staged(events).await?;
+                self.committed.send_modify(|n| *n += 1);
                 Ok(Box::pin(async move {
-                    let _ = held.wait_for(|held| !held).await;
+                    if let Some(mut held) = held {
+                        let _ = held.wait_for(|held| !held).await;
+                    }
                     durable.await
                 }) as Durable)
             })
@@ -376,12 +380,12 @@ mod tests {
         shutdown.cancel();
     }
 
-    /// Waits until the log has been asked for `count` appends in all.
-    async fn appends_reach(log: &FlakyLog, count: usize) {
-        let mut appends = log.appends.subscribe();
-        tokio::time::timeout(Duration::from_secs(10), appends.wait_for(|n| *n >= count))
+    /// Waits until the log has committed `count` appends in all.
+    async fn commits_reach(log: &FlakyLog, count: usize) {
+        let mut committed = log.committed.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), committed.wait_for(|n| *n >= count))
             .await
-            .unwrap_or_else(|_| panic!("the appender did not make {count} appends"))
+            .unwrap_or_else(|_| panic!("the log did not commit {count} appends"))
             .unwrap();
     }
 
@@ -401,9 +405,10 @@ mod tests {
         let (reply, mut original) = oneshot::channel();
         let events = vec![e.clone()];
         appender.send(Append { events, reply }).await.unwrap();
-        appends_reach(&flaky, 1).await;
+        commits_reach(&flaky, 1).await;
         // The repeat is known at once as a duplicate, and goes through the
-        // log as an empty append.
+        // log as an empty append, whose own sync is not held: only the
+        // original's can keep its answer waiting.
         let (reply, mut repeat) = oneshot::channel();
         appender
             .send(Append {
@@ -412,7 +417,7 @@ mod tests {
             })
             .await
             .unwrap();
-        appends_reach(&flaky, 2).await;
+        commits_reach(&flaky, 2).await;
         assert!(original.try_recv().is_err(), "answered before it was durable");
         assert!(
             repeat.try_recv().is_err(),
