@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
     Envelope, EventType, PurchaseDetails, PurchaseInitiated, SagaMode, Step, TraceContext, Transaction,
-    TransactionStatus, TransactionUpdate,
+    TransactionStatus,
 };
 use sagamesh_router_client::{
     BoxFuture, ClientError, Handled, Handler, HandlerConfig, OutboxRelay, RouterClient,
@@ -331,7 +331,7 @@ impl Coordinator {
                     }
                     Ok::<_, CoordinatorError>(None)
                 }
-                store::Recorded::Existing(existing) => Ok(Some(existing)),
+                store::Recorded::Existing(existing) => Ok(Some(*existing)),
             }
         })
         .await
@@ -386,16 +386,14 @@ impl Coordinator {
                 Some(live) if has_event(&live.view) => Some(live.view.clone()),
                 _ => {
                     let tx_id = event.transaction_id.clone();
-                    self.inner.store.read(move |tx| store::get(tx, &tx_id)).await?
+                    let stored = self.inner.store.read(move |tx| store::get(tx, &tx_id)).await?;
+                    stored.map(Arc::new)
                 }
             };
             if let Some(transaction) = recorded
                 && has_event(&transaction)
             {
-                self.inner.watchers.publish(TransactionUpdate {
-                    transaction: Some(transaction),
-                    event: event_type as i32,
-                });
+                self.inner.watchers.publish(transaction, event_type);
                 return Ok(None);
             }
         }
@@ -435,6 +433,8 @@ impl Coordinator {
             actions,
             ended,
         } = applied;
+        // One copy for the live view and the watchers.
+        let transaction = Arc::new(transaction);
         if let Some(seq) = seq.filter(|_| self.inner.live.enabled()) {
             self.inner.live.keep(live::LiveView {
                 seq,
@@ -462,10 +462,7 @@ impl Coordinator {
         self.inner
             .dead_letters
             .fetch_add(dead_lettered, Ordering::Relaxed);
-        self.inner.watchers.publish(TransactionUpdate {
-            transaction: Some(transaction),
-            event: event_type as i32,
-        });
+        self.inner.watchers.publish(transaction, event_type);
         if orchestrating {
             // The orchestrator wrote its next command; the relay publishes
             // it once durable.

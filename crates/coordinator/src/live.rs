@@ -31,7 +31,8 @@ const CAPACITY: usize = 16_384;
 /// A saga's row as this coordinator committed it.
 pub(crate) struct LiveView {
     pub seq: i64,
-    pub view: Transaction,
+    /// Shared with the watchers that were told of it.
+    pub view: Arc<Transaction>,
     /// `view` encoded, byte for byte what the row's `body` holds.
     pub body: Vec<u8>,
 }
@@ -109,11 +110,11 @@ mod tests {
     fn live(id: &str, status: TransactionStatus, seq: i64) -> LiveView {
         LiveView {
             seq,
-            view: Transaction {
+            view: Arc::new(Transaction {
                 transaction_id: id.to_owned(),
                 status: status as i32,
                 ..Default::default()
-            },
+            }),
             body: vec![seq as u8],
         }
     }

@@ -189,12 +189,10 @@ impl Following {
                 }
             };
             let (transaction, event) = match received {
-                Ok(update) => match &update.transaction {
-                    Some(transaction) if transaction.history.len() > self.seen => {
-                        (transaction.clone(), update.event)
-                    }
-                    _ => continue,
-                },
+                Ok(changed) if changed.transaction.history.len() > self.seen => {
+                    (Transaction::clone(&changed.transaction), changed.event as i32)
+                }
+                Ok(_) => continue,
                 // Too slow for the changes (or time to look): read the state
                 // again.
                 Err(broadcast::error::RecvError::Lagged(_)) => {

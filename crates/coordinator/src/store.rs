@@ -164,7 +164,7 @@ pub(crate) enum Recorded {
     /// tells the row's `seq` (one writer numbers rows in commit order).
     New(Option<LiveView>),
     /// The idempotency key was used already, for this saga.
-    Existing(Transaction),
+    Existing(Box<Transaction>),
 }
 
 /// Records a new saga and its first events, unless the idempotency key was
@@ -183,7 +183,7 @@ pub(crate) fn insert(
     if let Some(key) = key
         && let Some(existing) = by_key(tx, &transaction.user_id, key)?
     {
-        return Ok(Recorded::Existing(existing));
+        return Ok(Recorded::Existing(Box::new(existing)));
     }
     let body = transaction.encode_to_vec();
     let seq = insert_row(tx, &transaction, key, &body)?;
@@ -192,7 +192,7 @@ pub(crate) fn insert(
     }
     Ok(Recorded::New(seq.map(|seq| LiveView {
         seq,
-        view: transaction,
+        view: std::sync::Arc::new(transaction),
         body,
     })))
 }
@@ -317,7 +317,7 @@ enum FromKept {
 
 /// Applies the event to the kept view, if the row still holds it.
 fn apply_to_kept(tx: &mut dyn Tx, event: &Envelope, kept: &LiveView) -> Result<FromKept, CoordinatorError> {
-    let mut transaction = kept.view.clone();
+    let mut transaction = Transaction::clone(&kept.view);
     let before = transaction.status;
     // Already in a view the row held once, so in the row's history too.
     if !view::apply(&mut transaction, event) {

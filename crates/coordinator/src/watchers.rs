@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sagamesh_proto::v1::TransactionUpdate;
+use sagamesh_proto::v1::{EventType, Transaction};
 use tokio::sync::broadcast;
 
 /// Updates buffered per transaction for slow watchers.
@@ -16,12 +16,20 @@ const UPDATES_PER_WATCHER: usize = 32;
 
 #[derive(Clone, Default)]
 pub(crate) struct Watchers {
-    channels: Arc<Mutex<HashMap<String, broadcast::Sender<Arc<TransactionUpdate>>>>>,
+    channels: Arc<Mutex<HashMap<String, broadcast::Sender<Changed>>>>,
+}
+
+/// A transaction's new state and the event that moved it, shared by its
+/// watchers (and the coordinator's live view).
+#[derive(Clone)]
+pub(crate) struct Changed {
+    pub(crate) transaction: Arc<Transaction>,
+    pub(crate) event: EventType,
 }
 
 /// One watcher's subscription; unsubscribes when dropped.
 pub(crate) struct Watch {
-    pub(crate) updates: broadcast::Receiver<Arc<TransactionUpdate>>,
+    pub(crate) updates: broadcast::Receiver<Changed>,
     transaction_id: String,
     watchers: Watchers,
 }
@@ -46,14 +54,11 @@ impl Watchers {
         channels.contains_key(transaction_id)
     }
 
-    /// Sends an update to the transaction's watchers, if it has any.
-    pub(crate) fn publish(&self, update: TransactionUpdate) {
+    /// Tells the transaction's watchers, if it has any, of its new state.
+    pub(crate) fn publish(&self, transaction: Arc<Transaction>, event: EventType) {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(transaction) = update.transaction.as_ref() else {
-            return;
-        };
         if let Some(sender) = channels.get(&transaction.transaction_id) {
-            let _ = sender.send(Arc::new(update));
+            let _ = sender.send(Changed { transaction, event });
         }
     }
 }
