@@ -226,11 +226,9 @@ impl Following {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use sagamesh_proto::v1::{SagaMode, Transaction, TransactionStatus};
-    use sagamesh_store::{Database, Durability};
-
-    use sagamesh_proto::v1::StreamTransactionRequest;
     use sagamesh_proto::v1::purchase_coordinator_client::PurchaseCoordinatorClient;
+    use sagamesh_proto::v1::{SagaMode, StreamTransactionRequest, Transaction, TransactionStatus};
+    use sagamesh_store::{Database, Durability};
     use tokio_stream::wrappers::TcpListenerStream;
 
     use crate::grpc::CoordinatorService;
