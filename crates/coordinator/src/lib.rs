@@ -352,7 +352,8 @@ impl Coordinator {
 
     /// The catalog price of an item; 0 for an item the catalog does not have,
     /// so the saga runs and fails at the item-grant step, which owns the
-    /// catalog and says why.
+    /// catalog and says why (and grants nothing at 0 should the item be
+    /// created meanwhile).
     async fn price(&self, item_id: &str) -> Result<u64, CoordinatorError> {
         match self.inner.catalog.get_item(item_id).await {
             Ok(item) => Ok(item.price),

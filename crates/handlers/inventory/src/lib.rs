@@ -177,15 +177,25 @@ impl StepOwner for ItemGrant {
         purchase: &PurchaseDetails,
     ) -> Result<Outcome, StoreError> {
         let (user_id, item_id, quantity) = (&purchase.user_id, &purchase.item_id, purchase.quantity as i64);
-        let stock = tx
-            .query_opt("SELECT stock FROM items WHERE item_id = $1", &values![item_id])?
-            .map(|row| row.int(0))
-            .transpose()?;
-        let Some(stock) = stock else {
+        let Some(row) = tx.query_opt(
+            "SELECT stock, price FROM items WHERE item_id = $1",
+            &values![item_id],
+        )?
+        else {
             return Ok(Outcome::Failure(format!(
                 "item '{item_id}' is not in the catalog"
             )));
         };
+        let (stock, price) = (row.int(0)?, row.int(1)? as u64);
+        // The saga charged what the coordinator priced; the catalog is the
+        // inventory's, and an item priced before it existed (at 0) or at
+        // another price must not be handed out for it.
+        if purchase.unit_price != price {
+            return Ok(Outcome::Failure(format!(
+                "'{item_id}' costs {price} a unit, but this purchase was priced at {}",
+                purchase.unit_price
+            )));
+        }
         if stock < quantity {
             return Ok(Outcome::Failure(format!(
                 "out of stock: {stock} of '{item_id}' left, {quantity} asked"
@@ -275,4 +285,69 @@ pub async fn start(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use sagamesh_store::Durability;
+
+    use super::*;
+
+    async fn catalog() -> (tempfile::TempDir, Inventory) {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Embedded {
+            dir: dir.path().to_owned(),
+            durability: Durability::Process,
+        };
+        let inventory = Inventory::open(&database).unwrap();
+        inventory
+            .create_item(Item {
+                item_id: "sword".into(),
+                name: "Sword".into(),
+                price: 100,
+                stock: 10,
+            })
+            .await
+            .unwrap();
+        (dir, inventory)
+    }
+
+    async fn grant(inventory: &Inventory, unit_price: u64) -> (Outcome, u64) {
+        let purchase = PurchaseDetails {
+            user_id: "alice".into(),
+            item_id: "sword".into(),
+            quantity: 2,
+            unit_price,
+            total_price: unit_price * 2,
+            ..PurchaseDetails::default()
+        };
+        let outcome = inventory
+            .store()
+            .write(move |tx| ItemGrant.execute(tx, "tx-1", &purchase))
+            .await
+            .unwrap();
+        let stock = inventory.item("sword".into()).await.unwrap().stock;
+        (outcome, stock)
+    }
+
+    #[tokio::test]
+    async fn an_item_is_granted_only_at_its_catalog_price() {
+        let (_dir, inventory) = catalog().await;
+        // Priced while the item was not yet in the catalog, or at another
+        // price: nothing is handed out.
+        for wrong in [0, 99] {
+            let (outcome, stock) = grant(&inventory, wrong).await;
+            let Outcome::Failure(reason) = outcome else {
+                panic!("granted at {wrong}");
+            };
+            assert_eq!(
+                reason,
+                format!("'sword' costs 100 a unit, but this purchase was priced at {wrong}")
+            );
+            assert_eq!(stock, 10);
+        }
+        let (outcome, stock) = grant(&inventory, 100).await;
+        assert!(matches!(outcome, Outcome::Success { .. }));
+        assert_eq!(stock, 8);
+    }
 }
