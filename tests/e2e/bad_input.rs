@@ -1,8 +1,10 @@
 //! Bad input gets a clear error and changes nothing.
 
+use sagamesh_proto::v1::envelope::Payload;
 use sagamesh_proto::v1::{
-    CreateItemRequest, CreateUserRequest, GetTransactionRequest, GetUserRequest, ListTransactionsRequest,
-    PublishRequest, PurchaseRequest, SagaMode, StreamTransactionRequest,
+    CreateItemRequest, CreateUserRequest, Envelope, GetTransactionRequest, GetUserRequest,
+    ListTransactionsRequest, PublishRequest, PurchaseDetails, PurchaseRequest, SagaMode,
+    StreamTransactionRequest, UserValidated,
 };
 use tonic::Code;
 
@@ -131,6 +133,42 @@ async fn bad_requests_get_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(empty_publish.code(), Code::InvalidArgument);
+
+    // An event whose purchase `Purchase` would never have priced so: the
+    // router refuses it before any step can act on it.
+    let free = PurchaseDetails {
+        user_id: "alice".into(),
+        item_id: "sword".into(),
+        quantity: 1_000,
+        unit_price: 100,
+        total_price: 0,
+        mode: SagaMode::Choreography as i32,
+    };
+    let forged = c
+        .router
+        .clone()
+        .publish(PublishRequest {
+            request_id: 2,
+            events: vec![Envelope::new(
+                "tx-forged",
+                "",
+                "test",
+                Payload::UserValidated(UserValidated {
+                    purchase: Some(free),
+                    ..UserValidated::default()
+                }),
+            )],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
+    assert!(
+        forged
+            .message()
+            .contains("total_price 0 is not unit_price 100 times quantity 1000"),
+        "{}",
+        forged.message()
+    );
 }
 
 on_both_backends!(bad_requests_get_clear_errors,);

@@ -148,11 +148,23 @@ fn event(tx: &str, payload: Payload) -> Envelope {
     Envelope::new(tx, "", "test", payload)
 }
 
+/// A purchase as `Purchase` records it: the router takes no event without one.
+fn purchase() -> PurchaseDetails {
+    PurchaseDetails {
+        user_id: "user-1".into(),
+        item_id: "item-1".into(),
+        quantity: 1,
+        unit_price: 100,
+        total_price: 100,
+        mode: SagaMode::Choreography as i32,
+    }
+}
+
 fn initiated(tx: &str) -> Envelope {
     event(
         tx,
         Payload::PurchaseInitiated(PurchaseInitiated {
-            purchase: Some(PurchaseDetails::default()),
+            purchase: Some(purchase()),
         }),
     )
 }
@@ -160,7 +172,7 @@ fn initiated(tx: &str) -> Envelope {
 fn refund(tx: &str) -> Envelope {
     event(
         tx,
-        sagamesh_saga::compensation_request(Step::UserValidation, PurchaseDetails::default(), 1),
+        sagamesh_saga::compensation_request(Step::UserValidation, purchase(), 1),
     )
 }
 

@@ -31,7 +31,14 @@ fn purchase_initiated() -> Envelope {
         "",
         "bench",
         Payload::PurchaseInitiated(PurchaseInitiated {
-            purchase: Some(PurchaseDetails::default()),
+            purchase: Some(PurchaseDetails {
+                user_id: "user-1".into(),
+                item_id: "item-1".into(),
+                quantity: 1,
+                unit_price: 100,
+                total_price: 100,
+                ..PurchaseDetails::default()
+            }),
         }),
     )
 }

@@ -10,8 +10,9 @@ use sagamesh_proto::MAX_MESSAGE_SIZE;
 use sagamesh_proto::v1::event_router_server::{EventRouter, EventRouterServer};
 use sagamesh_proto::v1::{
     AttachRequest, AttachResponse, DeadLetter, DiscardDeadLetterRequest, DiscardDeadLetterResponse, Envelope,
-    GetDeadLetterRequest, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest, PublishResponse,
-    ReplayDeadLetterRequest, ReplayDeadLetterResponse, attach_request, attach_response,
+    EventType, GetDeadLetterRequest, Hello, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest,
+    PublishResponse, ReplayDeadLetterRequest, ReplayDeadLetterResponse, SagaMode, attach_request,
+    attach_response, envelope::Payload,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -135,6 +136,7 @@ impl RouterService {
                 "the first message on an Attach stream must be a hello",
             ));
         };
+        check_hello(&hello)?;
         // Room for every delivery batch the instance may have in flight, plus
         // publish answers.
         let capacity = hello.max_in_flight.clamp(1, 4096) as usize + STREAM_PUBLISH_QUEUE;
@@ -207,13 +209,13 @@ impl RouterService {
                         }
                         continue;
                     }
-                    Some(attach_request::Kind::Hello(_)) | None => {
+                    kind @ (Some(attach_request::Kind::Hello(_)) | None) => {
+                        let refusal = match kind {
+                            None => "an Attach message must carry an ack, a processed, a nack or a publish",
+                            Some(_) => "only the first message on an Attach stream may be a hello",
+                        };
                         if let Some(outbound) = weak.upgrade() {
-                            let _ = outbound
-                                .send(Err(Status::invalid_argument(
-                                    "only the first message on an Attach stream may be a hello",
-                                )))
-                                .await;
+                            let _ = outbound.send(Err(Status::invalid_argument(refusal))).await;
                         }
                         break;
                     }
@@ -274,18 +276,93 @@ fn check_events(events: &[Envelope]) -> Result<(), Status> {
                 "event {index} is {size} bytes; an event may be at most {MAX_EVENT_BYTES} bytes"
             )));
         }
-        if uuid::Uuid::parse_str(&event.event_id).is_err() {
+        if !is_canonical_uuid(&event.event_id) {
             return Err(Status::invalid_argument(format!(
-                "event {index}: event_id must be a UUID, not '{}'",
-                event.event_id
+                "event {index}: event_id must be a UUID written in lowercase with hyphens \
+                 (8-4-4-4-12), not '{}'",
+                excerpt(&event.event_id)
             )));
         }
         if let Err(e) = sagamesh_saga::validate_id("transaction_id", &event.transaction_id) {
             return Err(Status::invalid_argument(format!("event {index}: {e}")));
         }
-        if event.payload.is_none() {
+        let Some(payload) = &event.payload else {
             return Err(Status::invalid_argument(format!(
                 "event {index}: the payload is missing"
+            )));
+        };
+        // Every saga event but the router's own notice carries the purchase
+        // it is about, and the steps act on it: it must be one `Purchase`
+        // would have accepted.
+        if !matches!(payload, Payload::DeadLettered(_)) {
+            let name = payload.event_type().as_str_name();
+            let Some(purchase) = payload.purchase() else {
+                return Err(Status::invalid_argument(format!(
+                    "event {index}: {name} carries no purchase"
+                )));
+            };
+            if let Err(e) = sagamesh_saga::validate_purchase(purchase) {
+                return Err(Status::invalid_argument(format!(
+                    "event {index}: the purchase in {name}: {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `id` is a UUID in the one spelling the router stores: the log
+/// dedupes by the id's text, so `{...}`, `urn:uuid:`, uppercase or
+/// hyphenless spellings of the same UUID would pass as new events.
+fn is_canonical_uuid(id: &str) -> bool {
+    uuid::Uuid::try_parse(id)
+        .is_ok_and(|uuid| uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == id)
+}
+
+/// At most the first 64 characters of client text quoted in an error, so
+/// that an answer stays small whatever was sent.
+fn excerpt(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Checks what a hello says about the instance itself; whether it fits
+/// this mesh (its mode, group and subscription) is the core's to say.
+fn check_hello(hello: &Hello) -> Result<(), Status> {
+    match SagaMode::try_from(hello.mode) {
+        Ok(SagaMode::Choreography | SagaMode::Orchestration) => {}
+        Ok(SagaMode::Unspecified) => {
+            return Err(Status::invalid_argument(
+                "hello.mode is required: CHOREOGRAPHY or ORCHESTRATION",
+            ));
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "hello.mode {} is not a saga mode (CHOREOGRAPHY or ORCHESTRATION)",
+                hello.mode
+            )));
+        }
+    }
+    let ids = [
+        ("hello.service", &hello.service),
+        ("hello.group", &hello.group),
+        ("hello.instance_id", &hello.instance_id),
+    ];
+    for (field, value) in ids {
+        // A hello may leave the group out (an instance that only
+        // publishes) and the instance id too (it is for logs).
+        if field != "hello.service" && value.is_empty() {
+            continue;
+        }
+        sagamesh_saga::validate_id(field, value).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    for &number in &hello.event_types {
+        if !matches!(EventType::try_from(number), Ok(t) if t != EventType::Unspecified) {
+            return Err(Status::invalid_argument(format!(
+                "hello.event_types: {number} is not an event type"
             )));
         }
     }
@@ -327,6 +404,19 @@ impl EventRouter for RouterService {
                 )));
             }
         };
+        // Dead letters are numbered from 1 in a signed column; an id past
+        // its range would wrap and list nothing.
+        if request.before_id > i64::MAX as u64 {
+            return Err(Status::invalid_argument(format!(
+                "before_id must be a dead letter's id (at most {}), not {}",
+                i64::MAX,
+                request.before_id
+            )));
+        }
+        if !request.group.is_empty() {
+            sagamesh_saga::validate_id("group", &request.group)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let group = (!request.group.is_empty()).then_some(request.group);
         let letters = self
             .router
@@ -430,9 +520,20 @@ mod tests {
 
     use super::*;
 
+    fn purchase() -> PurchaseDetails {
+        PurchaseDetails {
+            user_id: "user-1".into(),
+            item_id: "item-1".into(),
+            quantity: 2,
+            unit_price: 50,
+            total_price: 100,
+            ..PurchaseDetails::default()
+        }
+    }
+
     fn event_of(bytes: usize) -> Envelope {
         let payload = Payload::PurchaseInitiated(PurchaseInitiated {
-            purchase: Some(PurchaseDetails::default()),
+            purchase: Some(purchase()),
         });
         let mut event = Envelope::new("tx-1", "", "test", payload);
         event.producer = "x".repeat(bytes);
@@ -479,5 +580,141 @@ mod tests {
             status.message()
         );
         assert!(check_events(&[event_of(MAX_EVENT_BYTES - 200)]).is_ok());
+    }
+
+    fn refusal(event: Envelope) -> String {
+        let status = check_events(&[event]).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        status.message().to_owned()
+    }
+
+    #[test]
+    fn an_event_id_in_another_spelling_of_a_uuid_is_refused() {
+        let event = event_of(0);
+        assert!(check_events(std::slice::from_ref(&event)).is_ok());
+        let id = uuid::Uuid::parse_str(&event.event_id).unwrap();
+        for spelling in [
+            event.event_id.to_uppercase(),
+            id.braced().to_string(),
+            id.urn().to_string(),
+            id.simple().to_string(),
+            "x".repeat(10_000),
+        ] {
+            let message = refusal(Envelope {
+                event_id: spelling,
+                ..event.clone()
+            });
+            assert!(message.contains("lowercase with hyphens"), "{message}");
+            assert!(message.len() < 300, "a long id is not echoed whole: {message}");
+        }
+    }
+
+    #[test]
+    fn an_event_must_carry_a_purchase_that_purchase_would_take() {
+        let missing = Envelope::new(
+            "tx-1",
+            "",
+            "test",
+            Payload::PurchaseInitiated(PurchaseInitiated { purchase: None }),
+        );
+        assert!(refusal(missing).contains("PURCHASE_INITIATED carries no purchase"));
+        let free = Envelope::new(
+            "tx-1",
+            "",
+            "test",
+            Payload::PurchaseInitiated(PurchaseInitiated {
+                purchase: Some(PurchaseDetails {
+                    total_price: 0,
+                    ..purchase()
+                }),
+            }),
+        );
+        let message = refusal(free);
+        assert!(
+            message.contains("total_price 0 is not unit_price 50 times quantity 2"),
+            "{message}"
+        );
+        let nothing = Envelope::new(
+            "tx-1",
+            "",
+            "test",
+            Payload::PurchaseInitiated(PurchaseInitiated {
+                purchase: Some(PurchaseDetails {
+                    quantity: 0,
+                    total_price: 0,
+                    ..purchase()
+                }),
+            }),
+        );
+        assert!(refusal(nothing).contains("quantity must be at least 1"));
+    }
+
+    fn good_hello() -> Hello {
+        Hello {
+            service: "wallets".into(),
+            group: "wallets".into(),
+            event_types: vec![EventType::PurchaseInitiated as i32],
+            max_in_flight: 10,
+            instance_id: "instance-1".into(),
+            mode: SagaMode::Choreography as i32,
+            credentials: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_hello_must_name_a_mode_known_event_types_and_printable_names() {
+        assert!(check_hello(&good_hello()).is_ok());
+        let publisher_only = Hello {
+            group: String::new(),
+            event_types: Vec::new(),
+            instance_id: String::new(),
+            ..good_hello()
+        };
+        assert!(check_hello(&publisher_only).is_ok());
+        let refused = |hello: Hello| {
+            let status = check_hello(&hello).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            status.message().to_owned()
+        };
+        assert!(
+            refused(Hello {
+                mode: 0,
+                ..good_hello()
+            })
+            .contains("hello.mode is required")
+        );
+        assert!(
+            refused(Hello {
+                mode: 7,
+                ..good_hello()
+            })
+            .contains("hello.mode 7 is not a saga mode")
+        );
+        assert!(
+            refused(Hello {
+                event_types: vec![99],
+                ..good_hello()
+            })
+            .contains("99 is not an event type")
+        );
+        assert!(
+            refused(Hello {
+                service: String::new(),
+                ..good_hello()
+            })
+            .contains("hello.service must not be empty")
+        );
+        assert!(
+            refused(Hello {
+                instance_id: "a\nb".into(),
+                ..good_hello()
+            })
+            .contains("hello.instance_id")
+        );
+        let long = refused(Hello {
+            group: "g".repeat(100_000),
+            ..good_hello()
+        });
+        assert!(long.len() < 200, "{long}");
     }
 }

@@ -9,7 +9,7 @@ mod topology;
 
 pub use compensation::{CompensationPlan, MAX_COMPENSATION_ATTEMPTS, PlanAction};
 pub use faults::{Fault, FaultError, Faults};
-pub use input::{InputError, MAX_ID_LEN, MAX_QUANTITY, validate_id, validate_quantity};
+pub use input::{InputError, MAX_ID_LEN, MAX_QUANTITY, validate_id, validate_purchase, validate_quantity};
 pub use topology::{Subscription, subscription, subscriptions, summary};
 
 use sagamesh_proto::v1::envelope::Payload;
