@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sagamesh_proto::v1::step_record::Status as StepStatus;
 use sagamesh_proto::v1::{
     EventType, GetTransactionRequest, ListDeadLettersRequest, PurchaseRequest, ReplayDeadLetterRequest,
-    SagaMode, Step, StepStatus, Transaction, TransactionStatus,
+    SagaMode, Step, Transaction, TransactionStatus,
 };
 use tokio::sync::Mutex;
 
@@ -470,7 +471,7 @@ async fn chaos_kills_and_drops_lose_nothing_and_double_nothing() {
 /// A failed saga: the steps before the failed one are compensated, newest
 /// first.
 fn check_compensation(id: &str, t: &Transaction, violations: &mut Vec<String>) {
-    let Some(failed) = t.steps.iter().find(|s| s.status() == StepStatus::StepFailed) else {
+    let Some(failed) = t.steps.iter().find(|s| s.status() == StepStatus::Failed) else {
         violations.push(format!("{id} failed without a failed step: {:?}", t.steps));
         return;
     };

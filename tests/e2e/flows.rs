@@ -1,9 +1,10 @@
 //! The purchase saga's flows: success, each business failure with its
 //! compensations, and a compensation that cannot succeed.
 
+use sagamesh_proto::v1::step_record::Status as StepStatus;
 use sagamesh_proto::v1::{
     EventType, GetLogRequest, ListNotificationsRequest, LogStatus, NotificationKind, SagaMode, Step,
-    StepStatus, TransactionStatus,
+    TransactionStatus,
 };
 
 use crate::support::{Clients, Mesh, in_both_modes};
@@ -144,14 +145,11 @@ async fn business_failures_undo_what_succeeded(mode: SagaMode) {
     let unknown_user = fails(c, "nobody", "shield", 1, "does not exist").await;
     assert_eq!(
         steps(&unknown_user),
-        vec![(Step::UserValidation, StepStatus::StepFailed)]
+        vec![(Step::UserValidation, StepStatus::Failed)]
     );
 
     let broke = fails(c, "poor", "shield", 1, "insufficient balance").await;
-    assert_eq!(
-        steps(&broke),
-        vec![(Step::UserValidation, StepStatus::StepFailed)]
-    );
+    assert_eq!(steps(&broke), vec![(Step::UserValidation, StepStatus::Failed)]);
     assert_eq!(c.balance("poor").await, 10);
 
     let unknown_item = fails(c, "bob", "no-such-item", 1, "not in the catalog").await;
@@ -159,7 +157,7 @@ async fn business_failures_undo_what_succeeded(mode: SagaMode) {
         steps(&unknown_item),
         vec![
             (Step::UserValidation, StepStatus::Compensated),
-            (Step::ItemGrant, StepStatus::StepFailed)
+            (Step::ItemGrant, StepStatus::Failed)
         ]
     );
 
@@ -168,7 +166,7 @@ async fn business_failures_undo_what_succeeded(mode: SagaMode) {
         steps(&sold_out),
         vec![
             (Step::UserValidation, StepStatus::Compensated),
-            (Step::ItemGrant, StepStatus::StepFailed)
+            (Step::ItemGrant, StepStatus::Failed)
         ]
     );
 
@@ -192,7 +190,7 @@ async fn a_failed_log_record_undoes_grant_and_payment_newest_first(mode: SagaMod
         vec![
             (Step::UserValidation, StepStatus::Compensated),
             (Step::ItemGrant, StepStatus::Compensated),
-            (Step::LogRecord, StepStatus::StepFailed),
+            (Step::LogRecord, StepStatus::Failed),
         ]
     );
     let compensated_order: Vec<_> = done
@@ -230,7 +228,7 @@ async fn a_failed_notification_undoes_every_earlier_step(mode: SagaMode) {
             (Step::UserValidation, StepStatus::Compensated),
             (Step::ItemGrant, StepStatus::Compensated),
             (Step::LogRecord, StepStatus::Compensated),
-            (Step::Notification, StepStatus::StepFailed),
+            (Step::Notification, StepStatus::Failed),
         ]
     );
     let log = c
@@ -270,7 +268,7 @@ async fn a_compensation_that_cannot_succeed_needs_attention(mode: SagaMode) {
         vec![
             (Step::UserValidation, StepStatus::Compensated),
             (Step::ItemGrant, StepStatus::CompensationFailed),
-            (Step::LogRecord, StepStatus::StepFailed),
+            (Step::LogRecord, StepStatus::Failed),
         ],
         "best effort: the payment is refunded although the grant could not be undone"
     );

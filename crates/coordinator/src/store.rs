@@ -7,8 +7,9 @@
 
 use prost::Message;
 use sagamesh_proto::v1::envelope::Payload;
+use sagamesh_proto::v1::step_record::Status as StepStatus;
 use sagamesh_proto::v1::{
-    Envelope, PurchaseDetails, SagaMode, SagaTimedOut, Step, StepStatus, Transaction, TransactionStatus,
+    Envelope, PurchaseDetails, SagaMode, SagaTimedOut, Step, Transaction, TransactionStatus,
 };
 use sagamesh_router_client::{
     OUTBOX_MIGRATION, OUTBOX_MIGRATION_POSTGRES, OUTBOX_WRITER_MIGRATION, push_outbox,

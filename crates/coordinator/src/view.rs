@@ -3,9 +3,8 @@
 //! test.
 
 use sagamesh_proto::v1::envelope::Payload;
-use sagamesh_proto::v1::{
-    Envelope, HistoryEntry, Step, StepRecord, StepStatus, Transaction, TransactionStatus,
-};
+use sagamesh_proto::v1::step_record::Status as StepStatus;
+use sagamesh_proto::v1::{Envelope, HistoryEntry, Step, StepRecord, Transaction, TransactionStatus};
 
 /// True once a saga can change no more.
 pub fn is_terminal(status: TransactionStatus) -> bool {
@@ -64,7 +63,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
     if let Some((step, failed)) = sagamesh_saga::step_outcome(event_type) {
         let timing = payload.timing().cloned().unwrap_or_default();
         let (status, error) = if failed {
-            (StepStatus::StepFailed, payload.failure_reason().to_owned())
+            (StepStatus::Failed, payload.failure_reason().to_owned())
         } else {
             (StepStatus::Success, String::new())
         };
@@ -106,7 +105,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
                     view,
                     StepRecord {
                         step: timed_out.pending_step,
-                        status: StepStatus::StepFailed as i32,
+                        status: StepStatus::Failed as i32,
                         executed_at: event.occurred_at,
                         duration: None,
                         error: timed_out.reason.clone(),
@@ -121,7 +120,7 @@ pub fn apply(view: &mut Transaction, event: &Envelope) -> bool {
             if let Some(record) = view
                 .steps
                 .iter_mut()
-                .find(|s| s.step == done.step && s.status() != StepStatus::StepFailed)
+                .find(|s| s.step == done.step && s.status() != StepStatus::Failed)
             {
                 record.status = StepStatus::Compensated as i32;
                 record.error.clear();
@@ -292,7 +291,7 @@ mod tests {
             statuses,
             vec![
                 (Step::UserValidation, StepStatus::Compensated),
-                (Step::ItemGrant, StepStatus::StepFailed)
+                (Step::ItemGrant, StepStatus::Failed)
             ]
         );
         assert_eq!(view.history.len(), 4);

@@ -279,4 +279,43 @@ mod tests {
         };
         assert_eq!(system_time(&ts), now);
     }
+
+    /// The names users see in grpcurl's JSON and in clients of other
+    /// languages are the specification's.
+    #[test]
+    fn statuses_carry_the_names_the_specification_gives() {
+        use v1::step_record::Status as StepStatus;
+        let steps: Vec<_> = [
+            StepStatus::Success,
+            StepStatus::Failed,
+            StepStatus::Compensated,
+            StepStatus::CompensationFailed,
+        ]
+        .iter()
+        .map(|status| status.as_str_name())
+        .collect();
+        assert_eq!(steps, ["SUCCESS", "FAILED", "COMPENSATED", "COMPENSATION_FAILED"]);
+        let sagas: Vec<_> = [
+            v1::TransactionStatus::Initiated,
+            v1::TransactionStatus::InProgress,
+            v1::TransactionStatus::Completed,
+            v1::TransactionStatus::Compensating,
+            v1::TransactionStatus::Failed,
+            v1::TransactionStatus::NeedsAttention,
+        ]
+        .iter()
+        .map(|status| status.as_str_name())
+        .collect();
+        assert_eq!(
+            sagas,
+            [
+                "INITIATED",
+                "IN_PROGRESS",
+                "COMPLETED",
+                "COMPENSATING",
+                "FAILED",
+                "NEEDS_ATTENTION"
+            ]
+        );
+    }
 }
