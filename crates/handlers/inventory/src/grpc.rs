@@ -41,10 +41,19 @@ impl InventoryApi for InventoryService {
             stock,
         } = request.into_inner();
         check_id("item_id", &item_id)?;
-        if name.trim().is_empty() || name.len() > MAX_NAME_LEN {
+        if name.trim().is_empty() {
+            return Err(Status::invalid_argument("name must not be blank"));
+        }
+        if name.len() > MAX_NAME_LEN {
             return Err(Status::invalid_argument(format!(
-                "name must be between 1 and {MAX_NAME_LEN} bytes"
+                "name is {} bytes long; the limit is {MAX_NAME_LEN}",
+                name.len()
             )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "name may hold only printable characters",
+            ));
         }
         for (field, value) in [("price", price), ("stock", stock)] {
             if value > MAX_AMOUNT {
