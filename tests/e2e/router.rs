@@ -1,6 +1,7 @@
 //! The router's delivery contract, driven by raw Attach streams against a
 //! router process: per-transaction order, redelivery after the ack deadline
-//! and after a broken stream, dead letters, and refused hellos.
+//! and after a broken stream, dead letters, refused hellos and refused
+//! publishes, and an outbox relay that meets one.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -112,6 +113,27 @@ impl Instance {
         tokio::time::timeout(DEADLINE, drained)
             .await
             .expect("the router ends a closed stream");
+    }
+
+    /// The router's next answer to a publish on this stream; deliveries
+    /// that come first are kept for [`Instance::next`].
+    async fn publish_answer(&mut self) -> attach_response::Kind {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.inbound.message())
+                .await
+                .expect("an answer within the deadline")
+                .expect("stream ok")
+                .expect("stream open");
+            match message.kind {
+                Some(attach_response::Kind::Deliveries(batch)) => self.buffered.extend(batch.deliveries),
+                Some(
+                    answer @ (attach_response::Kind::Published(_) | attach_response::Kind::PublishFailed(_)),
+                ) => {
+                    return answer;
+                }
+                _ => {}
+            }
+        }
     }
 
     async fn send(&self, kind: attach_request::Kind) {
@@ -488,6 +510,142 @@ async fn acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back()
     }
 }
 
+async fn a_refused_publish_is_answered_alone_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_router, client) = router(dir.path(), &[]);
+    let mut a = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+    let held = initiated("tx-held");
+    publish(&client, vec![held.clone()]).await;
+    let in_flight = a.next().await;
+
+    let mut shouted = initiated("tx-shouted");
+    shouted.event_id = shouted.event_id.to_uppercase();
+    a.send(attach_request::Kind::Publish(PublishRequest {
+        request_id: 7,
+        events: vec![shouted],
+    }))
+    .await;
+    let attach_response::Kind::PublishFailed(refused) = a.publish_answer().await else {
+        panic!("the uppercase id is refused");
+    };
+    assert_eq!(
+        (refused.request_id, refused.code),
+        (7, Code::InvalidArgument as i32)
+    );
+    assert!(refused.message.contains("lowercase"), "{}", refused.message);
+
+    let good = initiated("tx-good");
+    a.send(attach_request::Kind::Publish(PublishRequest {
+        request_id: 8,
+        events: vec![good.clone()],
+    }))
+    .await;
+    let attach_response::Kind::Published(published) = a.publish_answer().await else {
+        panic!("the next publish on the same stream is taken");
+    };
+    assert_eq!((published.request_id, published.accepted), (8, 1));
+    // The stream lived on: the delivery in flight before the refusal is
+    // acked on it and never comes again, and the new event arrives.
+    a.ack(&in_flight).await;
+    let next = a.next().await;
+    assert_eq!(next.envelope.as_ref().unwrap().event_id, good.event_id);
+    a.ack(&next).await;
+    a.quiet_for(Duration::from_millis(500)).await;
+}
+
+/// A service's outbox holding an event the router refuses: the relay sets
+/// it aside and the events behind it still go out.
+async fn an_outbox_event_the_router_refuses_does_not_hold_back_the_rest() {
+    use sagamesh_router_client::{
+        HandlerConfig, OUTBOX_MIGRATION, OUTBOX_WRITER_MIGRATION, OutboxRelay, RouterClient, RouterLink,
+        push_outbox,
+    };
+    use sagamesh_store::{Durability, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (router_process, client) = router(dir.path(), &[]);
+    let mut consumer = attach(&client, hello("wallets", &WALLETS, SagaMode::Choreography))
+        .await
+        .unwrap();
+
+    let store = Store::open(
+        &dir.path().join("publisher.db"),
+        Durability::Machine,
+        &[OUTBOX_MIGRATION, OUTBOX_WRITER_MIGRATION],
+    )
+    .unwrap();
+    let (before, after) = (initiated("tx-before"), initiated("tx-after"));
+    let mut free = initiated("tx-free");
+    if let Some(Payload::PurchaseInitiated(initiated)) = &mut free.payload {
+        initiated.purchase.as_mut().unwrap().total_price = 0;
+    }
+    let rows = vec![before.clone(), free, after.clone()];
+    store
+        .write(move |tx| {
+            for event in &rows {
+                push_outbox(tx, event)?;
+            }
+            Ok::<_, sagamesh_store::StoreError>(())
+        })
+        .await
+        .unwrap();
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", router_process.address))
+        .unwrap()
+        .connect_lazy();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = RouterClient::start(
+        RouterLink::grpc(channel, None).unwrap(),
+        HandlerConfig {
+            service: "publisher".into(),
+            group: String::new(),
+            event_types: Vec::new(),
+            max_in_flight: 1,
+            mode: SagaMode::Choreography,
+        },
+        std::sync::Arc::new(NoDeliveries),
+        &tasks,
+        stop.clone(),
+    )
+    .await
+    .unwrap()
+    .into_publisher();
+    OutboxRelay::new().start(store, publisher, &tasks, stop.clone());
+
+    let mut delivered = Vec::new();
+    for _ in 0..2 {
+        let delivery = consumer.next().await;
+        delivered.push(delivery.envelope.as_ref().unwrap().event_id.clone());
+        consumer.ack(&delivery).await;
+    }
+    delivered.sort();
+    let mut expected = vec![before.event_id, after.event_id];
+    expected.sort();
+    assert_eq!(delivered, expected, "both valid events, and only those");
+    consumer.quiet_for(Duration::from_millis(500)).await;
+    stop.cancel();
+    tasks.close();
+    tokio::time::timeout(DEADLINE, tasks.wait())
+        .await
+        .expect("the relay stops");
+}
+
+/// A publish-only instance's handler: it subscribes to nothing.
+struct NoDeliveries;
+
+impl sagamesh_router_client::Handler for NoDeliveries {
+    fn handle(
+        &self,
+        _event: Envelope,
+        _attempt: u32,
+    ) -> sagamesh_router_client::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Err("a publish-only instance takes no deliveries".to_owned()) })
+    }
+}
+
 on_both_backends!(
     events_of_a_transaction_go_out_in_order_and_again_when_not_acked,
     a_processed_event_releases_the_next_and_comes_back_first_when_never_acked,
@@ -495,4 +653,6 @@ on_both_backends!(
     an_event_that_keeps_failing_becomes_a_dead_letter,
     hellos_that_do_not_fit_the_mesh_are_refused,
     acknowledged_events_survive_a_router_crash_and_unacked_ones_come_back,
+    a_refused_publish_is_answered_alone_and_the_stream_goes_on,
+    an_outbox_event_the_router_refuses_does_not_hold_back_the_rest,
 );

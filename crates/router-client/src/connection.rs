@@ -95,6 +95,10 @@ pub enum ClientError {
     Refused(String),
     #[error("the router did not confirm the publish: {0}")]
     Publish(String),
+    /// The router refused the events themselves (`INVALID_ARGUMENT`):
+    /// publishing them again changes nothing.
+    #[error("the router refused the events: {0}")]
+    PublishRefused(String),
     #[error("the router client has stopped")]
     Stopped,
 }
@@ -450,13 +454,23 @@ impl Connection {
                                 let _ = reply.send(Ok(response));
                             }
                         }
+                        attach_response::Kind::PublishFailed(failed) => {
+                            if let Some(reply) = pending.remove(&failed.request_id) {
+                                let error = if failed.code == Code::InvalidArgument as i32 {
+                                    ClientError::PublishRefused(failed.message)
+                                } else {
+                                    ClientError::Publish(failed.message)
+                                };
+                                let _ = reply.send(Err(error));
+                            }
+                        }
                         attach_response::Kind::Welcome(_) => {}
                     },
                     Ok(Some(AttachResponse { kind: None })) => {}
                     Ok(None) => break Ended::Broke,
                     Err(status) => {
-                        // A failed publish is answered with an error on the
-                        // stream, which also ends it.
+                        // The stream broke: the publishes it carried may or
+                        // may not have been taken.
                         for (_, reply) in pending.drain() {
                             let _ = reply.send(Err(ClientError::Publish(status.message().to_owned())));
                         }

@@ -17,7 +17,7 @@ use sagamesh_store::{Row, Store, StoreError, Tx, values};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Publisher;
+use crate::connection::{ClientError, Publisher};
 
 /// The outbox table, to add to a service's migrations.
 pub const OUTBOX_MIGRATION: &str = "
@@ -225,27 +225,15 @@ async fn relay_batch(
     publisher: &Publisher,
     progress: &mut Progress,
 ) -> Result<usize, RelayError> {
-    let after = progress.published_through;
-    let writer = progress.writer.clone();
-    // Only rows that survive the machine are published: an event must not
-    // outlive the business change committed with it.
-    let rows: Vec<(i64, Envelope)> = store
-        .read_durable(move |tx| {
-            let rows = tx.query(
-                "SELECT seq, body FROM outbox WHERE writer = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                &values![writer, after, RELAY_BATCH],
-            )?;
-            decode_rows(&rows)
-        })
-        .await?;
-    let Some(&(last, _)) = rows.last() else {
+    let pending = Pending::After {
+        writer: progress.writer.clone(),
+        after: progress.published_through,
+    };
+    let handled = publish_pending(store, publisher, &pending).await?;
+    let Some(&last) = handled.last() else {
         return Ok(0);
     };
-    let count = rows.len();
-    publisher
-        .publish(rows.into_iter().map(|(_, e)| e).collect())
-        .await
-        .map_err(|e| RelayError(e.to_string()))?;
+    let count = handled.len();
     progress.published_through = last;
     if progress.published_through - progress.deleted_through > 4 * RELAY_BATCH as i64 {
         delete_confirmed(store, progress).await?;
@@ -268,23 +256,11 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
         .unwrap_or_default()
         .saturating_sub(LEFT_BEHIND_AFTER)
         .as_millis() as i64;
-    let rows: Vec<(i64, Envelope)> = store
-        .read_durable(move |tx| {
-            let rows = tx.query(
-                "SELECT seq, body FROM outbox WHERE writer NOT LIKE $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
-                &values![mine, before_ms, RELAY_BATCH],
-            )?;
-            decode_rows(&rows)
-        })
-        .await?;
-    if rows.is_empty() {
+    let pending = Pending::LeftBehind { mine, before_ms };
+    let seqs = publish_pending(store, publisher, &pending).await?;
+    if seqs.is_empty() {
         return Ok(0);
     }
-    let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
-    publisher
-        .publish(rows.into_iter().map(|(_, e)| e).collect())
-        .await
-        .map_err(|e| RelayError(e.to_string()))?;
     tracing::info!(
         rows = seqs.len(),
         "relayed outbox rows another instance left behind"
@@ -299,6 +275,110 @@ async fn sweep_left_behind(store: &Store, publisher: &Publisher) -> Result<usize
         })
         .await?;
     Ok(count)
+}
+
+/// Which outbox rows a relay publishes next.
+#[derive(Clone)]
+enum Pending {
+    /// One writer connection's, after `seq` `after`, in order.
+    After { writer: String, after: i64 },
+    /// Other writers' rows written before `before_ms`, except this
+    /// instance's connections (`writer NOT LIKE mine`).
+    LeftBehind { mine: String, before_ms: i64 },
+}
+
+/// The next batch of `pending` rows that survive the machine: an event
+/// must not outlive the business change committed with it.
+async fn pending_rows(store: &Store, pending: &Pending) -> Result<Vec<(i64, Envelope)>, RelayError> {
+    let pending = pending.clone();
+    store
+        .read_durable(move |tx| {
+            let rows = match &pending {
+                Pending::After { writer, after } => tx.query(
+                    "SELECT seq, body FROM outbox WHERE writer = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &values![writer, *after, RELAY_BATCH],
+                )?,
+                Pending::LeftBehind { mine, before_ms } => tx.query(
+                    "SELECT seq, body FROM outbox WHERE writer NOT LIKE $1 AND created_ms < $2 ORDER BY seq LIMIT $3",
+                    &values![mine, *before_ms, RELAY_BATCH],
+                )?,
+            };
+            decode_rows(&rows)
+        })
+        .await
+}
+
+/// Publishes the next batch of `pending` rows in one publish; returns the
+/// `seq`s it dealt with, in order.
+///
+/// When the router refuses the events themselves, which publishing them
+/// again cannot change, the batch goes out again one event at a time, and
+/// an event refused on its own is set aside: logged at error level and
+/// passed over (its row is deleted with the rest), as an undecodable row
+/// is, so that one bad event does not hold back every event behind it.
+async fn publish_pending(
+    store: &Store,
+    publisher: &Publisher,
+    pending: &Pending,
+) -> Result<Vec<i64>, RelayError> {
+    let rows = pending_rows(store, pending).await?;
+    let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
+    if rows.is_empty() {
+        return Ok(seqs);
+    }
+    match publisher
+        .publish(rows.into_iter().map(|(_, e)| e).collect())
+        .await
+    {
+        Ok(_) => Ok(seqs),
+        Err(ClientError::PublishRefused(reason)) => {
+            tracing::warn!(
+                events = seqs.len(),
+                %reason,
+                "the router refused a batch of outbox events; publishing them one at a time"
+            );
+            publish_one_at_a_time(store, publisher, pending, &seqs).await
+        }
+        Err(e) => Err(RelayError(e.to_string())),
+    }
+}
+
+/// Publishes the rows `seqs` of `pending` one by one (read again: the
+/// batch's events went to the router); returns the `seq`s dealt with, up
+/// to a failure that a retry may cure.
+async fn publish_one_at_a_time(
+    store: &Store,
+    publisher: &Publisher,
+    pending: &Pending,
+    seqs: &[i64],
+) -> Result<Vec<i64>, RelayError> {
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Ok(Vec::new());
+    };
+    let rows = pending_rows(store, pending).await?;
+    let mut handled = Vec::with_capacity(seqs.len());
+    for (seq, event) in rows.into_iter().filter(|(seq, _)| (first..=last).contains(seq)) {
+        let (event_id, tx_id) = (event.event_id.clone(), event.transaction_id.clone());
+        let kind = event.payload.as_ref().map(|p| p.event_type().as_str_name());
+        match publisher.publish(vec![event]).await {
+            Ok(_) => {}
+            Err(ClientError::PublishRefused(reason)) => tracing::error!(
+                seq,
+                %event_id,
+                %tx_id,
+                event = kind.unwrap_or("no payload"),
+                %reason,
+                "the router refused an outbox event; it is set aside, and its saga waits for its deadline"
+            ),
+            Err(e) if handled.is_empty() => return Err(RelayError(e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay failed; retrying");
+                break;
+            }
+        }
+        handled.push(seq);
+    }
+    Ok(handled)
 }
 
 /// The events of `SELECT seq, body` outbox rows, skipping (and logging) a

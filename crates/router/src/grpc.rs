@@ -10,9 +10,9 @@ use sagamesh_proto::MAX_MESSAGE_SIZE;
 use sagamesh_proto::v1::event_router_server::{EventRouter, EventRouterServer};
 use sagamesh_proto::v1::{
     AttachRequest, AttachResponse, DeadLetter, DiscardDeadLetterRequest, DiscardDeadLetterResponse, Envelope,
-    EventType, GetDeadLetterRequest, Hello, ListDeadLettersRequest, ListDeadLettersResponse, PublishRequest,
-    PublishResponse, ReplayDeadLetterRequest, ReplayDeadLetterResponse, SagaMode, attach_request,
-    attach_response, envelope::Payload,
+    EventType, GetDeadLetterRequest, Hello, ListDeadLettersRequest, ListDeadLettersResponse, PublishFailed,
+    PublishRequest, PublishResponse, ReplayDeadLetterRequest, ReplayDeadLetterResponse, SagaMode,
+    attach_request, attach_response, envelope::Payload,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -163,20 +163,29 @@ impl RouterService {
             .map_err(|_| Status::unavailable("the router is shutting down"))??;
 
         // Publishes of this stream are appended in order by their own task,
-        // so acks keep flowing while a publish waits for its commit.
+        // so acks keep flowing while a publish waits for its commit. Each
+        // is answered on its own, a failure too: one bad publish does not
+        // end the stream and the deliveries in flight on it.
         let (publishes, mut publish_rx) = mpsc::channel::<PublishRequest>(STREAM_PUBLISH_QUEUE);
         let service = self.clone();
         let answers = weak.clone();
         tokio::spawn(async move {
             while let Some(publish) = publish_rx.recv().await {
-                let answer = service
-                    .publish(publish.request_id, publish.events)
-                    .await
-                    .map(|response| AttachResponse {
-                        kind: Some(attach_response::Kind::Published(response)),
-                    });
+                let request_id = publish.request_id;
+                let kind = match service.publish(request_id, publish.events).await {
+                    Ok(response) => attach_response::Kind::Published(response),
+                    Err(status) => attach_response::Kind::PublishFailed(PublishFailed {
+                        request_id,
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }),
+                };
                 let Some(answers) = answers.upgrade() else { break };
-                if answers.send(answer).await.is_err() {
+                if answers
+                    .send(Ok(AttachResponse { kind: Some(kind) }))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
