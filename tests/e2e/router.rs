@@ -39,6 +39,7 @@ fn hello(group: &str, types: &[EventType], mode: SagaMode) -> Hello {
         instance_id: "test".into(),
         mode: mode as i32,
         credentials: vec![],
+        takes_publish_failed: true,
     }
 }
 
@@ -553,6 +554,34 @@ async fn a_refused_publish_is_answered_alone_and_the_stream_goes_on() {
     assert_eq!(next.envelope.as_ref().unwrap().event_id, good.event_id);
     a.ack(&next).await;
     a.quiet_for(Duration::from_millis(500)).await;
+
+    // An instance that does not say it takes `PublishFailed` (a client
+    // built before it) has its stream ended instead, as it always had.
+    let older = Hello {
+        takes_publish_failed: false,
+        ..hello("wallets", &WALLETS, SagaMode::Choreography)
+    };
+    let mut b = attach(&client, older).await.unwrap();
+    let mut shouted = initiated("tx-shouted-again");
+    shouted.event_id = shouted.event_id.to_uppercase();
+    b.send(attach_request::Kind::Publish(PublishRequest {
+        request_id: 9,
+        events: vec![shouted],
+    }))
+    .await;
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, b.inbound.message())
+            .await
+            .expect("an answer within the deadline")
+        {
+            Ok(Some(AttachResponse {
+                kind: Some(attach_response::Kind::Deliveries(_)),
+            })) => continue,
+            other => break other,
+        }
+    };
+    let status = ended.expect_err("the stream ends with the refusal");
+    assert_eq!(status.code(), Code::InvalidArgument);
 }
 
 /// A service's outbox holding an event the router refuses: the relay sets

@@ -230,6 +230,7 @@ impl RouterClient {
             instance_id: uuid::Uuid::now_v7().to_string(),
             mode: config.mode as i32,
             credentials: Vec::new(),
+            takes_publish_failed: true,
         };
         let client = router.into();
         let first = attach(&client, &hello).await?;

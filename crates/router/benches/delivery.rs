@@ -121,6 +121,7 @@ fn delivery(c: &mut Criterion) {
                     instance_id: "bench".into(),
                     mode: SagaMode::Choreography as i32,
                     credentials: Vec::new(),
+                    takes_publish_failed: true,
                 })),
             })
             .await

@@ -1328,6 +1328,7 @@ mod tests {
             instance_id: "test".into(),
             mode: SagaMode::Choreography as i32,
             credentials: vec![],
+            takes_publish_failed: true,
         }
     }
 

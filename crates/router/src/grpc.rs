@@ -137,6 +137,7 @@ impl RouterService {
             ));
         };
         check_hello(&hello)?;
+        let takes_publish_failed = hello.takes_publish_failed;
         // Room for every delivery batch the instance may have in flight, plus
         // publish answers.
         let capacity = hello.max_in_flight.clamp(1, 4096) as usize + STREAM_PUBLISH_QUEUE;
@@ -164,28 +165,31 @@ impl RouterService {
 
         // Publishes of this stream are appended in order by their own task,
         // so acks keep flowing while a publish waits for its commit. Each
-        // is answered on its own, a failure too: one bad publish does not
-        // end the stream and the deliveries in flight on it.
+        // is answered on its own, a failure too, for an instance that takes
+        // `PublishFailed`: one bad publish does not end its stream and the
+        // deliveries in flight on it. An older instance knows no such
+        // answer and would wait for it for ever; its stream ends instead.
         let (publishes, mut publish_rx) = mpsc::channel::<PublishRequest>(STREAM_PUBLISH_QUEUE);
         let service = self.clone();
         let answers = weak.clone();
         tokio::spawn(async move {
             while let Some(publish) = publish_rx.recv().await {
                 let request_id = publish.request_id;
-                let kind = match service.publish(request_id, publish.events).await {
-                    Ok(response) => attach_response::Kind::Published(response),
-                    Err(status) => attach_response::Kind::PublishFailed(PublishFailed {
-                        request_id,
-                        code: status.code() as i32,
-                        message: status.message().to_owned(),
-                    }),
+                let answer = match service.publish(request_id, publish.events).await {
+                    Ok(response) => Ok(attach_response::Kind::Published(response)),
+                    Err(status) if takes_publish_failed => {
+                        Ok(attach_response::Kind::PublishFailed(PublishFailed {
+                            request_id,
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        }))
+                    }
+                    Err(status) => Err(status),
                 };
+                let ends = answer.is_err();
+                let answer = answer.map(|kind| AttachResponse { kind: Some(kind) });
                 let Some(answers) = answers.upgrade() else { break };
-                if answers
-                    .send(Ok(AttachResponse { kind: Some(kind) }))
-                    .await
-                    .is_err()
-                {
+                if answers.send(answer).await.is_err() || ends {
                     break;
                 }
             }
@@ -667,6 +671,7 @@ mod tests {
             instance_id: "instance-1".into(),
             mode: SagaMode::Choreography as i32,
             credentials: Vec::new(),
+            takes_publish_failed: true,
         }
     }
 
