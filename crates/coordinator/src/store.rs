@@ -457,6 +457,16 @@ pub(crate) fn time_out(
         })
         .unwrap_or(Step::UserValidation);
     let purchase = purchase_of(&transaction);
+    // A saga this coordinator did not start may be known only from a
+    // notice without its purchase: the router would refuse a timeout
+    // without one, and nothing could undo a step of it anyway.
+    let complete = sagamesh_saga::validate_purchase(&purchase).is_ok();
+    if !complete {
+        tracing::warn!(
+            tx_id = transaction_id,
+            "a stalled saga holds no complete purchase (this coordinator did not start it); not timed out"
+        );
+    }
     let reason = format!(
         "deadline exceeded: no progress for {:.1}s while waiting for {}",
         deadline.as_secs_f64(),
@@ -472,13 +482,16 @@ pub(crate) fn time_out(
             reason,
         }),
     );
-    push_outbox(tx, &event)?;
-    // Not again until the event is back and has moved the saga.
+    if complete {
+        push_outbox(tx, &event)?;
+    }
+    // Not again until the event is back and has moved the saga (or, for an
+    // incomplete one, until another deadline has passed).
     tx.execute(
         "UPDATE transactions SET updated_ms = $2 WHERE transaction_id = $1",
         &values![transaction_id, now_ms()],
     )?;
-    Ok(true)
+    Ok(complete)
 }
 
 /// How many sagas have not ended.
@@ -633,5 +646,59 @@ mod tests {
                 1
             )]
         );
+    }
+
+    /// Times out the saga of `record` as if its deadline passed; returns
+    /// whether it did, and how many events the outbox then holds.
+    async fn time_out_now(store: &Store, record: Transaction) -> (bool, i64) {
+        let initiated = event(Payload::PurchaseInitiated(PurchaseInitiated::default()));
+        store
+            .write(move |tx| insert(tx, record.clone(), std::slice::from_ref(&initiated)))
+            .await
+            .unwrap();
+        let later = now_ms() + 1_000;
+        let timed_out = store
+            .write(move |tx| time_out(tx, "tx-1", later, std::time::Duration::from_secs(1)))
+            .await
+            .unwrap();
+        let outbox = store
+            .read(|tx| {
+                let row = tx
+                    .query_opt("SELECT count(*) FROM outbox", &[])?
+                    .expect("a count");
+                Ok::<_, CoordinatorError>(row.int(0)?)
+            })
+            .await
+            .unwrap();
+        (timed_out, outbox)
+    }
+
+    #[tokio::test]
+    async fn a_stalled_saga_times_out_only_with_a_purchase_the_router_takes() {
+        let record = Transaction {
+            transaction_id: "tx-1".into(),
+            user_id: "user-1".into(),
+            item_id: "item-1".into(),
+            quantity: 2,
+            unit_price: 50,
+            total_price: 100,
+            status: TransactionStatus::InProgress as i32,
+            mode: SagaMode::Choreography as i32,
+            ..Default::default()
+        };
+        // The outbox holds `PurchaseInitiated`, and then the timeout.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(time_out_now(&store(&dir), record.clone()).await, (true, 2));
+
+        // Known only from a notice: no item, no quantity.
+        let unknown = Transaction {
+            item_id: String::new(),
+            quantity: 0,
+            unit_price: 0,
+            total_price: 0,
+            ..record
+        };
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(time_out_now(&store(&dir), unknown).await, (false, 1));
     }
 }
