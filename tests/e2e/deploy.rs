@@ -221,7 +221,7 @@ fn compose_services() -> Vec<ComposeService> {
 }
 
 #[test]
-fn every_compose_service_is_health_checked_and_replicated() {
+fn every_compose_service_is_health_checked_and_the_router_is_not_replicated() {
     if !python_module("ruamel.yaml", "check-jsonschema") {
         return;
     }
@@ -274,6 +274,10 @@ fn every_compose_service_is_health_checked_and_replicated() {
 
     let router = find("router");
     assert_eq!(router.command.first().map(String::as_str), Some("router"));
+    assert_eq!(
+        router.replicas, "1",
+        "one router, so that a dead letter replay reaches every instance: the router must not be replicated"
+    );
     assert!(router.flag("--bus").is_some_and(|bus| bus.starts_with("nats://")));
     assert!(router.depends_on("nats"));
     for name in HANDLERS {
@@ -303,9 +307,8 @@ fn every_compose_service_is_health_checked_and_replicated() {
             .is_some_and(|url| url.starts_with("postgres://"))
     );
     assert!(coordinator.depends_on("router") && coordinator.depends_on("inventory"));
-    // Replicas share their state in PostgreSQL (the routers theirs in
-    // JetStream); the files show them.
-    for service in &ours {
+    // Replicas share their state in PostgreSQL; the files show them.
+    for service in ours.iter().filter(|s| s.name != "router") {
         let replicas: u32 = service.replicas.parse().expect("a number of replicas");
         assert!(replicas >= 2, "{} shows replicas: {replicas}", service.name);
     }
@@ -345,7 +348,7 @@ for path in sys.argv[1:]:
 "#;
 
 #[test]
-fn every_kubernetes_service_is_probed_on_its_port_and_replicated() {
+fn every_kubernetes_service_is_probed_on_its_port_and_the_router_is_not_replicated() {
     if !python_module("yaml", "kubernetes-validate") {
         return;
     }
@@ -363,7 +366,7 @@ fn every_kubernetes_service_is_probed_on_its_port_and_replicated() {
             name,
             _kind,
             replicas,
-            _strategy,
+            strategy,
             image,
             listen,
             ports,
@@ -394,14 +397,22 @@ fn every_kubernetes_service_is_probed_on_its_port_and_replicated() {
             env.contains("SAGAMESH_ROUTER_TOKEN"),
             "{name} has no router token: the router would refuse it, or take anyone"
         );
-        let replicas: u32 = replicas.parse().expect("a number of replicas");
-        assert!(replicas >= 2, "{name} shows replicas: {replicas}");
         if name == "router" {
+            assert_eq!(
+                replicas, "1",
+                "one router, so that a dead letter replay reaches every instance: the router must not be replicated"
+            );
+            assert_eq!(
+                strategy, "Recreate",
+                "a rollout must never run two routers at once (a replay would reach only one's instances)"
+            );
             assert!(
                 env.contains("SAGAMESH_BUS"),
                 "the router keeps its events in NATS"
             );
         } else {
+            let replicas: u32 = replicas.parse().expect("a number of replicas");
+            assert!(replicas >= 2, "{name} shows replicas: {replicas}");
             assert!(
                 env.contains("SAGAMESH_DATABASE"),
                 "{name} keeps its state in PostgreSQL"
