@@ -249,17 +249,32 @@ impl RouterService {
 /// small event.
 const MAX_REASON_BYTES: usize = 4096;
 
-/// The reason, cut at [`MAX_REASON_BYTES`] (on a character boundary).
-fn bounded_reason(mut reason: String) -> String {
-    if reason.len() > MAX_REASON_BYTES {
-        let mut end = MAX_REASON_BYTES - '…'.len_utf8();
-        while !reason.is_char_boundary(end) {
+/// The most bytes of client text quoted in an error, so that an answer
+/// stays small whatever was sent.
+const MAX_QUOTED_BYTES: usize = 64;
+
+/// The reason, cut at [`MAX_REASON_BYTES`].
+fn bounded_reason(reason: String) -> String {
+    cut(reason, MAX_REASON_BYTES)
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, the cut
+/// marked with `…`.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
             end -= 1;
         }
-        reason.truncate(end);
-        reason.push('…');
+        text.truncate(end);
+        text.push('…');
     }
-    reason
+    text
+}
+
+/// Checks an id the caller sent, in the words every service uses.
+fn check_id(field: &'static str, value: &str) -> Result<(), Status> {
+    sagamesh_saga::validate_id(field, value).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn check_events(events: &[Envelope]) -> Result<(), Status> {
@@ -293,7 +308,7 @@ fn check_events(events: &[Envelope]) -> Result<(), Status> {
             return Err(Status::invalid_argument(format!(
                 "event {index}: event_id must be a UUID written in lowercase with hyphens \
                  (8-4-4-4-12), not '{}'",
-                excerpt(&event.event_id)
+                cut(event.event_id.clone(), MAX_QUOTED_BYTES)
             )));
         }
         if let Err(e) = sagamesh_saga::validate_id("transaction_id", &event.transaction_id) {
@@ -332,16 +347,6 @@ fn is_canonical_uuid(id: &str) -> bool {
         .is_ok_and(|uuid| uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == id)
 }
 
-/// At most the first 64 characters of client text quoted in an error, so
-/// that an answer stays small whatever was sent.
-fn excerpt(text: &str) -> String {
-    const SHOWN: usize = 64;
-    match text.char_indices().nth(SHOWN) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
-}
-
 /// Checks what a hello says about the instance itself; whether it fits
 /// this mesh (its mode, group and subscription) is the core's to say.
 fn check_hello(hello: &Hello) -> Result<(), Status> {
@@ -359,18 +364,16 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
             )));
         }
     }
-    let ids = [
-        ("hello.service", &hello.service),
+    check_id("hello.service", &hello.service)?;
+    // A hello may leave the group out (an instance that only publishes)
+    // and the instance id too (it is for logs).
+    for (field, value) in [
         ("hello.group", &hello.group),
         ("hello.instance_id", &hello.instance_id),
-    ];
-    for (field, value) in ids {
-        // A hello may leave the group out (an instance that only
-        // publishes) and the instance id too (it is for logs).
-        if field != "hello.service" && value.is_empty() {
-            continue;
+    ] {
+        if !value.is_empty() {
+            check_id(field, value)?;
         }
-        sagamesh_saga::validate_id(field, value).map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
     for &number in &hello.event_types {
         if !matches!(EventType::try_from(number), Ok(t) if t != EventType::Unspecified) {
@@ -427,8 +430,7 @@ impl EventRouter for RouterService {
             )));
         }
         if !request.group.is_empty() {
-            sagamesh_saga::validate_id("group", &request.group)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            check_id("group", &request.group)?;
         }
         let group = (!request.group.is_empty()).then_some(request.group);
         let letters = self
