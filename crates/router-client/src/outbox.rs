@@ -358,15 +358,18 @@ async fn publish_one_at_a_time(
     let rows = pending_rows(store, pending).await?;
     let mut handled = Vec::with_capacity(seqs.len());
     for (seq, event) in rows.into_iter().filter(|(seq, _)| (first..=last).contains(seq)) {
-        let (event_id, tx_id) = (event.event_id.clone(), event.transaction_id.clone());
-        let kind = event.payload.as_ref().map(|p| p.event_type().as_str_name());
+        let (event_id, tx_id, kind) = (
+            event.event_id.clone(),
+            event.transaction_id.clone(),
+            event.event_type(),
+        );
         match publisher.publish(vec![event]).await {
             Ok(_) => {}
             Err(ClientError::PublishRefused(reason)) => tracing::error!(
                 seq,
                 %event_id,
                 %tx_id,
-                event = kind.unwrap_or("no payload"),
+                event = kind.as_str_name(),
                 %reason,
                 "the router refused an outbox event; it is set aside, and its saga waits for its deadline"
             ),
