@@ -461,29 +461,28 @@ pub(crate) fn time_out(
     // notice without its purchase: the router would refuse a timeout
     // without one, and nothing could undo a step of it anyway.
     let complete = sagamesh_saga::validate_purchase(&purchase).is_ok();
-    if !complete {
+    if complete {
+        let reason = format!(
+            "deadline exceeded: no progress for {:.1}s while waiting for {}",
+            deadline.as_secs_f64(),
+            pending.name()
+        );
+        let event = Envelope::new(
+            transaction_id,
+            "",
+            crate::GROUP,
+            Payload::SagaTimedOut(SagaTimedOut {
+                purchase: Some(purchase),
+                pending_step: pending as i32,
+                reason,
+            }),
+        );
+        push_outbox(tx, &event)?;
+    } else {
         tracing::warn!(
             tx_id = transaction_id,
             "a stalled saga holds no complete purchase (this coordinator did not start it); not timed out"
         );
-    }
-    let reason = format!(
-        "deadline exceeded: no progress for {:.1}s while waiting for {}",
-        deadline.as_secs_f64(),
-        pending.name()
-    );
-    let event = Envelope::new(
-        transaction_id,
-        "",
-        crate::GROUP,
-        Payload::SagaTimedOut(SagaTimedOut {
-            purchase: Some(purchase),
-            pending_step: pending as i32,
-            reason,
-        }),
-    );
-    if complete {
-        push_outbox(tx, &event)?;
     }
     // Not again until the event is back and has moved the saga (or, for an
     // incomplete one, until another deadline has passed).
