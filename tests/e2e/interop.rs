@@ -55,30 +55,37 @@ async fn wait_for_demo_data(mesh: &Mesh) {
     .await;
 }
 
+/// Runs a client program against a fresh demo mesh in `mode`; its output,
+/// once it succeeded.
+async fn run_client(mode: SagaMode, program: &'static str, client: PathBuf) -> String {
+    let mesh = demo_mesh(mode).await;
+    wait_for_demo_data(&mesh).await;
+    let address = mesh.clients.address.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(program)
+            .arg(client)
+            .arg(address)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "the {program} client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 async fn a_generated_python_client_buys_and_follows_to_completed(mode: SagaMode) {
     let mut probe = Command::new("python3");
     probe.args(["-c", "import grpc, grpc_tools"]);
     if !available("python3 with grpcio and grpcio-tools", probe) {
         return;
     }
-    let mesh = demo_mesh(mode).await;
-    wait_for_demo_data(&mesh).await;
-    let address = mesh.clients.address.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(root().join("tests/interop/client.py"))
-            .arg(address)
-            .output()
-            .expect("run python3")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_client(mode, "python3", root().join("tests/interop/client.py")).await;
     assert!(stdout.trim_end().ends_with("COMPLETED"), "{stdout}");
     assert!(
         stdout.starts_with("INITIATED")
@@ -97,24 +104,7 @@ async fn a_node_client_buys_follows_and_sees_the_specified_names(mode: SagaMode)
     if !available("node with tests/interop/node's packages", probe) {
         return;
     }
-    let mesh = demo_mesh(mode).await;
-    wait_for_demo_data(&mesh).await;
-    let address = mesh.clients.address.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(client)
-            .arg(address)
-            .output()
-            .expect("run node")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "node client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_client(mode, "node", client).await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines[0].ends_with("COMPLETED"), "{stdout}");

@@ -116,21 +116,30 @@ impl Instance {
             .expect("the router ends a closed stream");
     }
 
-    /// The router's next answer to a publish on this stream; deliveries
-    /// that come first are kept for [`Instance::next`].
-    async fn publish_answer(&mut self) -> attach_response::Kind {
+    /// Publishes `events` on this stream, as request `request_id`.
+    async fn publish_on_stream(&self, request_id: u64, events: Vec<Envelope>) {
+        self.send(attach_request::Kind::Publish(PublishRequest {
+            request_id,
+            events,
+        }))
+        .await;
+    }
+
+    /// The router's next answer to a publish on this stream, or the status
+    /// the stream ended with; deliveries that come first are kept for
+    /// [`Instance::next`].
+    async fn publish_answer(&mut self) -> Result<attach_response::Kind, tonic::Status> {
         loop {
             let message = tokio::time::timeout(DEADLINE, self.inbound.message())
                 .await
-                .expect("an answer within the deadline")
-                .expect("stream ok")
+                .expect("an answer within the deadline")?
                 .expect("stream open");
             match message.kind {
                 Some(attach_response::Kind::Deliveries(batch)) => self.buffered.extend(batch.deliveries),
                 Some(
                     answer @ (attach_response::Kind::Published(_) | attach_response::Kind::PublishFailed(_)),
                 ) => {
-                    return answer;
+                    return Ok(answer);
                 }
                 _ => {}
             }
@@ -190,6 +199,13 @@ fn initiated(tx: &str) -> Envelope {
             purchase: Some(purchase()),
         }),
     )
+}
+
+/// An event whose id is written in capitals, which the router refuses.
+fn shouted(tx: &str) -> Envelope {
+    let mut event = initiated(tx);
+    event.event_id = event.event_id.to_uppercase();
+    event
 }
 
 fn refund(tx: &str) -> Envelope {
@@ -521,14 +537,8 @@ async fn a_refused_publish_is_answered_alone_and_the_stream_goes_on() {
     publish(&client, vec![held.clone()]).await;
     let in_flight = a.next().await;
 
-    let mut shouted = initiated("tx-shouted");
-    shouted.event_id = shouted.event_id.to_uppercase();
-    a.send(attach_request::Kind::Publish(PublishRequest {
-        request_id: 7,
-        events: vec![shouted],
-    }))
-    .await;
-    let attach_response::Kind::PublishFailed(refused) = a.publish_answer().await else {
+    a.publish_on_stream(7, vec![shouted("tx-shouted")]).await;
+    let Ok(attach_response::Kind::PublishFailed(refused)) = a.publish_answer().await else {
         panic!("the uppercase id is refused");
     };
     assert_eq!(
@@ -538,12 +548,8 @@ async fn a_refused_publish_is_answered_alone_and_the_stream_goes_on() {
     assert!(refused.message.contains("lowercase"), "{}", refused.message);
 
     let good = initiated("tx-good");
-    a.send(attach_request::Kind::Publish(PublishRequest {
-        request_id: 8,
-        events: vec![good.clone()],
-    }))
-    .await;
-    let attach_response::Kind::Published(published) = a.publish_answer().await else {
+    a.publish_on_stream(8, vec![good.clone()]).await;
+    let Ok(attach_response::Kind::Published(published)) = a.publish_answer().await else {
         panic!("the next publish on the same stream is taken");
     };
     assert_eq!((published.request_id, published.accepted), (8, 1));
@@ -562,25 +568,11 @@ async fn a_refused_publish_is_answered_alone_and_the_stream_goes_on() {
         ..hello("wallets", &WALLETS, SagaMode::Choreography)
     };
     let mut b = attach(&client, older).await.unwrap();
-    let mut shouted = initiated("tx-shouted-again");
-    shouted.event_id = shouted.event_id.to_uppercase();
-    b.send(attach_request::Kind::Publish(PublishRequest {
-        request_id: 9,
-        events: vec![shouted],
-    }))
-    .await;
-    let ended = loop {
-        match tokio::time::timeout(DEADLINE, b.inbound.message())
-            .await
-            .expect("an answer within the deadline")
-        {
-            Ok(Some(AttachResponse {
-                kind: Some(attach_response::Kind::Deliveries(_)),
-            })) => continue,
-            other => break other,
-        }
-    };
-    let status = ended.expect_err("the stream ends with the refusal");
+    b.publish_on_stream(9, vec![shouted("tx-shouted-again")]).await;
+    let status = b
+        .publish_answer()
+        .await
+        .expect_err("the stream ends with the refusal");
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
